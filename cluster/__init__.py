@@ -1,0 +1,1 @@
+"""Launching on real clusters: DeepSpeed hostfiles, Slurm, Kubernetes, and Dask for sharding."""

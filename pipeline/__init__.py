@@ -1,0 +1,1 @@
+"""The data stage: image collections -> WebDataset shards + index, and shards -> training batches."""

@@ -1,0 +1,41 @@
+"""Fixtures shared by several test files: real image collections and shard sets built from them.
+
+Fixtures used by one test file live in that file.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Quiet, offline, deterministic defaults for every test process (and the processes they start).
+os.environ.setdefault("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
+os.environ.setdefault("TQDM_MININTERVAL", "5")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def digits_dir(tmp_path_factory) -> Path:
+    """scikit-learn's 1797 real digits as 32x32 PNGs in class folders `0`..`9`."""
+    from pipeline.packaged_data import write_digits
+
+    return write_digits(tmp_path_factory.mktemp("digits") / "images", size=32)
+
+
+@pytest.fixture(scope="session")
+def digits_shards(digits_dir, tmp_path_factory) -> Path:
+    """The digits sharded by the real shard stage: train (~90%, >= 3 shards) and val (~10%)."""
+    from pipeline.shard import ShardConfig, shard
+
+    out = tmp_path_factory.mktemp("digits_shards") / "shards"
+    shard(ShardConfig(src=str(digits_dir), out=str(out), val_ratio=0.1,
+                      max_samples_per_shard=500, workers=1))
+    return out
+
+
+@pytest.fixture
+def mlflow_uri(tmp_path) -> str:
+    """A fresh SQLite-backed MLflow tracking store for one test."""
+    return f"sqlite:///{tmp_path / 'mlflow.db'}"

@@ -1,0 +1,1 @@
+"""The Vision Transformer: model, pretraining (DeepSpeed), fine-tuning and evaluation."""

@@ -1,0 +1,68 @@
+"""The `vitpipe` command: one subcommand per stage.
+
+Each subcommand lives in the module of its stage, which defines
+
+    add_arguments(parser: argparse.ArgumentParser) -> None
+    run_cli(args: argparse.Namespace) -> int          # the exit status
+
+Only the module of the subcommand being run is imported, so `vitpipe --help` and `vitpipe shard`
+do not pay for importing DeepSpeed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from vitpipe import __version__
+from vitpipe.errors import UserError
+
+# name -> (module, one-line summary). The order is the order of the pipeline.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "shard": ("pipeline.shard", "pack an image collection into WebDataset .tar shards with an index"),
+    "verify": ("pipeline.verify", "recompute a shard set's counts and checksums against its index"),
+    "pretrain": ("vit.pretrain", "pretrain a Vision Transformer on shards with DeepSpeed"),
+    "finetune": ("vit.finetune", "fine-tune (or linear-probe) a pretrained ViT on a new dataset"),
+    "evaluate": ("vit.evaluate", "measure a model on a sharded split: accuracy, per-class metrics, plots"),
+    "demo": ("flows.demo", "run the whole pipeline on packaged data (digits, photos) in minutes"),
+    "deploy": ("flows.deploy", "register the Prefect deployments, schedules and triggers"),
+    "launch": ("cluster.launch", "run a training stage locally, with the DeepSpeed launcher, or on Slurm"),
+}
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The top-level parser; the subparser of `command` (if given) gets its full options."""
+    parser = argparse.ArgumentParser(
+        prog="vitpipe",
+        description="From a pile of images to a pretrained and fine-tuned Vision Transformer.",
+        epilog="Run 'vitpipe COMMAND --help' for the options of a command.",
+    )
+    parser.add_argument("--version", action="version", version=f"vitpipe {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module_name, summary) in COMMANDS.items():
+        p = sub.add_parser(name, help=summary, description=summary)
+        if name == command:
+            module = importlib.import_module(module_name)
+            module.add_arguments(p)
+            p.set_defaults(func=module.run_cli)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(command if command in COMMANDS else None)
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except UserError as e:
+        print(f"vitpipe {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"vitpipe {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
