@@ -29,9 +29,10 @@ class ConfigError(UserError):
 
 
 class StageConfig(BaseModel):
-    """Base of every config: unknown keys are errors, assignment is validated."""
+    """Base of every config: unknown keys are errors; defaults and assignments are validated."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, validate_default=True,
+                              protected_namespaces=())
 
 
 # ---------------------------------------------------------------------------------------------
