@@ -1,0 +1,501 @@
+"""The shard stage: an image collection -> WebDataset tar shards per split + `index.json`.
+
+    vitpipe shard SRC OUT [--max-samples-per-shard N] [--max-shard-size 512MB] [--workers N] ...
+
+How it works, and why:
+1. List SRC (folder tree or manifest, `pipeline.sources`) into items sorted by key.
+2. Plan: assign each item a split (hash of its key, or the source's split) and cut each split into
+   shards by count and by a byte bound computed from file sizes. The plan depends only on the
+   source and the config, never on workers or timing, so the output is byte-identical whatever
+   runs it; bad files found later only leave their shard smaller (the index records exact counts).
+3. Write each shard with `write_shard(task)`: a top-level function of a picklable `ShardTask`, so
+   a process pool or a Dask executor can run it. It writes `NAME.tar.tmp-<pid>` and renames it to
+   `NAME.tar` when complete, then drops a receipt in `OUT/.vitpipe/` (counts, sha256, failures).
+4. Resume: a re-run with the same source and config skips shards with a receipt, so after a crash
+   only missing shards are written. `--overwrite` starts over.
+5. Write `failures.jsonl`, `stats.json` and, last and atomically, `index.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import hashlib
+import io
+import json
+import os
+import shutil
+import sys
+import tarfile
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Literal
+
+import fsspec
+from pydantic import Field, model_validator
+from tqdm.auto import tqdm
+
+from pipeline.images import FORMAT_EXTENSIONS, BadImage, inspect_image, reencode
+from pipeline.index import FORMAT, INDEX_NAME, VERSION
+from pipeline.sources import Source, SourceItem, list_source
+from vitpipe.config import ByteSize, StageConfig, add_config_arguments, config_from_args, save_config
+from vitpipe.errors import UserError
+
+STATE_DIR = ".vitpipe"          # plan fingerprint and per-shard receipts, for resuming
+TMP_MARK = ".tmp-"              # NAME.tar.tmp-<pid>: never a final name
+SPLITS_BY_HASH = ("train", "val")
+
+
+class ShardConfig(StageConfig):
+    """Options of `vitpipe shard SRC OUT`."""
+
+    src: str = Field(description="image folder tree (SRC/<class>/...) or manifest (.csv/.jsonl/.parquet; "
+                                 "local path or fsspec URL)")
+    out: str = Field(description="output directory (local) for the shards, index.json, stats and failures")
+    val_ratio: float = Field(0.1, ge=0.0, lt=1.0,
+                             description="fraction of samples put in 'val' by a hash of their key "
+                                         "(with --split-by hash)")
+    split_by: Literal["hash", "source"] = Field(
+        "hash", description="'hash': train/val by a hash of each key; 'source': splits from SRC/<split>/ "
+                            "folders or the manifest's 'split' column")
+    max_samples_per_shard: int = Field(10_000, gt=0, description="most samples in one shard")
+    max_shard_size: ByteSize = Field("1GB", validate_default=True,
+                                     description="most bytes in one shard, with a unit (512MB, 1GiB); "
+                                                 "with --encode it bounds the source bytes planned per shard")
+    workers: int = Field(1, ge=1, description="processes writing shards in parallel (output is identical)")
+    overwrite: bool = Field(False, description="delete a previous shard set in OUT and start over "
+                                               "(default: resume it)")
+    encode: Literal["none", "jpg", "webp", "png"] = Field(
+        "none", description="'none' stores the source bytes untouched; else re-encode to this format")
+    quality: int = Field(90, ge=1, le=100, description="jpg/webp quality when re-encoding")
+    resize: Literal["none", "shorter", "longer", "center_crop"] = Field(
+        "none", description="scale the shorter or longer side down to --size, or scale the shorter side "
+                            "and crop the centre --size square (needs --encode); never upscales")
+    size: int = Field(256, gt=0, description="target side length in pixels for --resize")
+    decode_check: bool = Field(False, description="decode every pixel to catch corrupt data inside a "
+                                                  "file (slower); always on when re-encoding")
+    max_image_pixels: int = Field(89_478_485, gt=0,
+                                  description="images with more pixels are skipped as decompression bombs")
+    path_column: str | None = Field(None, description="manifest column with the path/URL "
+                                                      "(default: the first of path, url, file, image...)")
+    label_column: str | None = Field(None, description="manifest column with the class name "
+                                                       "(default: label/class if present, else unlabelled)")
+
+    @model_validator(mode="after")
+    def _resize_needs_encode(self) -> "ShardConfig":
+        if self.resize != "none" and self.encode == "none":
+            raise ValueError(f"resize={self.resize!r} needs re-encoding: add --encode jpg (or webp, png)")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------
+# Planning
+
+
+@dataclass(frozen=True)
+class EncodeOptions:
+    encode: str
+    quality: int
+    resize: str
+    size: int
+    decode_check: bool
+    max_image_pixels: int
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    """Everything needed to write one shard, in any process: picklable, no open handles."""
+
+    name: str                          # e.g. "train-000003.tar"
+    split: str
+    items: tuple[SourceItem, ...]
+    class_ids: dict[str, int]
+    out_dir: str
+    options: EncodeOptions
+
+
+@dataclass
+class ShardResult:
+    name: str
+    split: str
+    num_samples: int
+    num_bytes: int
+    sha256: str
+    failures: list[dict] = field(default_factory=list)
+
+
+def _tar_member_bytes(name_len: int, size: int) -> int:
+    """Bytes a GNU tar member takes: header, long-name blocks if the name is > 100 chars, data."""
+    blocks = 512 + -(-size // 512) * 512
+    if name_len > 100:
+        blocks += 512 + -(-(name_len + 1) // 512) * 512
+    return blocks
+
+
+def _sample_bytes_bound(item: SourceItem) -> int:
+    """Upper bound of one pass-through sample's tar bytes (image + cls + json members)."""
+    meta = len(json.dumps({"source": item.uri, "label": item.label, "extra": item.extra}))
+    json_bound = meta + 200  # width, height, format, sha256 and keys: well under 200 bytes
+    key_len = len(item.key) + 6  # ".tiff" is the longest extension
+    return (_tar_member_bytes(key_len, item.size) + _tar_member_bytes(key_len, 20)
+            + _tar_member_bytes(key_len, json_bound))
+
+
+# tarfile ends an archive with two zero blocks and pads it to a 20-block record.
+_TAR_END_BOUND = 1024 + tarfile.RECORDSIZE
+
+
+def split_of(key: str, val_ratio: float) -> str:
+    """'val' for a stable `val_ratio` fraction of keys (first 64 bits of sha256), else 'train'."""
+    h = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big")
+    return "val" if h / 2**64 < val_ratio else "train"
+
+
+def plan_shards(source: Source, cfg: ShardConfig) -> list[ShardTask]:
+    """Cut the sorted items into shards per split; depends only on the source and config."""
+    by_split: dict[str, list[SourceItem]] = {}
+    for item in source.items:
+        split = item.split if cfg.split_by == "source" else split_of(item.key, cfg.val_ratio)
+        by_split.setdefault(split, []).append(item)
+    class_ids = {name: i for i, name in enumerate(source.classes)}
+    options = EncodeOptions(cfg.encode, cfg.quality, cfg.resize, cfg.size, cfg.decode_check,
+                            cfg.max_image_pixels)
+    order = [s for s in SPLITS_BY_HASH if s in by_split] + sorted(s for s in by_split if s not in SPLITS_BY_HASH)
+    tasks = []
+    for split in order:
+        current: list[SourceItem] = []
+        current_bytes = _TAR_END_BOUND
+
+        def close() -> None:
+            tasks.append(ShardTask(f"{split}-{sum(t.split == split for t in tasks):06d}.tar", split,
+                                   tuple(current), class_ids, cfg.out, options))
+
+        for item in by_split[split]:
+            b = _sample_bytes_bound(item)
+            if current and (len(current) >= cfg.max_samples_per_shard
+                            or current_bytes + b > cfg.max_shard_size):
+                close()
+                current, current_bytes = [], _TAR_END_BOUND
+            current.append(item)
+            current_bytes += b
+        if current:
+            close()
+    return tasks
+
+
+def plan_fingerprint(cfg: ShardConfig, tasks: list[ShardTask]) -> str:
+    """Identity of the output: config fields that change bytes + every planned item. Workers and
+    --overwrite are left out, so a resume may use a different worker count."""
+    h = hashlib.sha256()
+    h.update(json.dumps(cfg.model_dump(mode="json", exclude={"workers", "overwrite", "out"}),
+                        sort_keys=True).encode())
+    for t in tasks:
+        h.update(json.dumps([t.name, t.class_ids, [[i.key, i.uri, i.size, i.label, i.extra]
+                                                   for i in t.items]], sort_keys=True).encode())
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing one shard (runs in worker processes)
+
+
+class _HashingFile:
+    """A write-only file that hashes what goes through it (saves re-reading the shard)."""
+
+    def __init__(self, f):
+        self._f = f
+        self._pos = 0
+        self.sha256 = hashlib.sha256()
+
+    def write(self, data) -> int:
+        self._f.write(data)
+        self.sha256.update(data)
+        self._pos += len(data)
+        return len(data)
+
+    def tell(self) -> int:
+        return self._pos
+
+
+def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    # Fixed header fields: the same bytes whoever writes the shard, whenever.
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 0
+    info.mode = 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    tar.addfile(info, io.BytesIO(data))
+
+
+def read_bytes(uri: str, *, attempts: int = 3) -> bytes:
+    """Read a local path or fsspec URL; remote reads are retried (transient network errors)."""
+    if "://" not in uri or uri.startswith("file://"):
+        with open(uri[len("file://"):] if uri.startswith("file://") else uri, "rb") as f:
+            return f.read()
+    for attempt in range(attempts):
+        try:
+            with fsspec.open(uri, "rb") as f:
+                return f.read()
+        except (FileNotFoundError, PermissionError):
+            raise
+        except Exception:  # noqa: BLE001 - any network error may be transient
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.5 * 2**attempt)
+    raise AssertionError("unreachable")
+
+
+def encode_sample(item: SourceItem, data: bytes, class_ids: dict[str, int],
+                  opt: EncodeOptions) -> list[tuple[str, bytes]]:
+    """The tar members of one sample (image, cls, json), or BadImage if the input is unusable."""
+    reencoding = opt.encode != "none"
+    img, info = inspect_image(data, max_pixels=opt.max_image_pixels, full=opt.decode_check and not reencoding)
+    if reencoding:
+        payload, _, _ = reencode(img, fmt=opt.encode, quality=opt.quality, resize=opt.resize, size=opt.size)
+        ext = opt.encode
+    else:
+        payload, ext = data, FORMAT_EXTENSIONS[info.format]
+    meta = {"source": item.uri, "width": info.width, "height": info.height, "format": info.format,
+            "label": item.label, "sha256": hashlib.sha256(data).hexdigest(), "extra": item.extra}
+    members = [(f"{item.key}.{ext}", payload)]
+    if item.label is not None:
+        members.append((f"{item.key}.cls", str(class_ids[item.label]).encode()))
+    members.append((f"{item.key}.json", json.dumps(meta, ensure_ascii=False).encode()))
+    return members
+
+
+def write_shard(task: ShardTask, progress: Callable[[int, int], None] | None = None) -> ShardResult:
+    """Write one shard atomically (tmp + fsync + rename) and its receipt; skip bad inputs.
+
+    `progress(samples_done, failures)` is called per input when running in-process.
+    """
+    out = Path(task.out_dir)
+    final = out / task.name
+    tmp = out / f"{task.name}{TMP_MARK}{os.getpid()}"
+    failures: list[dict] = []
+    n = 0
+    try:
+        with open(tmp, "wb") as f:
+            hf = _HashingFile(f)
+            with tarfile.open(fileobj=hf, mode="w", format=tarfile.GNU_FORMAT) as tar:
+                for item in task.items:
+                    try:
+                        try:
+                            data = read_bytes(item.uri)
+                        except Exception as e:  # noqa: BLE001 - any read error means "skip and report"
+                            raise BadImage("unreadable", f"{type(e).__name__}: {e}") from None
+                        members = encode_sample(item, data, task.class_ids, task.options)
+                    except BadImage as e:
+                        failures.append({"source": item.uri, "reason": e.reason, "detail": e.detail})
+                    else:
+                        for name, payload in members:
+                            _add_member(tar, name, payload)
+                        n += 1
+                    if progress:
+                        progress(1, len(failures))
+            f.flush()
+            os.fsync(f.fileno())
+        num_bytes = hf.tell()
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    result = ShardResult(task.name, task.split, n, num_bytes, hf.sha256.hexdigest(), failures)
+    _write_json_atomic(out / STATE_DIR / f"{task.name}.json", asdict(result))
+    return result
+
+
+def _write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_name(f"{path.name}{TMP_MARK}{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage
+
+
+_OWN_FILES = (INDEX_NAME, "stats.json", "failures.jsonl", "config.yaml", STATE_DIR)
+
+
+def _is_own(name: str) -> bool:
+    return name in _OWN_FILES or name.endswith(".tar") or TMP_MARK in name
+
+
+def _prepare_out(out: Path, fingerprint: str, overwrite: bool) -> None:
+    """Check OUT before any work: empty, our own earlier run (resume), or refuse."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"OUT {str(out)!r} is a file; pass a directory (it is created if missing)")
+    out.mkdir(parents=True, exist_ok=True)
+    entries = sorted(p.name for p in out.iterdir())
+    plan_file = out / STATE_DIR / "plan.json"
+    ours = plan_file.exists() or (out / INDEX_NAME).exists()
+    if entries and not ours:
+        raise UserError(f"OUT {str(out)!r} is not empty and holds no vitpipe shard set "
+                        f"({', '.join(entries[:5])}{', ...' if len(entries) > 5 else ''}); "
+                        f"choose an empty or new directory")
+    if entries and overwrite:
+        foreign = [e for e in entries if not _is_own(e)]
+        if foreign:
+            raise UserError(f"--overwrite would delete a shard set in {str(out)!r}, but it also holds "
+                            f"other files ({', '.join(foreign[:5])}); move them away or choose another OUT")
+        for e in entries:
+            p = out / e
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+    elif entries:
+        previous = json.loads(plan_file.read_text()).get("fingerprint") if plan_file.exists() else None
+        if previous != fingerprint:
+            raise UserError(f"OUT {str(out)!r} holds another shard set (different source or options); "
+                            f"pass --overwrite to replace it, or choose another OUT")
+    (out / STATE_DIR).mkdir(exist_ok=True)
+    for p in out.iterdir():  # leftovers of a killed run: never final names, safe to drop
+        if TMP_MARK in p.name:
+            p.unlink()
+    _write_json_atomic(plan_file, {"fingerprint": fingerprint})
+
+
+def _receipt(out: Path, task: ShardTask) -> ShardResult | None:
+    """The result of a shard finished by an earlier run, if its file is there and intact in size."""
+    path = out / STATE_DIR / f"{task.name}.json"
+    try:
+        r = ShardResult(**json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
+    tar = out / task.name
+    if not tar.exists() or tar.stat().st_size != r.num_bytes:
+        return None
+    return r
+
+
+def _run_tasks(tasks: list[ShardTask], workers: int, executor: cf.Executor | None,
+               bar: tqdm) -> dict[str, ShardResult]:
+    """Run write_shard over tasks: in-process, on a process pool, or on a given executor."""
+    results: dict[str, ShardResult] = {}
+    failures = 0
+
+    def shard_done(r: ShardResult) -> None:
+        nonlocal failures
+        failures += len(r.failures)
+        results[r.name] = r
+        bar.set_postfix(failures=failures, shards=len(results), refresh=False)
+
+    if executor is None and workers == 1:
+        for t in tasks:
+            base = failures
+
+            def tick(k: int, f: int) -> None:
+                bar.update(k)
+                bar.set_postfix(failures=base + f, shards=len(results), refresh=False)
+
+            shard_done(write_shard(t, tick))
+        return results
+
+    own_pool = executor is None
+    pool = executor or cf.ProcessPoolExecutor(workers)
+    try:
+        futures = {pool.submit(write_shard, t): t for t in tasks}
+        for fut in cf.as_completed(futures):
+            r = fut.result()
+            bar.update(len(futures[fut].items))
+            shard_done(r)
+    finally:
+        if own_pool:
+            pool.shutdown(cancel_futures=True)
+    return results
+
+
+def shard(cfg: ShardConfig, *, executor: cf.Executor | None = None) -> dict:
+    """Shard `cfg.src` into `cfg.out` (resuming an earlier run of the same config); returns stats.
+
+    `executor` (e.g. `dask.distributed.Client.get_executor()`) runs the shard writers instead of a
+    local process pool; OUT must then be a filesystem the executor's workers share.
+    """
+    start = time.perf_counter()
+    if "://" in cfg.out and not cfg.out.startswith("file://"):
+        raise UserError(f"OUT {cfg.out!r}: shards are written to a local (or mounted shared) directory; "
+                        f"copy them to object storage afterwards")
+    out = Path(cfg.out.removeprefix("file://")).absolute()
+    cfg = cfg.model_copy(update={"out": str(out)})
+    source = list_source(cfg.src, path_column=cfg.path_column, label_column=cfg.label_column,
+                         split_from_source=cfg.split_by == "source")
+    tasks = plan_shards(source, cfg)
+    fingerprint = plan_fingerprint(cfg, tasks)
+    _prepare_out(out, fingerprint, cfg.overwrite)
+    save_config(cfg, out / "config.yaml")
+
+    done = {t.name: r for t in tasks if (r := _receipt(out, t)) is not None}
+    todo = [t for t in tasks if t.name not in done]
+    total = sum(len(t.items) for t in tasks)
+    resumed = sum(len(t.items) for t in tasks if t.name in done)
+    with tqdm(total=total, initial=resumed, unit="img", desc=f"shard {Path(cfg.src).name or cfg.src}",
+              dynamic_ncols=True, file=sys.stderr) as bar:
+        written = _run_tasks(todo, cfg.workers, executor, bar)
+    results = [done.get(t.name) or written[t.name] for t in tasks]
+    duration = time.perf_counter() - start
+
+    failures = source.rejected + [f for r in results for f in r.failures]
+    with open(out / "failures.jsonl", "w") as f:
+        for rec in failures:
+            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    index = build_index(source, cfg, results, len(failures), fingerprint)
+    n_written = sum(written[t.name].num_samples for t in todo)
+    stats = {
+        "num_samples": index["totals"]["num_samples"],
+        "num_failures": len(failures),
+        "failures_by_reason": dict(sorted(Counter(f["reason"] for f in failures).items())),
+        "num_shards": len(tasks),
+        "num_shards_written": len(todo),
+        "num_shards_resumed": len(done),
+        "num_bytes": index["totals"]["num_bytes"],
+        "splits": {s: v["num_samples"] for s, v in index["splits"].items()},
+        "duration_s": round(duration, 3),
+        "images_per_s": round(n_written / duration, 1) if duration > 0 else None,
+        "workers": cfg.workers,
+    }
+    _write_json_atomic(out / "stats.json", stats)
+    _write_json_atomic(out / INDEX_NAME, index)  # last: its presence means the set is complete
+    splits = " / ".join(f"{s} {n}" for s, n in stats["splits"].items())
+    print(f"sharded {stats['num_samples']} images ({splits}) into {len(tasks)} shards "
+          f"[{len(todo)} written, {len(done)} resumed], {len(failures)} failures, "
+          f"{stats['num_bytes'] / 1e6:.1f} MB in {duration:.1f}s -> {out}")
+    return stats
+
+
+def build_index(source: Source, cfg: ShardConfig, results: list[ShardResult], num_failures: int,
+                fingerprint: str) -> dict:
+    """The index.json contract (docs/formats.md) from the shard results, in plan order."""
+    splits: dict[str, dict] = {}
+    for r in results:
+        s = splits.setdefault(r.split, {"num_samples": 0, "num_bytes": 0, "shards": []})
+        s["shards"].append({"name": r.name, "num_samples": r.num_samples, "num_bytes": r.num_bytes,
+                            "sha256": r.sha256})
+        s["num_samples"] += r.num_samples
+        s["num_bytes"] += r.num_bytes
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "classes": source.classes,
+        "splits": splits,
+        "totals": {"num_samples": sum(s["num_samples"] for s in splits.values()),
+                   "num_bytes": sum(s["num_bytes"] for s in splits.values()),
+                   "num_shards": len(results), "num_failures": num_failures},
+        "source": {**source.describe(), "plan_sha256": fingerprint},
+        "config": cfg.model_dump(mode="json"),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser, ShardConfig, positional=("src", "out"))
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    cfg = config_from_args(ShardConfig, args)
+    shard(cfg)
+    return 0

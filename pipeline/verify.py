@@ -1,0 +1,149 @@
+"""`vitpipe verify OUT`: recompute a shard set's checksums and counts and compare with its index.
+
+Run it after copying a shard set somewhere (or before a long training run) to prove that every
+shard the index lists is there, complete and unchanged. `verify(out)` returns the problems found,
+one line each (empty when all is well); the command exits non-zero and names each mismatch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import tarfile
+
+import fsspec
+from tqdm.auto import tqdm
+
+from pipeline.index import INDEX_NAME, load_index
+
+_TMP_MARK = ".tmp-"
+
+
+class _HashingReader:
+    """A read-only stream that hashes and counts every byte tarfile reads from it."""
+
+    def __init__(self, f):
+        self._f = f
+        self.sha256 = hashlib.sha256()
+        self.num_bytes = 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._f.read(size)
+        self.sha256.update(data)
+        self.num_bytes += len(data)
+        return data
+
+    def drain(self) -> None:
+        while self.read(1 << 20):
+            pass
+
+
+def _check_shard(url: str, entry: dict, num_classes: int, bar: tqdm) -> list[str]:
+    """Problems of one shard: readable tar, sample count, byte size, sha256, sample contents."""
+    name = entry["name"]
+    problems: list[str] = []
+    try:
+        f = fsspec.open(url, "rb").open()
+    except FileNotFoundError:
+        return [f"{name}: missing (the index lists it with {entry['num_samples']} samples)"]
+    done_before = bar.n
+    with f:
+        reader = _HashingReader(f)
+        keys: list[str] = []
+        members: dict[str, set[str]] = {}
+        try:
+            # Stream mode: one sequential pass, the way a loader reads it, hashing as we go.
+            with tarfile.open(fileobj=reader, mode="r|") as tar:
+                for m in tar:
+                    base = m.name.rsplit("/", 1)
+                    stem, _, ext = base[-1].partition(".")
+                    key = (base[0] + "/" + stem) if len(base) == 2 else stem
+                    if not keys or keys[-1] != key:
+                        if key in members:
+                            problems.append(f"{name}: sample {key!r} is split across non-adjacent members")
+                        keys.append(key)
+                        members[key] = set()
+                    members[key].add(ext)
+                    data = tar.extractfile(m).read() if m.isfile() else b""
+                    if ext == "cls" and num_classes:
+                        try:
+                            cls = int(data)
+                            if not 0 <= cls < num_classes:
+                                problems.append(f"{name}: {key}.cls is {cls}, outside 0..{num_classes - 1}")
+                        except ValueError:
+                            problems.append(f"{name}: {key}.cls is {data[:20]!r}, not a class id")
+                    elif ext == "json":
+                        try:
+                            json.loads(data)
+                        except ValueError:
+                            problems.append(f"{name}: {key}.json is not valid JSON")
+                    bar.update(reader.num_bytes - bar.n + done_before)
+            reader.drain()  # the end-of-archive padding counts towards size and checksum
+            bar.update(reader.num_bytes - bar.n + done_before)
+        except (tarfile.TarError, OSError, EOFError) as e:
+            return [f"{name}: not a readable tar ({type(e).__name__}: {e})"]
+    for key, exts in members.items():
+        images = exts - {"cls", "json"}
+        if len(images) != 1:
+            problems.append(f"{name}: sample {key!r} has {len(images)} image members ({sorted(exts)})")
+        if num_classes and "cls" not in exts:
+            problems.append(f"{name}: sample {key!r} has no .cls but the set is labelled")
+    if len(keys) != entry["num_samples"]:
+        problems.append(f"{name}: {len(keys)} samples, index says {entry['num_samples']}")
+    if reader.num_bytes != entry["num_bytes"]:
+        problems.append(f"{name}: {reader.num_bytes} bytes, index says {entry['num_bytes']}")
+    digest = reader.sha256.hexdigest()
+    if digest != entry["sha256"]:
+        problems.append(f"{name}: sha256 {digest[:16]}..., index says {entry['sha256'][:16]}...")
+    return problems
+
+
+def verify(out: str) -> list[str]:
+    """Problems found in the shard set at `out` (a directory or fsspec URL); [] when all is good."""
+    index = load_index(out)
+    root = index["_root"]
+    problems: list[str] = []
+    num_classes = len(index["classes"])
+    listed = [(split, s) for split, v in index["splits"].items() for s in v["shards"]]
+    total = sum(s["num_bytes"] for _, s in listed)
+    with tqdm(total=total, unit="B", unit_scale=True, desc="verify", file=sys.stderr) as bar:
+        for split, entry in listed:
+            if not entry["name"].startswith(f"{split}-"):
+                problems.append(f"{entry['name']}: listed under split {split!r} but named for another")
+            problems += _check_shard(f"{root}/{entry['name']}", entry, num_classes, bar)
+
+    fs, path = fsspec.core.url_to_fs(root)
+    present = {p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)}
+    names = {s["name"] for _, s in listed}
+    for extra in sorted(present - names):
+        if extra.endswith(".tar"):
+            problems.append(f"{extra}: a shard file the index does not list")
+        elif _TMP_MARK in extra:
+            problems.append(f"{extra}: a half-written shard (an interrupted run); re-run 'vitpipe shard'")
+    if "failures.jsonl" in present:
+        with fs.open(f"{path}/failures.jsonl", "rt") as f:
+            n = sum(1 for line in f if line.strip())
+        if n != index["totals"].get("num_failures", n):
+            problems.append(f"failures.jsonl: {n} lines, index says num_failures={index['totals']['num_failures']}")
+    return problems
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("out", metavar="OUT",
+                        help=f"shard set directory (local or fsspec URL) holding {INDEX_NAME}")
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    problems = verify(args.out)
+    index = load_index(args.out)
+    if problems:
+        for p in problems:
+            print(f"MISMATCH {p}", file=sys.stderr)
+        print(f"verify: {len(problems)} problem(s) in {args.out}", file=sys.stderr)
+        return 1
+    t = index["totals"]
+    print(f"verify: OK, {t['num_shards']} shards, {t['num_samples']} samples, "
+          f"{t['num_bytes'] / 1e6:.1f} MB match {args.out}/{INDEX_NAME}")
+    return 0
