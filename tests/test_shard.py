@@ -99,3 +99,276 @@ def test_output_files_and_stats(digits_shards):
     assert "max_samples_per_shard: 500" in (digits_shards / "config.yaml").read_text()
     assert index["config"]["max_samples_per_shard"] == 500
     assert not list(digits_shards.glob("*.tmp-*"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: skipped, listed with the reason, never crashes the run
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height pixels (a decompression-bomb shape)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+
+
+@pytest.fixture(scope="module")
+def messy_dir(tmp_path_factory) -> tuple[Path, dict[str, str]]:
+    """Real digits and skimage photos in class folders, plus planted bad files -> expected reason."""
+    from pipeline.packaged_data import write_digits, write_photos
+
+    root = tmp_path_factory.mktemp("messy") / "src"
+    write_digits(root / "digit", size=16, limit=60)
+    for d in (root / "digit").iterdir():  # write_digits makes digit/<cls>/; flatten to one class
+        for p in d.iterdir():
+            p.rename(root / "digit" / f"{d.name}_{p.name}")
+        d.rmdir()
+    write_photos(root / "photo" / "nested" / "deeper")  # any depth below the class folder
+    photo = (root / "photo" / "nested" / "deeper" / "astronaut.jpg").read_bytes()
+    bad = root / "photo" / "bad"
+    bad.mkdir()
+    (bad / "truncated.jpg").write_bytes(photo[: len(photo) // 2])
+    (bad / "empty.png").write_bytes(b"")
+    (bad / "text.jpg").write_text("this is not an image, just text named .jpg\n")
+    (bad / "bomb.png").write_bytes(_png_header(100_000, 100_000))
+    Image.new("RGB", (16, 16), "red").save(bad / "icon.png", format="ICO")  # real image, unsupported format
+    (bad / "notes.txt").write_text("labels come from folder names\n")
+    os.symlink(bad / "does-not-exist.jpg", bad / "dangling.jpg")
+    expected = {"truncated.jpg": "truncated", "empty.png": "empty", "text.jpg": "not_an_image",
+                "bomb.png": "decompression_bomb", "icon.png": "unsupported_format",
+                "notes.txt": "unsupported_format", "dangling.jpg": "unreadable"}
+    return root, expected
+
+
+def test_bad_files_skipped_and_listed_with_reason(messy_dir, tmp_path):
+    src, expected = messy_dir
+    out = tmp_path / "out"
+    stats = shard(ShardConfig(src=str(src), out=str(out), val_ratio=0.2, max_samples_per_shard=16,
+                              decode_check=True))
+    failures = [json.loads(line) for line in (out / "failures.jsonl").read_text().splitlines()]
+    got = {Path(f["source"]).name: f["reason"] for f in failures}
+    assert got == expected, failures
+    assert all(f["detail"] for f in failures)
+    assert stats["failures_by_reason"] == dict(sorted({r: list(expected.values()).count(r)
+                                                      for r in set(expected.values())}.items()))
+
+    good = sorted(p for p in src.rglob("*") if p.is_file() and p.parent.name != "bad")
+    index = load_index(str(out))
+    assert index["classes"] == ["digit", "photo"]
+    assert index["totals"] == {"num_samples": len(good), "num_bytes": index["totals"]["num_bytes"],
+                               "num_shards": index["totals"]["num_shards"], "num_failures": len(expected)}
+    stored = {}
+    for split in index["splits"]:
+        for s in _read_samples(index, split):
+            stored[json.loads(s["json"])["source"]] = s[_image_ext(s)]
+    assert sorted(stored) == [str(p) for p in good]  # every valid image exactly once
+    assert all(stored[str(p)] == p.read_bytes() for p in good)
+    assert verify(str(out)) == []
+
+
+def test_own_pixel_limit_names_the_bomb(messy_dir, tmp_path):
+    src, _ = messy_dir
+    out = tmp_path / "out"
+    shard(ShardConfig(src=str(src / "photo"), out=str(out), max_image_pixels=300 * 300))
+    failures = [json.loads(line) for line in (out / "failures.jsonl").read_text().splitlines()]
+    big = {Path(f["source"]).name for f in failures if f["reason"] == "decompression_bomb"}
+    assert "astronaut.jpg" in big and "bomb.png" in big  # 512x512 photos exceed 300x300
+    assert any("max_image_pixels 90000" in f["detail"] for f in failures)
+
+
+# ---------------------------------------------------------------------------------------------
+# Re-encoding and resizing
+
+
+@pytest.mark.parametrize("mode,fmt", [("center_crop", "jpg"), ("shorter", "webp"), ("longer", "png")])
+def test_reencode_and_resize(messy_dir, tmp_path, mode, fmt):
+    src, _ = messy_dir
+    out = tmp_path / "out"
+    shard(ShardConfig(src=str(src / "photo" / "nested" / "deeper"), out=str(out), encode=fmt, resize=mode, size=64,
+                      quality=80, val_ratio=0.0))
+    index = load_index(str(out))
+    samples = _read_samples(index, "train")
+    assert len(samples) == 7 and index["classes"] == []  # loose photos: an unlabelled collection
+    for s in samples:
+        assert "cls" not in s
+        meta = json.loads(s["json"])
+        orig = Image.open(meta["source"])
+        assert (meta["width"], meta["height"]) == orig.size and meta["label"] is None
+        img = Image.open(io.BytesIO(s[fmt]))
+        assert img.format == {"jpg": "JPEG", "webp": "WEBP", "png": "PNG"}[fmt]
+        w, h = orig.size
+        if mode == "center_crop":
+            assert img.size == (min(64, w, h), min(64, w, h))
+        elif mode == "shorter":
+            assert min(img.size) == min(64, w, h) and abs(img.size[0] / img.size[1] - w / h) < 0.05
+        else:
+            assert max(img.size) == min(64, max(w, h)) and abs(img.size[0] / img.size[1] - w / h) < 0.05
+
+
+def test_resize_without_encode_is_a_config_error(tmp_path):
+    with pytest.raises(ValueError, match="--encode jpg"):
+        ShardConfig(src="x", out=str(tmp_path), resize="shorter")
+
+
+# ---------------------------------------------------------------------------------------------
+# Determinism, resume, overwrite, errors before any work
+
+
+def test_byte_identical_reruns_and_resume_of_missing_shards(digits_dir, tmp_path):
+    cfg = dict(src=str(digits_dir), val_ratio=0.1, max_samples_per_shard=300)
+    a, b = tmp_path / "a", tmp_path / "b"
+    shard(ShardConfig(out=str(a), **cfg))
+    shard(ShardConfig(out=str(b), **cfg))
+    first = _shard_bytes(a)
+    assert first == _shard_bytes(b) and len(first) >= 6
+
+    (a / "train-000001.tar").unlink()
+    (a / "val-000000.tar").write_bytes(b"garbage")  # a damaged shard is rewritten too
+    stats = shard(ShardConfig(out=str(a), **cfg))
+    assert stats["num_shards_written"] == 2 and stats["num_shards_resumed"] == len(first) - 2
+    assert _shard_bytes(a) == first
+    assert json.loads((a / "index.json").read_text())["splits"] == \
+        json.loads((b / "index.json").read_text())["splits"]
+
+
+@pytest.mark.multiprocess
+def test_one_and_two_workers_give_identical_shards(digits_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    outs = []
+    for workers in (1, 2):
+        out = tmp_path / f"w{workers}"
+        shard(ShardConfig(src=str(digits_dir), out=str(out), max_samples_per_shard=200, workers=workers))
+        outs.append(out)
+    assert _shard_bytes(outs[0]) == _shard_bytes(outs[1])
+    i1, i2 = (json.loads((o / "index.json").read_text()) for o in outs)
+    assert i1["splits"] == i2["splits"] and i1["config"]["workers"] == 1 and i2["config"]["workers"] == 2
+
+
+def test_thread_executor_gives_identical_shards(digits_dir, tmp_path):
+    """`executor=` is how a Dask client plugs in; any Executor must give the same bytes."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    shard(ShardConfig(src=str(digits_dir), out=str(a), max_samples_per_shard=400))
+    with ThreadPoolExecutor(3) as pool:
+        shard(ShardConfig(src=str(digits_dir), out=str(b), max_samples_per_shard=400), executor=pool)
+    assert _shard_bytes(a) == _shard_bytes(b)
+
+
+def test_shards_capped_by_bytes(digits_dir, tmp_path):
+    out = tmp_path / "out"
+    shard(ShardConfig(src=str(digits_dir), out=str(out), max_shard_size="200KB"))
+    index = load_index(str(out))
+    sizes = [s["num_bytes"] for v in index["splits"].values() for s in v["shards"]]
+    assert len(sizes) > 20 and max(sizes) <= 200_000
+    assert all(p.stat().st_size <= 200_000 for p in out.glob("*.tar"))
+    assert index["totals"]["num_samples"] == 1797
+
+
+def _copies_of_photo(root: Path, n: int) -> Path:
+    from pipeline.packaged_data import write_photos
+
+    write_photos(root / "orig", names=("astronaut",))
+    data = (root / "orig" / "astronaut.jpg").read_bytes()
+    src = root / "src"
+    for i in range(n):
+        (src / ("a" if i % 2 else "b")).mkdir(parents=True, exist_ok=True)
+        (src / ("a" if i % 2 else "b") / f"{i:04d}.jpg").write_bytes(data)
+    return src
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_kill_9_then_rerun_is_byte_identical_to_a_clean_run(tmp_path):
+    src = _copies_of_photo(tmp_path, 90)
+    # PNG re-encoding of 512x512 photos is slow enough to kill the run part-way.
+    opts = ["--encode", "png", "--max-samples-per-shard", "5", "--val-ratio", "0.2"]
+    clean, killed = tmp_path / "clean", tmp_path / "killed"
+    cmd = [sys.executable, "-m", "vitpipe.cli", "shard", str(src)]
+    subprocess.run(cmd + [str(clean)] + opts, check=True, capture_output=True, cwd=REPO)
+    expected = _shard_bytes(clean)
+    assert len(expected) >= 15
+
+    proc = subprocess.Popen(cmd + [str(killed)] + opts, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            cwd=REPO)
+    deadline = time.monotonic() + 120
+    while len(list(killed.glob("*.tar"))) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert proc.poll() is None, "the run finished before it could be killed; give it more work"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "index.json").exists()
+    partial = _shard_bytes(killed)
+    assert 3 <= len(partial) < len(expected)
+    assert all(expected[name] == data for name, data in partial.items())  # no half shard under a final name
+
+    done = subprocess.run(cmd + [str(killed)] + opts, check=True, capture_output=True, text=True, cwd=REPO)
+    assert f"{len(partial)} resumed" in done.stdout
+    assert _shard_bytes(killed) == expected
+    assert not list(killed.glob("*.tmp-*"))
+    assert verify(str(killed)) == []
+
+
+def test_out_holding_another_dataset_needs_overwrite(digits_dir, tmp_path):
+    out = tmp_path / "out"
+    shard(ShardConfig(src=str(digits_dir), out=str(out), max_samples_per_shard=500))
+    with pytest.raises(UserError, match="holds another shard set.*--overwrite"):
+        shard(ShardConfig(src=str(digits_dir), out=str(out), max_samples_per_shard=900))
+    stats = shard(ShardConfig(src=str(digits_dir), out=str(out), max_samples_per_shard=900, overwrite=True))
+    assert stats["num_shards_resumed"] == 0
+    assert sorted(p.name for p in out.glob("*.tar")) == ["train-000000.tar", "train-000001.tar", "val-000000.tar"]
+    assert verify(str(out)) == []
+
+
+def test_overwrite_refuses_to_delete_foreign_files(digits_dir, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "thesis.tex").write_text("precious")
+    with pytest.raises(UserError, match="not empty and holds no vitpipe shard set.*thesis.tex"):
+        shard(ShardConfig(src=str(digits_dir), out=str(out)))
+    with pytest.raises(UserError, match="thesis.tex"):
+        shard(ShardConfig(src=str(digits_dir), out=str(out), overwrite=True))
+    assert (out / "thesis.tex").read_text() == "precious"
+
+
+def _cli(argv: list[str], capsys) -> tuple[int, str]:
+    from vitpipe.cli import main
+
+    rc = main(argv)
+    return rc, capsys.readouterr().err
+
+
+def test_user_errors_before_any_work(tmp_path, capsys):
+    out = tmp_path / "out"
+    rc, err = _cli(["shard", str(tmp_path / "nope"), str(out)], capsys)
+    assert rc == 2 and "does not exist" in err and "nope" in err
+    (tmp_path / "empty" / "cls").mkdir(parents=True)
+    (tmp_path / "empty" / "cls" / "readme.txt").write_text("no images here")
+    rc, err = _cli(["shard", str(tmp_path / "empty"), str(out)], capsys)
+    assert rc == 2 and "holds no images" in err
+    rc, err = _cli(["shard", str(tmp_path / "empty"), str(out), "--max-shard-size", "12 parsecs"], capsys)
+    assert rc == 2 and "max_shard_size" in err and "12 parsecs" in err and "512MB" in err
+    rc, err = _cli(["shard", str(tmp_path / "empty"), str(out), "--max-shard-size", "0"], capsys)
+    assert rc == 2 and "must be > 0" in err
+    assert not out.exists()  # nothing was created by the failed runs
+    with pytest.raises(ConfigError, match="unknown key 'max_shard_bytes'"):
+        from vitpipe.config import build_config
+
+        build_config(ShardConfig, overrides={"src": "a", "out": "b", "max_shard_bytes": 5})
+
+
+def test_cli_help_explains_every_option(capsys):
+    from vitpipe.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["shard", "--help"])
+    help_text = capsys.readouterr().out
+    for field in ShardConfig.model_fields:
+        if field not in ("src", "out"):
+            assert "--" + field.replace("_", "-") in help_text
+    assert "SRC" in help_text and "OUT" in help_text and "512MB" in help_text
