@@ -1,0 +1,276 @@
+"""`vitpipe launch`: run a vitpipe command on several processes, hosts or Slurm nodes.
+
+Call it in front of any vitpipe command; it builds the launcher's command line, runs it (or
+prints it with `--dry-run`) and forwards everything after the options to `vitpipe` on every rank:
+
+    vitpipe launch --nproc-per-node 8 pretrain cfg.yaml                         # this machine, torchrun
+    vitpipe launch --backend deepspeed --deepspeed.hostfile hosts --nodes 2 --nproc-per-node 8 \\
+        pretrain cfg.yaml                                                      # DeepSpeed launcher, ssh
+    vitpipe launch --backend slurm --nodes 2 --nproc-per-node 8 --slurm.partition gpu \\
+        pretrain cfg.yaml                                                      # sbatch, follows the job
+
+Backends, all thin: `local` is `torchrun --standalone`; `deepspeed` is DeepSpeed's own launcher
+with an MPI-style hostfile; `slurm` submits `cluster/vitpipe.sbatch` (srun + torchrun rendezvous)
+and, unless `--no-slurm.wait`, streams the job's log and exits with its state; Ctrl-C cancels it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+
+from vitpipe.config import StageConfig, add_config_arguments, config_from_args
+from vitpipe.errors import UserError
+
+SBATCH_SCRIPT = Path(__file__).with_name("vitpipe.sbatch")
+
+
+class SlurmOptions(StageConfig):
+    partition: str | None = Field(None, description="partition (queue) to run in; unset: the site's default")
+    account: str | None = Field(None, description="account to charge, where the site requires one")
+    time: str | None = Field(None, description="wall-clock limit, e.g. 2-00:00:00; unset: the partition's")
+    gpus_per_node: int | None = Field(
+        None, ge=0, description="GPUs to request per node; unset: nproc_per_node; 0 on CPU-only partitions")
+    cpus_per_task: int | None = Field(
+        None, ge=1, description="cores per node for the ranks' data loaders; unset: the script's (32)")
+    job_name: str = Field("vitpipe", description="name shown by squeue")
+    output: str = Field("vitpipe-%j.out", description="job log file (%j: job id), relative to the working dir")
+    script: str | None = Field(None, description="batch script to submit; unset: the packaged cluster/vitpipe.sbatch")
+    extra_args: list[str] = Field(
+        default_factory=list, description="more sbatch options, e.g. ['--exclusive', '--qos=high']")
+    wait: bool = Field(True, description="follow the job to its end (log, state); False: submit and return")
+    poll: float = Field(10.0, gt=0, description="seconds between job state checks while following")
+
+
+class DeepSpeedOptions(StageConfig):
+    hostfile: str | None = Field(
+        None, description="MPI-style hostfile, 'HOST slots=GPUS' per line (cluster/hostfile.example); "
+                          "unset: this machine only")
+    master_addr: str | None = Field(None, description="address of the first host as the others reach it; "
+                                                      "unset: DeepSpeed asks the first host over ssh")
+    master_port: int = Field(29500, ge=1, le=65535, description="rendezvous port on the first host")
+    extra_args: list[str] = Field(
+        default_factory=list, description="more DeepSpeed launcher options, e.g. ['--launcher', 'openmpi']")
+
+
+class LaunchConfig(StageConfig):
+    backend: Literal["local", "deepspeed", "slurm"] = Field(
+        "local", description="local: torchrun on this machine; deepspeed: DeepSpeed launcher over a "
+                             "hostfile; slurm: sbatch the packaged batch script")
+    nodes: int = Field(1, ge=1, description="machines to run on")
+    nproc_per_node: int = Field(
+        1, ge=1, description="ranks per machine: one per GPU (8 on an 8-GPU node); CPU processes without GPUs")
+    module: str = Field("vitpipe.cli", description="Python module every rank runs; cluster.allreduce_check "
+                                                   "tests rendezvous and the network in seconds")
+    slurm: SlurmOptions = Field(default_factory=SlurmOptions)
+    deepspeed: DeepSpeedOptions = Field(default_factory=DeepSpeedOptions)
+
+
+@dataclass
+class Launch:
+    """A command to run (or to submit) and the variables it needs beyond this environment."""
+
+    argv: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+
+    def shell(self) -> str:
+        """The command as one line a user can paste into a shell."""
+        env = " ".join(f"{k}={shlex.quote(v)}" for k, v in self.env.items())
+        return (env + " " if env else "") + shlex.join(self.argv)
+
+
+def _check_command(cfg: LaunchConfig, command: list[str]) -> None:
+    if cfg.module == "vitpipe.cli" and not command:
+        raise UserError("no vitpipe command to launch; add one after the options, "
+                        "e.g. 'vitpipe launch --nproc-per-node 2 pretrain cfg.yaml'")
+    if command and command[0] == "launch":
+        raise UserError("'vitpipe launch launch ...': the command to launch is a stage "
+                        "(pretrain, finetune, evaluate...), not launch itself")
+
+
+def local_launch(cfg: LaunchConfig, command: list[str]) -> Launch:
+    """This machine: one plain process, or `torchrun --standalone` for several ranks."""
+    from vit.launch import launcher_argv
+
+    if cfg.nodes != 1:
+        raise UserError(f"--nodes {cfg.nodes} with --backend local: local runs on this machine only; "
+                        "use --backend deepspeed (hostfile) or --backend slurm for several machines")
+    if cfg.nproc_per_node == 1:
+        return Launch([sys.executable, "-m", cfg.module, *command])
+    # The same torchrun command `vitpipe pretrain --nproc N` builds for itself.
+    opts = argparse.Namespace(nproc=cfg.nproc_per_node, nnodes=1, node_rank=0, master_addr="127.0.0.1",
+                              master_port=29500, rdzv_endpoint=None, rdzv_id="vitpipe", hostfile=None,
+                              launcher="torchrun", max_restarts=0)
+    return Launch(launcher_argv(opts, command, module=cfg.module))
+
+
+def read_hostfile(path: str | Path) -> dict[str, int]:
+    """Parse an MPI-style hostfile ('HOST slots=N', '#' comments) into {host: slots}."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--deepspeed.hostfile {str(path)!r} does not exist; write one line "
+                        "'HOST slots=GPUS' per machine (see cluster/hostfile.example)")
+    hosts: dict[str, int] = {}
+    for n, raw in enumerate(path.read_text().splitlines(), 1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        parts = line.split()
+        slots = parts[1].removeprefix("slots=") if len(parts) == 2 else ""
+        if not slots.isdigit() or int(slots) < 1 or parts[0] in hosts:
+            raise UserError(f"{path}:{n}: {raw.strip()!r} is not 'HOST slots=N' with N >= 1 and a new "
+                            "HOST; e.g. 'worker-1 slots=8'")
+        hosts[parts[0]] = int(slots)
+    if not hosts:
+        raise UserError(f"--deepspeed.hostfile {str(path)!r} lists no hosts; add 'HOST slots=GPUS' lines")
+    return hosts
+
+
+def _is_this_machine(host: str) -> bool:
+    return host in {"localhost", "127.0.0.1", "::1", socket.gethostname(), socket.getfqdn()}
+
+
+def deepspeed_launch(cfg: LaunchConfig, command: list[str]) -> Launch:
+    """DeepSpeed's launcher: pdsh/ssh to the first `nodes` hosts of the hostfile, `nproc_per_node` ranks each.
+
+    Built here rather than by vit.launch.launcher_argv, which always passes --master_addr
+    (127.0.0.1 unless told, wrong for remote hosts) and uses every host and slot of the file.
+    """
+    ds = cfg.deepspeed
+    argv = [sys.executable, "-m", "deepspeed.launcher.runner"]
+    master_addr = ds.master_addr
+    if ds.hostfile:
+        hosts = read_hostfile(ds.hostfile)
+        if cfg.nodes > len(hosts):
+            raise UserError(f"--nodes {cfg.nodes}: the hostfile {ds.hostfile} lists only {len(hosts)} "
+                            f"host(s) ({', '.join(hosts)}); add hosts or lower --nodes")
+        used = dict(list(hosts.items())[:cfg.nodes])
+        short = {h: s for h, s in used.items() if s < cfg.nproc_per_node}
+        if short:
+            raise UserError(f"--nproc-per-node {cfg.nproc_per_node}: host(s) "
+                            f"{', '.join(f'{h} (slots={s})' for h, s in short.items())} have fewer slots; "
+                            "lower --nproc-per-node or raise slots= in the hostfile")
+        argv += ["--hostfile", str(ds.hostfile)]
+        if len(used) == 1 and _is_this_machine(next(iter(used))):
+            # One local host: DeepSpeed launches it directly, so its ssh probe would only fail.
+            argv.append("--no_ssh_check")
+            master_addr = master_addr or "127.0.0.1"
+    elif cfg.nodes != 1:
+        raise UserError(f"--nodes {cfg.nodes} with --backend deepspeed needs --deepspeed.hostfile "
+                        "listing the machines ('HOST slots=GPUS' per line)")
+    else:
+        # No hostfile: this machine only, so nothing to reach over ssh.
+        argv.append("--no_ssh_check")
+        master_addr = master_addr or "127.0.0.1"
+    argv += [f"--num_nodes={cfg.nodes}", f"--num_gpus={cfg.nproc_per_node}",
+             f"--master_port={ds.master_port}"]
+    if master_addr:
+        argv.append(f"--master_addr={master_addr}")
+    # vitpipe reads LOCAL_RANK from the environment; a --local_rank argument would be an
+    # unknown option to every stage.
+    argv += ["--no_local_rank", *ds.extra_args, "--module", cfg.module, *command]
+    return Launch(argv)
+
+
+@dataclass
+class SlurmSubmission:
+    """What `cluster.slurm.submit` gets: sbatch options, the batch script, its arguments, env."""
+
+    sbatch_args: list[str]
+    script: Path
+    args: list[str]
+    env: dict[str, str]
+
+
+def slurm_submission(cfg: LaunchConfig, command: list[str]) -> SlurmSubmission:
+    """The sbatch options for `cfg` (nodes, GPUs, partition...) and the command to forward."""
+    s = cfg.slurm
+    gpus = cfg.nproc_per_node if s.gpus_per_node is None else s.gpus_per_node
+    sbatch = [f"--job-name={s.job_name}", f"--nodes={cfg.nodes}", "--ntasks-per-node=1",
+              f"--gpus-per-node={gpus}", f"--output={s.output}"]
+    for flag, value in (("partition", s.partition), ("account", s.account), ("time", s.time),
+                        ("cpus-per-task", s.cpus_per_task)):
+        if value is not None:
+            sbatch.append(f"--{flag}={value}")
+    env = {
+        # The job runs the interpreter that submitted it: cluster nodes share the filesystem.
+        "VITPIPE_PYTHON": sys.executable,
+        "VITPIPE_PROCS_PER_NODE": str(cfg.nproc_per_node),
+        "VITPIPE_MODULE": cfg.module,
+    }
+    script = Path(s.script) if s.script else SBATCH_SCRIPT
+    return SlurmSubmission([*sbatch, *s.extra_args], script, command, env)
+
+
+def slurm_launch(cfg: LaunchConfig, command: list[str]) -> Launch:
+    """`sbatch` of the batch script with the nodes, GPUs and the command given."""
+    sub = slurm_submission(cfg, command)
+    return Launch(["sbatch", *sub.sbatch_args, str(sub.script), *sub.args], sub.env)
+
+
+BACKENDS = {"local": local_launch, "deepspeed": deepspeed_launch, "slurm": slurm_launch}
+
+
+def build_launch(cfg: LaunchConfig, command: list[str]) -> Launch:
+    """The command line `cfg.backend` runs for the vitpipe `command` (a stage and its options)."""
+    _check_command(cfg, command)
+    return BACKENDS[cfg.backend](cfg, command)
+
+
+def run_slurm(cfg: LaunchConfig, command: list[str]) -> int:
+    """Submit; then (with slurm.wait) stream the job's log and return 0 only if it completed."""
+    from cluster import slurm
+
+    sub = slurm_submission(cfg, command)
+    job_id = slurm.submit(sub.script, sub.args, sbatch_args=sub.sbatch_args, env=sub.env)
+    print(f"vitpipe launch: submitted Slurm job {job_id}", file=sys.stderr, flush=True)
+    if not cfg.slurm.wait:
+        print(job_id)
+        return 0
+
+    def on_state(st: slurm.JobStatus) -> None:
+        print(f"vitpipe launch: job {job_id} {st.summary()}", file=sys.stderr, flush=True)
+
+    try:
+        final = slurm.wait(job_id, poll=cfg.slurm.poll, on_log=lambda line: print(line, flush=True),
+                           on_state=on_state)
+    except KeyboardInterrupt:
+        print(f"vitpipe launch: cancelled Slurm job {job_id}", file=sys.stderr)
+        raise
+    return 0 if final.ok else (final.exit_code or 1)
+
+
+def launch(cfg: LaunchConfig, command: list[str], *, dry_run: bool = False) -> int:
+    """Run (or with `dry_run`, print) `command` through the configured backend; the exit status."""
+    plan = build_launch(cfg, command)
+    if dry_run:
+        print(plan.shell())
+        return 0
+    if cfg.backend == "slurm":
+        return run_slurm(cfg, command)
+    print(f"vitpipe launch: {plan.shell()}", file=sys.stderr, flush=True)
+    return subprocess.run(plan.argv, env={**os.environ, **plan.env}).returncode
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser, LaunchConfig)
+    parser.add_argument("--dry-run", action="store_true", help="print the command instead of running it")
+    parser.add_argument("forward", nargs=argparse.REMAINDER, metavar="COMMAND ...",
+                        help="the vitpipe command every rank runs, e.g. 'pretrain cfg.yaml --optim.lr 1e-3'")
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    cfg = config_from_args(LaunchConfig, args)
+    command = list(args.forward)
+    if command[:1] == ["--"]:
+        command = command[1:]
+    return launch(cfg, command, dry_run=args.dry_run)

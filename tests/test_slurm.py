@@ -1,0 +1,109 @@
+"""cluster.slurm and cluster/vitpipe.sbatch on a real one-host Slurm cluster (2 emulated nodes).
+
+The cluster (munged, slurmctld, two slurmd) is started by the `slurm_cluster` fixture from
+tests/slurm_cluster.py with a generated slurm.conf; jobs run through the real sbatch, srun and
+torchrun, so the multi-node rendezvous of the batch script really happens (over loopback).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from cluster import slurm
+from cluster.launch import SBATCH_SCRIPT
+from slurm_cluster import slurm_cluster  # noqa: F401  (fixture)
+from vitpipe.errors import UserError
+
+pytestmark = [pytest.mark.multiprocess]
+
+# The test nodes have no GPUs and 2 CPUs each.
+CPU_NODE = ["--gpus-per-node=0", "--cpus-per-task=2"]
+RANK_ENV = {"VITPIPE_PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+
+
+def _script(tmp_path: Path, body: str) -> Path:
+    path = tmp_path / "job.sh"
+    path.write_text("#!/bin/bash\n" + body + "\n")
+    return path
+
+
+def test_batch_script_rendezvous_over_two_nodes(slurm_cluster, tmp_path):
+    """sbatch -> srun (one torchrun per node) -> c10d rendezvous -> 2 ranks all_reduce."""
+    log = tmp_path / "allreduce-%j.out"
+    job = slurm.submit(SBATCH_SCRIPT, sbatch_args=["--nodes=2", *CPU_NODE, f"--output={log}"],
+                       env={**RANK_ENV, "VITPIPE_MODULE": "cluster.allreduce_check"}, cwd=tmp_path)
+    lines: list[str] = []
+    states: list[str] = []
+    final = slurm.wait(job, poll=0.5, on_log=lines.append, on_state=lambda st: states.append(st.state),
+                       timeout=180)
+    text = "\n".join(lines)
+    assert final.ok, f"{final.summary()}\n{text}\n{slurm_cluster.logs()}"
+    assert final.state == "COMPLETED" and final.exit_code == 0
+    assert final.nodes == "node[1-2]"
+    assert "2 node(s) x 1 rank(s)" in text
+    assert "rank 0/2" in text and "rank 1/2" in text and "OK, 2 ranks" in text
+    assert states[-1] == "COMPLETED" and len(states) >= 2  # saw it before the end too
+    assert final.log and Path(final.log).name == f"allreduce-{job}.out"
+
+
+def test_failed_job_reports_its_exit_code(slurm_cluster, tmp_path):
+    script = _script(tmp_path, 'echo "about to fail"\nexit 3')
+    job = slurm.submit(script, sbatch_args=["--gpus-per-node=0", f"--output={tmp_path}/fail-%j.out"])
+    lines: list[str] = []
+    final = slurm.wait(job, poll=0.5, on_log=lines.append, timeout=60)
+    assert final.state == "FAILED" and final.exit_code == 3 and not final.ok
+    assert lines == ["about to fail"]
+    assert "FAILED (exit 3)" in final.summary()
+
+
+def test_wait_timeout_cancels_the_job(slurm_cluster, tmp_path):
+    """Leaving wait early (timeout, Ctrl-C, flow cancellation) must not leave the job running."""
+    script = _script(tmp_path, "echo started\nsleep 300")
+    job = slurm.submit(script, sbatch_args=["--gpus-per-node=0", f"--output={tmp_path}/sleep-%j.out"])
+    with pytest.raises(TimeoutError, match=job):
+        slurm.wait(job, poll=0.5, timeout=3)
+    deadline = time.monotonic() + 30
+    while not (st := slurm.status(job)).done and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert st.state == "CANCELLED", st.summary()
+
+
+def test_cancel_running_job(slurm_cluster, tmp_path):
+    script = _script(tmp_path, "echo started\nsleep 300")
+    job = slurm.submit(script, sbatch_args=["--gpus-per-node=0", f"--output={tmp_path}/c-%j.out"])
+    deadline = time.monotonic() + 30
+    while slurm.status(job).state != "RUNNING" and time.monotonic() < deadline:
+        time.sleep(0.3)
+    slurm.cancel(job)
+    final = slurm.wait(job, poll=0.5, timeout=30)
+    assert final.state == "CANCELLED" and not final.ok
+    slurm.cancel(job)  # cancelling an ended job is not an error
+
+
+def test_submit_errors_name_the_problem(slurm_cluster, tmp_path):
+    script = _script(tmp_path, "true")
+    with pytest.raises(UserError, match="sbatch refused the job.*partition"):
+        slurm.submit(script, sbatch_args=["--partition=no-such-partition"])
+    with pytest.raises(UserError, match="does not exist"):
+        slurm.submit(tmp_path / "missing.sbatch")
+    with pytest.raises(UserError, match="unknown"):
+        slurm.status("999999")
+
+
+def test_launch_slurm_backend_follows_the_job(slurm_cluster, tmp_path, capfd):
+    """`vitpipe launch --backend slurm` submits the packaged script and exits with the job's state."""
+    from vitpipe.cli import main
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    rc = main(["launch", "--backend", "slurm", "--nodes", "2", "--nproc-per-node", "1",
+               "--slurm.gpus-per-node", "0", "--slurm.cpus-per-task", "2", "--slurm.poll", "0.5",
+               "--slurm.output", str(tmp_path / "launch-%j.out"), "--module", "cluster.allreduce_check"])
+    out, err = capfd.readouterr()
+    assert rc == 0, out + err + slurm_cluster.logs()
+    assert "submitted Slurm job" in err and "COMPLETED (exit 0)" in err
+    assert "OK, 2 ranks" in out
