@@ -264,8 +264,7 @@ def list_manifest(uri: str, *, path_column: str | None = None, label_column: str
     columns = [str(c) for c in df.columns]
     pcol = _pick_column(columns, path_column, PATH_COLUMNS, "path", uri, required=True)
     lcol = _pick_column(columns, label_column, LABEL_COLUMNS, "label", uri, required=False)
-    scol = _pick_column(columns, SPLIT_COLUMN if split_from_source else None, (), "split", uri,
-                        required=False)
+    scol = SPLIT_COLUMN if split_from_source and SPLIT_COLUMN in columns else None
     if split_from_source and scol is None:
         raise UserError(f"--split-by source needs a '{SPLIT_COLUMN}' column in manifest {uri!r}; "
                         f"its columns are {columns}; or use --split-by hash")

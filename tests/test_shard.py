@@ -260,6 +260,21 @@ def test_thread_executor_gives_identical_shards(digits_dir, tmp_path):
     assert _shard_bytes(a) == _shard_bytes(b)
 
 
+def test_splits_taken_from_source_folders(tmp_path):
+    from pipeline.packaged_data import write_digits
+
+    for split, n in (("train", 30), ("val", 10), ("test", 12)):
+        write_digits(tmp_path / "src" / split, size=8, limit=n)
+    out = tmp_path / "out"
+    shard(ShardConfig(src=str(tmp_path / "src"), out=str(out), split_by="source", max_samples_per_shard=8))
+    index = load_index(str(out))
+    assert list(index["splits"]) == ["train", "val", "test"]
+    assert [index["splits"][s]["num_samples"] for s in ("train", "val", "test")] == [30, 10, 12]
+    assert [s["name"] for s in index["splits"]["test"]["shards"]] == ["test-000000.tar", "test-000001.tar"]
+    for split in index["splits"]:
+        assert all(s["__key__"].startswith(split + "/") for s in _read_samples(index, split))
+
+
 def test_shards_capped_by_bytes(digits_dir, tmp_path):
     out = tmp_path / "out"
     shard(ShardConfig(src=str(digits_dir), out=str(out), max_shard_size="200KB"))
@@ -372,3 +387,85 @@ def test_cli_help_explains_every_option(capsys):
         if field not in ("src", "out"):
             assert "--" + field.replace("_", "-") in help_text
     assert "SRC" in help_text and "OUT" in help_text and "512MB" in help_text
+
+
+# ---------------------------------------------------------------------------------------------
+# Manifests with fsspec URLs: file:// and http:// (a real http.server on 127.0.0.1)
+
+
+@pytest.fixture
+def http_root(tmp_path):
+    """Serve tmp_path/www over HTTP on 127.0.0.1 for the test's duration; yields (dir, base URL)."""
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *args):  # keep test output clean
+            pass
+
+    www = tmp_path / "www"
+    www.mkdir()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(www)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield www, f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def test_manifest_with_file_and_http_urls(http_root, tmp_path):
+    import pandas as pd
+
+    from pipeline.packaged_data import write_photos
+
+    www, base = http_root
+    write_photos(www, names=("coffee", "chelsea", "camera"))
+    local = write_photos(tmp_path / "local", names=("astronaut", "rocket"), fmt="png")
+    rows = [
+        {"url": f"{base}/coffee.jpg", "label": "food", "credit": "skimage"},
+        {"url": f"{base}/chelsea.jpg", "label": "animal", "credit": "skimage"},
+        {"url": f"{base}/missing.jpg", "label": "animal", "credit": "nobody"},  # HTTP 404
+        {"url": f"file://{local}/astronaut.png", "label": "person", "credit": "NASA"},
+        {"url": f"file://{local}/rocket.png", "label": "object", "credit": "NASA"},
+    ]
+    manifest = tmp_path / "manifest.csv"
+    pd.DataFrame(rows).to_csv(manifest, index=False)
+    out = tmp_path / "out"
+    stats = shard(ShardConfig(src=f"file://{manifest}", out=str(out), val_ratio=0.0))
+    assert stats["failures_by_reason"] == {"unreadable": 1}
+    assert "missing.jpg" in (out / "failures.jsonl").read_text()
+
+    index = load_index(str(out))
+    assert index["classes"] == ["animal", "food", "object", "person"]
+    assert index["source"]["kind"] == "manifest"
+    samples = _read_samples(index, "train")
+    assert len(samples) == 4 == index["totals"]["num_samples"]
+    for s in samples:
+        meta = json.loads(s["json"])
+        row = next(r for r in rows if r["url"] == meta["source"])
+        expected = (www / "coffee.jpg" if "coffee" in row["url"] else www / "chelsea.jpg" if "chelsea" in row["url"]
+                    else Path(row["url"].removeprefix("file://")))
+        assert s[_image_ext(s)] == expected.read_bytes()
+        assert index["classes"][int(s["cls"])] == row["label"] == meta["label"]
+        assert meta["extra"] == {"credit": row["credit"]}
+    assert verify(str(out)) == []
+
+
+@pytest.mark.multiprocess
+def test_manifest_served_over_http_with_relative_paths(http_root, tmp_path):
+    from pipeline.packaged_data import write_digits
+
+    www, base = http_root
+    write_digits(www / "img", size=16, limit=40)
+    lines = ["path,label"] + [f"{p.relative_to(www).as_posix()},{p.parent.name}" for p in sorted(www.rglob("*.png"))]
+    (www / "list.csv").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    stats = shard(ShardConfig(src=f"{base}/list.csv", out=str(out), max_samples_per_shard=8, workers=2))
+    assert stats["num_samples"] == 40 and stats["num_failures"] == 0
+    index = load_index(str(out))
+    got = sorted(json.loads(s["json"])["source"] for split in index["splits"] for s in _read_samples(index, split))
+    assert got == sorted(f"{base}/{line.split(',')[0]}" for line in lines[1:])

@@ -1,0 +1,83 @@
+"""`vitpipe verify`: a good shard set passes; each kind of damage is named."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import shutil
+import tarfile
+
+import pytest
+
+from pipeline.index import INDEX_NAME
+from pipeline.verify import verify
+from vitpipe.cli import main
+
+
+@pytest.fixture
+def shards(digits_shards, tmp_path):
+    """A private copy of the digits shard set that a test may damage."""
+    return shutil.copytree(digits_shards, tmp_path / "shards")
+
+
+def test_good_set_passes_through_the_cli(shards, capsys):
+    assert verify(str(shards)) == []
+    assert main(["verify", str(shards)]) == 0
+    assert "verify: OK" in capsys.readouterr().out
+
+
+def test_flipped_byte_is_a_checksum_mismatch(shards, capsys):
+    path = shards / "train-000001.tar"
+    data = bytearray(path.read_bytes())
+    data[700] ^= 0xFF  # inside the first image's bytes: the tar structure stays readable
+    path.write_bytes(bytes(data))
+    problems = verify(str(shards))
+    assert problems == [p for p in problems if p.startswith("train-000001.tar: sha256")] and len(problems) == 1
+    assert main(["verify", str(shards)]) == 1
+    assert "MISMATCH train-000001.tar: sha256" in capsys.readouterr().err
+
+
+def test_missing_truncated_and_stray_shards_are_named(shards):
+    (shards / "train-000000.tar").unlink()
+    data = (shards / "val-000000.tar").read_bytes()
+    (shards / "val-000000.tar").write_bytes(data[: len(data) // 2])
+    (shards / "train-000009.tar").write_bytes(b"")
+    (shards / "train-000002.tar.tmp-123").write_bytes(b"half")
+    problems = "\n".join(verify(str(shards)))
+    assert "train-000000.tar: missing" in problems
+    assert "val-000000.tar: not a readable tar (ReadError: unexpected end of data)" in problems
+    assert "train-000009.tar: a shard file the index does not list" in problems
+    assert "train-000002.tar.tmp-123: a half-written shard" in problems
+
+
+def test_sample_count_and_class_ids_are_checked(shards):
+    # Re-pack a shard without its last sample and with a bad class id, then fix up its checksum
+    # and size in the index so only the count and the class id can give it away.
+    path = shards / "val-000000.tar"
+    with tarfile.open(path) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    members = members[:-3]
+    first_cls = next(i for i, (m, _) in enumerate(members) if m.name.endswith(".cls"))
+    members[first_cls] = (members[first_cls][0], b"42")
+    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tar:
+        for m, data in members:
+            m.size = len(data)
+            tar.addfile(m, io.BytesIO(data))
+    index = json.loads((shards / INDEX_NAME).read_text())
+    entry = index["splits"]["val"]["shards"][0]
+    entry["num_bytes"] = path.stat().st_size
+    entry["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    delta = index["splits"]["val"]["num_bytes"] - sum(s["num_bytes"] for s in index["splits"]["val"]["shards"])
+    index["splits"]["val"]["num_bytes"] -= delta
+    index["totals"]["num_bytes"] -= delta
+    (shards / INDEX_NAME).write_text(json.dumps(index))
+    problems = verify(str(shards))
+    n = index["splits"]["val"]["num_samples"]
+    assert problems == [f"val-000000.tar: {members[first_cls][0].name} is 42, outside 0..9",
+                        f"val-000000.tar: {n - 1} samples, index says {n}"]
+
+
+def test_failures_count_must_match(shards):
+    (shards / "failures.jsonl").write_text('{"source": "x", "reason": "empty", "detail": ""}\n')
+    assert verify(str(shards)) == ["failures.jsonl: 1 lines, index says num_failures=0"]
