@@ -1,0 +1,73 @@
+"""Shard an image collection on a Dask cluster: the shard writers run on its workers.
+
+Call it when one machine's cores are not enough to pack a collection; the output is the same,
+byte for byte, as a local `vitpipe shard` (the shard plan never depends on who writes a shard):
+
+    python -m cluster.dask_shard --scheduler tcp://sched:8786 SRC OUT [vitpipe shard options]
+
+or from Python, `shard_on_dask(ShardConfig(src=..., out=...), "tcp://sched:8786")`. Start the
+cluster the way your site does (`dask scheduler` + `dask worker` per node, dask-jobqueue's
+SLURMCluster, the Dask Helm chart); every worker needs vitpipe installed, read access to SRC and
+write access to OUT (a shared filesystem), since each worker writes whole shards there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pipeline.shard import ShardConfig, shard
+from vitpipe.config import add_config_arguments, config_from_args
+from vitpipe.errors import UserError
+
+
+def shard_on_dask(cfg: ShardConfig, scheduler: str, *, wait_for_workers: float = 60.0,
+                  connect_timeout: float = 30.0) -> dict:
+    """Run the shard stage with its shards fanned out over the Dask scheduler at `scheduler`.
+
+    Returns the shard stage's stats. Waits up to `wait_for_workers` seconds for at least one
+    worker, so a cluster that is still starting (workers queued in Slurm) is not an error.
+    """
+    from dask.distributed import Client
+
+    try:
+        client = Client(scheduler, timeout=f"{connect_timeout}s")
+    except (OSError, TimeoutError) as e:
+        raise UserError(f"--scheduler {scheduler!r}: no Dask scheduler answers there ({e}); start one "
+                        "('dask scheduler') and pass its address, e.g. tcp://HOST:8786") from None
+    with client:
+        try:
+            client.wait_for_workers(1, timeout=wait_for_workers)
+        except TimeoutError:
+            raise UserError(f"Dask scheduler {scheduler} has no workers after {wait_for_workers:g}s; "
+                            "start some ('dask worker " + scheduler + "')") from None
+        n = len(client.scheduler_info()["workers"])
+        print(f"dask: sharding on {n} worker(s) of {scheduler}", file=sys.stderr, flush=True)
+        return shard(cfg, executor=client.get_executor())
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--scheduler", required=True, metavar="ADDRESS",
+                        help="the Dask scheduler's address, e.g. tcp://HOST:8786")
+    add_config_arguments(parser, ShardConfig, positional=("src", "out"))
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    shard_on_dask(config_from_args(ShardConfig, args), args.scheduler)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m cluster.dask_shard",
+                                     description="vitpipe shard, with the shards written by Dask workers")
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run_cli(args)
+    except UserError as e:
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
