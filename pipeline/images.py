@@ -21,7 +21,8 @@ FORMAT_EXTENSIONS = {
 ENCODERS = {"jpg": "JPEG", "webp": "WEBP", "png": "PNG"}
 
 # Failure reasons written to failures.jsonl (stable strings; users grep and count them).
-REASONS = ("unreadable", "empty", "not_an_image", "unsupported_format", "truncated", "decompression_bomb")
+REASONS = ("unreadable", "empty", "not_an_image", "unsupported_format", "truncated", "corrupt",
+           "decompression_bomb")
 
 
 class BadImage(Exception):
@@ -86,10 +87,9 @@ def load_pixels(img: Image.Image) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img.load()
-    except OSError as e:
-        raise BadImage("truncated", f"{type(e).__name__}: {e}") from None
-    except Exception as e:  # noqa: BLE001 - decoders raise various errors on corrupt data
-        raise BadImage("truncated", f"corrupt image data: {type(e).__name__}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - decoders raise anything from OSError to SyntaxError
+        raise BadImage("truncated" if "truncat" in str(e).lower() else "corrupt",
+                       f"{type(e).__name__}: {e}") from None
 
 
 def inspect_image(data: bytes, *, max_pixels: int, full: bool) -> tuple[Image.Image, ImageInfo]:
@@ -119,10 +119,8 @@ def reencode(img: Image.Image, *, fmt: str, quality: int, resize: str, size: int
         if img.format == "JPEG" and target != img.size:
             # Let libjpeg decode at a reduced scale (>= target): much faster, same quality after resize.
             img.draft("RGB" if img.mode not in ("L",) else "L", target)
-    try:
-        img = ImageOps.exif_transpose(img)
-    except Exception as e:  # noqa: BLE001
-        raise BadImage("truncated", f"corrupt image data: {type(e).__name__}: {e}") from None
+    load_pixels(img)  # after draft(): decodes at the reduced scale; reports corrupt data by reason
+    img = ImageOps.exif_transpose(img)
     if img.mode not in ("RGB", "L"):
         # JPEG holds only L/RGB; for webp/png too, one channel layout keeps a dataset uniform.
         img = img.convert("RGBA").convert("RGB") if img.mode in ("P", "LA", "PA") else img.convert("RGB")

@@ -287,7 +287,12 @@ def write_shard(task: ShardTask, progress: Callable[[int, int], None] | None = N
                             data = read_bytes(item.uri)
                         except Exception as e:  # noqa: BLE001 - any read error means "skip and report"
                             raise BadImage("unreadable", f"{type(e).__name__}: {e}") from None
-                        members = encode_sample(item, data, task.class_ids, task.options)
+                        try:
+                            members = encode_sample(item, data, task.class_ids, task.options)
+                        except BadImage:
+                            raise
+                        except Exception as e:  # noqa: BLE001 - odd files trip decoders in odd ways
+                            raise BadImage("corrupt", f"{type(e).__name__}: {e}") from None
                     except BadImage as e:
                         failures.append({"source": item.uri, "reason": e.reason, "detail": e.detail})
                     else:

@@ -139,9 +139,13 @@ def messy_dir(tmp_path_factory) -> tuple[Path, dict[str, str]]:
     Image.new("RGB", (16, 16), "red").save(bad / "icon.png", format="ICO")  # real image, unsupported format
     (bad / "notes.txt").write_text("labels come from folder names\n")
     os.symlink(bad / "does-not-exist.jpg", bad / "dangling.jpg")
+    corrupt = bytearray((root / "digit" / "0_0000.png").read_bytes())
+    idat = corrupt.index(b"IDAT")
+    corrupt[idat + 8: idat + 40] = b"\x55" * 32  # garbage pixels data, end marker intact
+    (bad / "corrupt.png").write_bytes(bytes(corrupt))
     expected = {"truncated.jpg": "truncated", "empty.png": "empty", "text.jpg": "not_an_image",
                 "bomb.png": "decompression_bomb", "icon.png": "unsupported_format",
-                "notes.txt": "unsupported_format", "dangling.jpg": "unreadable"}
+                "notes.txt": "unsupported_format", "dangling.jpg": "unreadable", "corrupt.png": "corrupt"}
     return root, expected
 
 
