@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
@@ -92,12 +91,6 @@ def test_no_top5_below_five_classes_and_clear_errors():
         ClassificationMetrics(0)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _rank_main(rank: int, world: int, port: int, parts, queue) -> None:
     import torch.distributed as dist
 
@@ -115,12 +108,14 @@ def _rank_main(rank: int, world: int, port: int, parts, queue) -> None:
 
 @pytest.mark.multiprocess
 def test_reduce_over_two_gloo_ranks_counts_each_sample_once():
+    from vit.distributed import free_port
+
     logits, targets = _data(n=301, c=7, seed=3)
     # Unequal shares, as with a split whose shards do not divide evenly over ranks.
     parts = [(logits[:190], targets[:190]), (logits[190:], targets[190:])]
     ctx = torch.multiprocessing.get_context("spawn")
     queue = ctx.SimpleQueue()
-    torch.multiprocessing.start_processes(_rank_main, args=(2, _free_port(), parts, queue), nprocs=2,
+    torch.multiprocessing.start_processes(_rank_main, args=(2, free_port(), parts, queue), nprocs=2,
                                           start_method="spawn", join=True)
     got = dict(queue.get() for _ in range(2))
     ref = ClassificationMetrics(7)

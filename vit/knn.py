@@ -94,22 +94,10 @@ def _all_gather_rows(t: torch.Tensor) -> torch.Tensor:
     return torch.cat([p[:s] for p, s in zip(parts, sizes)]).cpu()
 
 
-def _sum_over_ranks(values: Sequence[float]) -> list[float]:
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return list(values)
-    t = torch.tensor(list(values), dtype=torch.float64)
-    if dist.get_backend() == "nccl":
-        t = t.cuda()
-    dist.all_reduce(t)
-    return t.cpu().tolist()
-
-
 def knn_evaluate(model: torch.nn.Module, train_loader: Iterable, val_loader: Iterable, *, num_classes: int,
                  ks: Sequence[int] = (10, 20), temperature: float = 0.07,
                  device: torch.device | str = "cpu", progress: bool = False) -> dict[str, float]:
-    """k-NN top-1 on the val split for each k, e.g. {"knn_top1@20": 0.93, "knn_num_queries": 180, ...}."""
+    """k-NN top-1 on the val split for each k, e.g. {"knn_top1_k20": 0.93, "knn_num_queries": 180, ...}."""
     if num_classes <= 0:
         raise ValueError(f"num_classes={num_classes}: k-NN needs a labelled train split")
     memory, memory_labels = extract_features(model, train_loader, device=device, progress=progress, desc="k-NN memory")
@@ -125,9 +113,11 @@ def knn_evaluate(model: torch.nn.Module, train_loader: Iterable, val_loader: Ite
             correct.append(float((preds == query_labels).sum()))
         else:
             correct.append(0.0)
-    totals = _sum_over_ranks(correct + [float(queries.shape[0])])
+    from vit.distributed import all_reduce_sum
+
+    totals = all_reduce_sum(correct + [float(queries.shape[0])], torch.device(device))
     n = int(totals[-1])
-    out: dict[str, float] = {f"knn_top1@{k}": (totals[i] / n if n else float("nan")) for i, k in enumerate(ks)}
+    out: dict[str, float] = {f"knn_top1_k{k}": (totals[i] / n if n else float("nan")) for i, k in enumerate(ks)}
     out["knn_num_queries"] = n
     out["knn_memory_size"] = int(memory.shape[0])
     return out

@@ -1,0 +1,206 @@
+"""Evaluation on real digits shards read by the real loader; `vitpipe evaluate` logging to real MLflow."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from sklearn import metrics as skm
+
+from pipeline.loader import DataConfig, make_eval_loader
+from vit.evaluate import evaluate_model, log_evaluation, split_fingerprint
+from vitpipe.cli import main as vitpipe
+
+
+def _data(shards: Path, **kw) -> DataConfig:
+    return DataConfig(shards=str(shards), channels=1, mean=(0.5,), std=(0.5,), image_size=32,
+                      eval_batch_size=64, num_workers=0, **kw)
+
+
+def _model(num_classes: int = 10, seed: int = 0):
+    from vit.model import create_model
+
+    torch.manual_seed(seed)
+    model = create_model("micro/4", in_chans=1, num_classes=num_classes)
+    if num_classes:
+        # The paper's zero-initialised head predicts class 0 everywhere; a random head gives a
+        # confusion matrix with something in every row to check.
+        torch.nn.init.normal_(model.head.weight, std=0.5)
+    return model
+
+
+@pytest.fixture(scope="module")
+def export_dir(tmp_path_factory) -> Path:
+    from vit.weights import save_pretrained
+
+    return save_pretrained(_model(), tmp_path_factory.mktemp("export") / "export")
+
+
+def test_evaluate_model_matches_an_independent_computation(digits_shards, tmp_path):
+    model = _model()
+    loader = make_eval_loader(_data(digits_shards), "val")
+    res = evaluate_model(model, loader, class_names=loader.class_names, out_dir=tmp_path, split="val",
+                         split_id=split_fingerprint(str(digits_shards), "val"), progress=False)
+
+    logits, targets = [], []
+    with torch.no_grad():
+        model.eval()
+        for images, t, _ in loader:
+            logits.append(model(images))
+            targets.append(t)
+    logits, targets = torch.cat(logits), torch.cat(targets)
+    preds = logits.argmax(1)
+    assert res["num_samples"] == loader.num_samples == len(targets) and "num_samples_expected" not in res
+    assert res["top1"] == pytest.approx(skm.accuracy_score(targets, preds))
+    assert res["top5"] == pytest.approx(skm.top_k_accuracy_score(targets, logits, k=5, labels=range(10)))
+    assert res["loss"] == pytest.approx(float(torch.nn.functional.cross_entropy(logits, targets)), rel=1e-4)
+    assert res["confusion_matrix"]["counts"] == skm.confusion_matrix(targets, preds, labels=range(10)).tolist()
+    assert res["per_class"]["7"]["f1"] == pytest.approx(skm.f1_score(targets, preds, labels=[7], average=None)[0])
+    assert res["split_id"].startswith("val:")
+
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["top1"] == res["top1"] and saved["per_class"]["3"] == res["per_class"]["3"]
+    assert json.loads((tmp_path / "confusion_matrix.json").read_text())["counts"] == res["confusion_matrix"]["counts"]
+    assert (tmp_path / "confusion_matrix.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert set(res["artifacts"]) == {"results", "confusion_matrix_json", "confusion_matrix_png"}
+
+
+def test_split_fingerprint_tells_splits_apart(digits_shards):
+    val, train = split_fingerprint(str(digits_shards), "val"), split_fingerprint(str(digits_shards), "train")
+    assert val != train and val == split_fingerprint(str(digits_shards / "index.json"), "val")
+    from vitpipe.errors import UserError
+
+    with pytest.raises(UserError, match="split 'test' is not in"):
+        split_fingerprint(str(digits_shards), "test")
+
+
+def test_log_evaluation_into_the_callers_run(digits_shards, tmp_path, mlflow_uri):
+    import mlflow
+    from mlflow import MlflowClient
+
+    loader = make_eval_loader(_data(digits_shards), "val")
+    res = evaluate_model(_model(), loader, class_names=loader.class_names, out_dir=tmp_path, progress=False)
+    mlflow.set_tracking_uri(mlflow_uri)
+    try:
+        with pytest.raises(RuntimeError, match="no active MLflow run"):
+            log_evaluation(res)
+        with mlflow.start_run() as run:  # the run of the stage that called evaluation
+            log_evaluation(res, step=7)
+    finally:
+        mlflow.set_tracking_uri(None)
+    client = MlflowClient(tracking_uri=mlflow_uri)
+    metrics = client.get_run(run.info.run_id).data.metrics
+    assert metrics["val/top1"] == pytest.approx(res["top1"]) and "val/macro_f1" in metrics
+    assert client.get_metric_history(run.info.run_id, "val/loss")[0].step == 7
+    files = {f.path for f in client.list_artifacts(run.info.run_id, "evaluation/val")}
+    assert files == {"evaluation/val/results.json", "evaluation/val/confusion_matrix.json",
+                     "evaluation/val/confusion_matrix.png"}
+
+
+def test_vitpipe_evaluate_writes_and_logs_one_run(digits_shards, export_dir, tmp_path, mlflow_uri, capsys):
+    from mlflow import MlflowClient
+
+    out = tmp_path / "eval"
+    rc = vitpipe(["evaluate", "--model", str(export_dir), "--data.shards", str(digits_shards),
+                  "--data.channels", "1", "--data.mean", "[0.5]", "--data.std", "[0.5]",
+                  "--data.num-workers", "0", "--knn.enabled", "--knn.k", "[5]",
+                  "--out", str(out), "--tracking.uri", mlflow_uri, "--tracking.experiment", "eval-test"])
+    assert rc == 0
+    summary = capsys.readouterr().out
+    assert "evaluate: split val" in summary and "top1" in summary and "knn_top1_k5" in summary
+    res = json.loads((out / "results.json").read_text())
+    assert res["num_samples"] == make_eval_loader(_data(digits_shards), "val").num_samples
+    assert 0.0 <= res["knn_top1_k5"] <= 1.0 and res["knn_memory_size"] > 1000
+    assert (out / "config.yaml").is_file() and (out / "confusion_matrix.png").is_file()
+
+    client = MlflowClient(tracking_uri=mlflow_uri)
+    runs = client.search_runs([client.get_experiment_by_name("eval-test").experiment_id])
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FINISHED" and run.data.tags["vitpipe.stage"] == "evaluate"
+    assert run.data.metrics["val/top1"] == pytest.approx(res["top1"])
+    assert run.data.metrics["val/knn_top1_k5"] == pytest.approx(res["knn_top1_k5"])
+    assert "evaluation/val/confusion_matrix.png" in {f.path for f in client.list_artifacts(run.info.run_id,
+                                                                                           "evaluation/val")}
+
+
+def test_backbone_without_head_gets_knn_only(digits_shards, tmp_path):
+    from vit.evaluate import EvaluateConfig, evaluate
+    from vit.weights import save_pretrained
+
+    backbone = save_pretrained(_model(num_classes=0), tmp_path / "backbone")
+    cfg = EvaluateConfig(model=str(backbone), data=_data(digits_shards), out=str(tmp_path / "out"),
+                         knn={"enabled": True, "k": [10]}, tracking={"enabled": False})
+    res = evaluate(cfg)
+    assert "top1" not in res and 0.2 < res["knn_top1_k10"] <= 1.0  # chance is 0.1
+    assert set(res["artifacts"]) == {"results"}
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--split", "test"], "split 'test' is not in"),
+    (["--model", "does/not/exist"], "does/not/exist: no such file or folder"),
+    (["--model", "BACKBONE"], "has no classifier head"),
+    (["--model", "FIVE"], "predicts 5 classes but"),
+    (["--data.shards", ""], "data.shards is empty"),
+])
+def test_bad_input_is_one_clear_line(args, message, digits_shards, export_dir, tmp_path, capsys):
+    from vit.weights import save_pretrained
+
+    models = {"BACKBONE": save_pretrained(_model(0), tmp_path / "b"), "FIVE": save_pretrained(_model(5), tmp_path / "f")}
+    base = {"--model": str(export_dir), "--data.shards": str(digits_shards), "--out": str(tmp_path / "o"),
+            "--data.channels": "1", "--data.mean": "[0.5]", "--data.std": "[0.5]", "--data.num-workers": "0",
+            "--no-tracking.enabled": None}
+    for flag, value in zip(args[::2], args[1::2]):
+        base[flag] = str(models.get(value, value))
+    argv = ["evaluate"] + [x for k, v in base.items() for x in ((k,) if v is None else (k, v))]
+    assert vitpipe(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_unlabelled_shards_are_refused(tmp_path, export_dir, capsys):
+    from pipeline.packaged_data import write_photos
+    from pipeline.shard import ShardConfig, shard
+
+    photos = write_photos(tmp_path / "photos")
+    shard(ShardConfig(src=str(photos), out=str(tmp_path / "shards"), val_ratio=0.3, workers=1,
+                      resize="center_crop", size=32, encode="png"))
+    rc = vitpipe(["evaluate", "--model", str(export_dir), "--data.shards", str(tmp_path / "shards"),
+                  "--data.channels", "1", "--data.mean", "[0.5]", "--data.std", "[0.5]", "--no-tracking.enabled",
+                  "--out", str(tmp_path / "o")])
+    assert rc == 2 and "unlabelled" in capsys.readouterr().err
+
+
+def _rank_main(rank: int, world: int, port: int, shards: str, queue) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        loader = make_eval_loader(_data(Path(shards)), "val", rank=rank, world_size=world)
+        res = evaluate_model(_model(), loader, class_names=loader.class_names, world_size=world, progress=False)
+        queue.put((rank, res))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_two_ranks_count_every_val_sample_once(digits_shards):
+    from vit.distributed import free_port
+
+    ctx = torch.multiprocessing.get_context("spawn")
+    queue = ctx.SimpleQueue()
+    torch.multiprocessing.start_processes(_rank_main, args=(2, free_port(), str(digits_shards), queue), nprocs=2,
+                                          start_method="spawn", join=True)
+    got = dict(queue.get() for _ in range(2))
+    loader = make_eval_loader(_data(digits_shards), "val")
+    ref = evaluate_model(_model(), loader, class_names=loader.class_names, progress=False)
+    for rank in (0, 1):
+        assert got[rank]["num_samples"] == loader.num_samples
+        assert got[rank]["confusion_matrix"]["counts"] == ref["confusion_matrix"]["counts"]
+        assert got[rank]["loss"] == pytest.approx(ref["loss"], rel=1e-5)

@@ -1,0 +1,349 @@
+"""Evaluation: measure any model on any sharded split, with results a person can read.
+
+    vitpipe evaluate --model runs/digits/export --data.shards shards/digits --split val
+    vitpipe evaluate --model models:/digits-vit@candidate --data.shards shards/digits
+    vitpipe evaluate --model runs/pretrain/export --data.shards shards/digits --knn.enabled  # backbone only
+
+From a training loop, call `evaluate_model(model, loader, class_names=..., device=...)` on every
+rank, then `log_evaluation(results)` on rank 0 to log into the stage's own MLflow run. Results:
+top-1, top-5 (>= 5 classes), loss, per-class precision/recall/F1, the confusion matrix (PNG and
+JSON) and `results.json`; every sample of the split counts once over all ranks (see
+`vit.metrics.ClassificationMetrics`). `vitpipe evaluate` on its own opens one MLflow run for
+itself (or resumes `MLFLOW_RUN_ID` when a flow created it), on rank 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+from pydantic import Field
+
+from pipeline.loader import DataConfig
+from vit.config import TrackingSection
+from vitpipe.config import StageConfig, add_config_arguments, config_from_args, save_config
+from vitpipe.errors import UserError
+
+log = logging.getLogger(__name__)
+
+RESULTS_FILE = "results.json"
+CONFUSION_JSON = "confusion_matrix.json"
+CONFUSION_PNG = "confusion_matrix.png"
+
+
+# ---------------------------------------------------------------------------------------------
+# Config
+
+
+class KnnConfig(StageConfig):
+    enabled: bool = Field(False, description="also measure k-NN accuracy on frozen features (works for a "
+                                             "backbone without a classifier head)")
+    memory_split: str | None = Field(None, description="split whose features are the k-NN memory (empty = "
+                                                           "data.train_split); the evaluated split gives the queries")
+    k: list[int] = Field([10, 20], description="neighbour counts to report (DINO uses 20)")
+    temperature: float = Field(0.07, gt=0, description="softmax temperature of the similarity-weighted vote")
+
+
+class EvaluateConfig(StageConfig):
+    """Options of `vitpipe evaluate`; precedence: command line > --config file > these defaults."""
+
+    model: str = Field(..., description="what to evaluate: an export folder (model.safetensors + config.json), "
+                                        "a weights file, or an MLflow URI (runs:/ID/model, models:/NAME@ALIAS)")
+    data: DataConfig = Field(default_factory=DataConfig, description="the shard set and how to read it")
+    split: str | None = Field(None, description="split to evaluate on; empty = data.val_split")
+    out: str = Field("runs/evaluate", description="folder for results.json, config.yaml and the confusion matrix")
+    knn: KnnConfig = Field(default_factory=KnnConfig)
+    tracking: TrackingSection = Field(default_factory=TrackingSection)
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation of a model on a loader (the part a training loop calls)
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def split_fingerprint(shards: str, split: str) -> str:
+    """`SPLIT:HASH` of a split's shard names and checksums: equal iff two evaluations saw the same data."""
+    import fsspec
+
+    url = shards if shards.endswith(".json") else shards.rstrip("/") + "/index.json"
+    with fsspec.open(url, "rt") as f:
+        index = json.load(f)
+    entry = index.get("splits", {}).get(split)
+    if entry is None:
+        raise UserError(f"split {split!r} is not in {url}; it has {sorted(index.get('splits', {}))}")
+    shards_list = [(s["name"], s.get("sha256"), s["num_samples"]) for s in entry["shards"]]
+    digest = hashlib.sha256(json.dumps(shards_list, sort_keys=True).encode()).hexdigest()
+    return f"{split}:{digest[:16]}"
+
+
+@torch.no_grad()
+def evaluate_model(model: torch.nn.Module, loader: Iterable, *, class_names: Sequence[str],
+                   device: torch.device | str = "cpu", world_size: int = 1, out_dir: str | Path | None = None,
+                   split: str = "val", split_id: str | None = None, progress: bool = True) -> dict[str, Any]:
+    """Top-1/5, loss, per-class metrics and confusion matrix of `model` on `loader`; call on every rank.
+
+    `loader` yields (images, targets, keys...) with targets -1 for unlabelled samples, each sample on
+    exactly one rank. Counts are summed over ranks when `world_size > 1`. With `out_dir`, rank 0
+    writes results.json and the confusion matrix (JSON + PNG) there; their paths are in
+    `results["artifacts"]`. The model is left in the train/eval mode it came in.
+    """
+    from tqdm.auto import tqdm
+
+    from vit.metrics import ClassificationMetrics
+
+    num_classes = len(class_names)
+    if num_classes == 0:
+        raise UserError("the split has no class names (an unlabelled shard set); evaluation needs labels. "
+                        "Shard a labelled collection (one folder per class), or use k-NN on a labelled one")
+    device = torch.device(device)
+    metrics = ClassificationMetrics(num_classes)
+    dtype = next(model.parameters()).dtype
+    # A bf16/fp16 DeepSpeed engine expects inputs in its dtype; autocast keeps the rest consistent.
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype in (torch.bfloat16, torch.float16) else nullcontext()
+    was_training = model.training
+    model.eval()
+    start = time.perf_counter()
+    total = getattr(loader, "num_samples", None)
+    bar = tqdm(total=total, desc=f"evaluate {split}", unit="img", disable=not progress or _rank() != 0,
+               leave=False)
+    try:
+        for images, targets, *_ in loader:
+            if targets.numel() == 0:  # a rank's tail batches may be empty so that all ranks step together
+                continue
+            images = images.to(device, dtype=dtype if images.is_floating_point() else None, non_blocking=True)
+            with autocast:
+                logits = model(images)
+            metrics.update(logits, targets)
+            bar.update(int(targets.shape[0]) * max(world_size, 1))
+    finally:
+        bar.close()
+        model.train(was_training)
+    if world_size > 1:
+        metrics.reduce()
+    results = metrics.compute(list(class_names))
+    results.update(split=split, seconds=round(time.perf_counter() - start, 3))
+    if split_id:
+        results["split_id"] = split_id
+    seen = results["num_samples"] + results["num_unlabelled"]
+    if total is not None and seen != total:
+        # Metrics over a different sample count than the index says are wrong, not just noisy:
+        # a loader that pads or drops across ranks. Say it loudly; the numbers stay in results.
+        log.warning("evaluated %d samples of split %r but its index lists %d; each sample must be seen "
+                    "exactly once over all ranks", seen, split, total)
+        results["num_samples_expected"] = total
+    if out_dir is not None and _rank() == 0:
+        results["artifacts"] = write_evaluation(results, out_dir)
+    return results
+
+
+def write_evaluation(results: dict[str, Any], out_dir: str | Path) -> dict[str, str]:
+    """Write results.json and the confusion matrix as JSON and PNG into `out_dir`; returns their paths."""
+    from vit.plots import plot_confusion_matrix
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    artifacts = {"results": str(out / RESULTS_FILE)}
+    cm = results.get("confusion_matrix")
+    if cm is not None:  # absent for a backbone measured by k-NN only
+        cm_json = out / CONFUSION_JSON
+        cm_json.write_text(json.dumps(cm, indent=1))
+        title = f"Confusion matrix, {results['split']}" if results.get("split") else "Confusion matrix"
+        cm_png = plot_confusion_matrix(cm["counts"], cm["classes"], out / CONFUSION_PNG, title=title)
+        artifacts.update(confusion_matrix_json=str(cm_json), confusion_matrix_png=str(cm_png))
+    body = {k: v for k, v in results.items() if k not in ("artifacts", "confusion_matrix")}
+    body["artifacts"] = artifacts
+    (out / RESULTS_FILE).write_text(json.dumps(_json_safe(body), indent=1))
+    return artifacts
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN/inf become null: JSON has no NaN, and readers (jq, browsers) reject it."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def scalar_metrics(results: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    """The finite scalar numbers of `results` (top1, loss, macro_f1, knn...), keys prefixed."""
+    return {f"{prefix}{k}": float(v) for k, v in results.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+
+
+def log_evaluation(results: dict[str, Any], run_id: str | None = None, *, prefix: str | None = None,
+                   step: int | None = None) -> None:
+    """Log metrics, results.json and the confusion matrix into the stage's MLflow run (rank 0 only).
+
+    Logs into `run_id` when given, else into the active run. Metric names are `SPLIT/NAME`
+    (e.g. `val/top1`) unless `prefix` says otherwise; files go under `evaluation/SPLIT/`.
+    """
+    if _rank() != 0:
+        return
+    import mlflow
+    from mlflow import MlflowClient
+
+    split = results.get("split", "eval")
+    prefix = f"{split}/" if prefix is None else prefix
+    if run_id is None:
+        active = mlflow.active_run()
+        if active is None:
+            raise RuntimeError("log_evaluation: no active MLflow run; call it inside mlflow.start_run() or pass run_id")
+        run_id = active.info.run_id
+    client = MlflowClient()
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(k, v, now, step or 0)
+                                      for k, v in scalar_metrics(results, prefix).items()])
+    for path in (results.get("artifacts") or {}).values():
+        client.log_artifact(run_id, path, artifact_path=f"evaluation/{split}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The `vitpipe evaluate` stage
+
+
+def load_model(source: str, *, map_location: str | torch.device = "cpu") -> torch.nn.Module:
+    """A model from an export folder / weights file (`vit.weights`) or an MLflow URI, in eval mode."""
+    if source.startswith(("runs:/", "models:/", "mlflow-artifacts:/")):
+        import mlflow
+
+        from mlflow.exceptions import MlflowException
+
+        try:
+            model = mlflow.pytorch.load_model(source, map_location=map_location)
+        except MlflowException as e:
+            raise UserError(f"--model {source}: MLflow cannot load it ({e.message}); check the run id, "
+                            f"registered name and alias, and --tracking.uri") from None
+        if not isinstance(model, torch.nn.Module):
+            raise UserError(f"--model {source}: holds a {type(model).__name__}, not a torch module; "
+                            f"log it with vit.registry.register_model")
+        return model.eval()
+    if not Path(source).exists():
+        raise UserError(f"--model {source}: no such file or folder; pass an export folder "
+                        f"(model.safetensors + config), a weights file, or runs:/... / models:/NAME@ALIAS")
+    from vit.weights import load_pretrained
+
+    return load_pretrained(source).eval()
+
+
+def _model_num_classes(model: torch.nn.Module) -> int | None:
+    cfg = getattr(model, "cfg", None)
+    n = getattr(cfg, "num_classes", None) if cfg is not None else None
+    if n is None and isinstance(cfg, dict):
+        n = cfg.get("num_classes")
+    return getattr(model, "num_classes", None) if n is None else n
+
+
+def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
+    """Run the evaluate stage on every rank: load, evaluate the split (and k-NN), write and log results."""
+    from pipeline.loader import make_eval_loader
+    from vit import distributed as dist
+
+    split = cfg.split or cfg.data.val_split
+    memory_split = cfg.knn.memory_split or cfg.data.train_split
+    if not cfg.data.shards:
+        raise UserError("data.shards is empty; pass --data.shards DIR (a folder written by 'vitpipe shard')")
+    # Checks that need no model run first: a wrong split fails in seconds, not after loading weights.
+    split_id = split_fingerprint(cfg.data.shards, split)
+    if cfg.knn.enabled:
+        split_fingerprint(cfg.data.shards, memory_split)
+    world = dist.World.from_env()
+    device = dist.device_for(world)
+    if world.is_distributed:
+        dist.init_process_group(world, device)
+    loader = make_eval_loader(cfg.data, split, rank=world.rank, world_size=world.world_size)
+    class_names = list(loader.class_names)
+    if not class_names:
+        raise UserError(f"data.shards={cfg.data.shards!r} is unlabelled (no classes in index.json); evaluation "
+                        f"needs labels: shard a folder tree with one sub-folder per class")
+    model = load_model(cfg.model).to(device)
+    model_classes = _model_num_classes(model)
+    if model_classes == 0 and not cfg.knn.enabled:
+        raise UserError(f"--model {cfg.model} has no classifier head (a pretraining backbone); measure its "
+                        f"features with --knn.enabled, or fine-tune it first (vitpipe finetune)")
+    if model_classes not in (0, None) and model_classes != len(class_names):
+        raise UserError(f"--model {cfg.model} predicts {model_classes} classes but {cfg.data.shards} has "
+                        f"{len(class_names)}; fine-tune it on this dataset first (vitpipe finetune), or "
+                        f"measure its features only with --knn.enabled")
+    out = Path(cfg.out)
+    if world.is_main:
+        save_config(cfg, out / "config.yaml")
+    results: dict[str, Any] = {"split": split, "split_id": split_id}
+    if model_classes != 0:
+        results = evaluate_model(model, loader, class_names=class_names, device=device,
+                                 world_size=world.world_size, split=split, split_id=split_id)
+    if cfg.knn.enabled:
+        from vit.knn import knn_evaluate
+
+        memory = make_eval_loader(cfg.data, memory_split, rank=world.rank, world_size=world.world_size)
+        results.update(knn_evaluate(model, memory, loader, num_classes=len(class_names), ks=cfg.knn.k,
+                                    temperature=cfg.knn.temperature, device=device, progress=world.is_main))
+        results["knn_memory_split"] = memory_split
+    results["model"] = cfg.model
+    if world.is_main:
+        results["artifacts"] = write_evaluation(results, out)
+        if cfg.tracking.enabled:
+            _log_stage_run(cfg, results)
+    dist.barrier()
+    return results
+
+
+def _log_stage_run(cfg: EvaluateConfig, results: dict[str, Any]) -> None:
+    """One MLflow run for a stand-alone evaluation (resumes MLFLOW_RUN_ID when a flow made it)."""
+    import mlflow
+
+    from vit.tracking import resolve_uri
+
+    mlflow.set_tracking_uri(resolve_uri(cfg.tracking))
+    if not os.environ.get("MLFLOW_RUN_ID"):
+        mlflow.set_experiment(cfg.tracking.experiment)
+    with mlflow.start_run(run_name=cfg.tracking.run_name or f"evaluate-{results['split']}") as run:
+        mlflow.set_tags({"vitpipe.stage": "evaluate", "vitpipe.eval.split": results["split_id"]})
+        mlflow.log_params({"model": cfg.model, "data.shards": cfg.data.shards, "split": results["split"]})
+        mlflow.log_artifact(str(Path(cfg.out) / "config.yaml"))
+        log_evaluation(results, run.info.run_id)
+        results["mlflow_run_id"] = run.info.run_id
+
+
+def summary_line(results: dict[str, Any]) -> str:
+    """One line for the terminal: the numbers a person looks at first."""
+    parts = [f"split {results.get('split')}"]
+    if "num_samples" in results:
+        parts.append(f"{results['num_samples']} samples")
+    for key in ("top1", "top5", "loss", "macro_f1"):
+        if key in results and isinstance(results[key], float) and math.isfinite(results[key]):
+            parts.append(f"{key} {results[key]:.4f}")
+    parts += [f"{k} {v:.4f}" for k, v in results.items() if k.startswith("knn_top1_k")]
+    if "artifacts" in results:
+        parts.append(f"-> {Path(results['artifacts']['results']).parent}")
+    return "evaluate: " + ", ".join(parts)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser, EvaluateConfig)
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    cfg = config_from_args(EvaluateConfig, args)
+    results = evaluate(cfg)
+    if _rank() == 0:
+        print(summary_line(results))
+    return 0
