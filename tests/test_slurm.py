@@ -95,15 +95,53 @@ def test_submit_errors_name_the_problem(slurm_cluster, tmp_path):
         slurm.status("999999")
 
 
-def test_launch_slurm_backend_follows_the_job(slurm_cluster, tmp_path, capfd):
-    """`vitpipe launch --backend slurm` submits the packaged script and exits with the job's state."""
+@pytest.mark.slow
+def test_pretrain_on_two_nodes_through_launch(slurm_cluster, digits_shards, tmp_path, capfd, monkeypatch):
+    """`vitpipe launch --backend slurm pretrain CFG`: a real 2-rank DeepSpeed (CPU) pretraining job,
+    followed to the end; the run is tracked in MLflow by rank 0 with world size 2."""
+    import mlflow
+    import yaml
+
     from vitpipe.cli import main
 
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = tmp_path / "micro.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "model": {"preset": "micro/4"},
+        "data": {"shards": str(digits_shards), "channels": 1, "mean": [0.5], "std": [0.5],
+                 "batch_size": 16, "num_workers": 0},
+        "schedule": {"warmup_steps": 1},
+        "train": {"steps": 4, "eval_every": 0, "log_every": 1},
+        "checkpoint": {"every_steps": 0},
+        "tracking": {"uri": uri, "experiment": "slurm-test", "system_metrics": False},
+        "out": str(tmp_path / "run"),
+    }))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     rc = main(["launch", "--backend", "slurm", "--nodes", "2", "--nproc-per-node", "1",
-               "--slurm.gpus-per-node", "0", "--slurm.cpus-per-task", "2", "--slurm.poll", "0.5",
-               "--slurm.output", str(tmp_path / "launch-%j.out"), "--module", "cluster.allreduce_check"])
+               "--slurm.gpus-per-node", "0", "--slurm.cpus-per-task", "2", "--slurm.poll", "1",
+               "--slurm.output", str(tmp_path / "pretrain-%j.out"), "pretrain", str(cfg)])
     out, err = capfd.readouterr()
-    assert rc == 0, out + err + slurm_cluster.logs()
+    assert rc == 0, out[-4000:] + err[-2000:] + slurm_cluster.logs()
     assert "submitted Slurm job" in err and "COMPLETED (exit 0)" in err
-    assert "OK, 2 ranks" in out
+    assert "2 node(s) x 1 rank(s)" in out  # the job's log, streamed while it ran
+    assert (tmp_path / "run" / "export" / "model.safetensors").is_file()
+
+    client = mlflow.MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("slurm-test").experiment_id])
+    assert len(runs) == 1  # only rank 0 tracks
+    assert runs[0].info.status == "FINISHED"
+    assert runs[0].data.params["derived.world_size"] == "2"
+    assert len(client.get_metric_history(runs[0].info.run_id, "train/loss")) >= 2
+
+
+def test_launch_without_wait_prints_the_job_id(slurm_cluster, tmp_path, capfd):
+    from vitpipe.cli import main
+
+    rc = main(["launch", "--backend", "slurm", "--no-slurm.wait", "--slurm.gpus-per-node", "0",
+               "--slurm.cpus-per-task", "1", "--slurm.output", str(tmp_path / "nowait-%j.out"),
+               "--module", "cluster.allreduce_check"])
+    out, _ = capfd.readouterr()
+    job = out.strip().splitlines()[-1]
+    assert rc == 0 and job.isdigit()
+    final = slurm.wait(job, poll=0.5, timeout=120)
+    assert final.ok, final.summary() + Path(final.log).read_text()
