@@ -1,0 +1,223 @@
+"""Resumable checkpoints: DeepSpeed state + data stream position + RNG + step + config.
+
+Layout of `checkpoint.dir` (one directory shared by all nodes):
+
+    step_00000100/                 DeepSpeed's files for this step (model, ZeRO shards per rank)
+        vitpipe_rank00000.pt       this rank's loader position and RNG states
+        COMPLETE.json              written by rank 0 after *every* rank wrote its part: the file
+                                   list with sizes, the step, the config; a step without it is partial
+    latest                         name of the newest complete step, replaced atomically
+
+A checkpoint is used only if its COMPLETE.json parses and every file it lists is there with the
+recorded size, so a half-written or truncated checkpoint (a rank killed mid-save, a full disk) is
+skipped in favour of the previous complete one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from vit.distributed import World, barrier, broadcast_object
+
+MARKER = "COMPLETE.json"
+LATEST = "latest"
+_TAG = re.compile(r"step_(\d{8,})$")
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG a training step draws from (dropout, drop-path, augmentation, shuffling)."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+class CheckpointManager:
+    """Saves, finds and restores complete checkpoints of one run; every rank holds one."""
+
+    def __init__(self, root: str | Path, world: World, *, keep_last: int = 2) -> None:
+        self.root = Path(root)
+        self.world = world
+        self.keep_last = keep_last
+
+    # -- saving -----------------------------------------------------------------------------
+
+    def save(self, engine, *, step: int, meta: dict[str, Any], rank_state: dict[str, Any]) -> Path:
+        """Collective: every rank calls it at the same step. Returns the checkpoint's directory."""
+        tag = tag_for(step)
+        path = self.root / tag
+        if self.world.is_main:
+            self.root.mkdir(parents=True, exist_ok=True)
+            if path.exists():  # a partial save of this step by a run that died; never mix with it
+                shutil.rmtree(path)
+        barrier()
+        engine.save_checkpoint(str(self.root), tag=tag, client_state={"vitpipe": meta}, save_latest=False)
+        path.mkdir(parents=True, exist_ok=True)
+        rank_file = path / f"vitpipe_rank{self.world.rank:05d}.pt"
+        tmp = rank_file.with_name(rank_file.name + ".tmp")
+        torch.save({**rank_state, "rng": rng_state()}, tmp)
+        os.replace(tmp, rank_file)
+        barrier()  # every rank's part is on disk before the marker says so
+        if self.world.is_main:
+            files = {str(p.relative_to(path)): p.stat().st_size
+                     for p in sorted(path.rglob("*")) if p.is_file() and p.name != MARKER}
+            marker = {"step": step, "world_size": self.world.world_size, "files": files, **meta}
+            _atomic_write(path / MARKER, json.dumps(marker, indent=1, default=str))
+            _atomic_write(self.root / LATEST, tag + "\n")
+            self.prune()
+        barrier()
+        return path
+
+    def prune(self) -> None:
+        """Delete all but the newest `keep_last` complete checkpoints, and partial ones older than those."""
+        complete = [t for t in self.tags() if self.check(t) is None]
+        keep = set(complete[-self.keep_last:])
+        oldest_kept = min((int(_TAG.match(t).group(1)) for t in keep), default=None)
+        for tag in self.tags():
+            step = int(_TAG.match(tag).group(1))
+            if tag in keep or oldest_kept is None or step > oldest_kept:
+                continue
+            shutil.rmtree(self.root / tag, ignore_errors=True)
+
+    def clear(self) -> None:
+        """Collective: delete every checkpoint of this run (starting over), so none is resumed later."""
+        if self.world.is_main:
+            for tag in self.tags():
+                shutil.rmtree(self.root / tag, ignore_errors=True)
+            (self.root / LATEST).unlink(missing_ok=True)
+        barrier()
+
+    # -- finding ----------------------------------------------------------------------------
+
+    def tags(self) -> list[str]:
+        """Checkpoint directory names, oldest first (complete or not)."""
+        if not self.root.is_dir():
+            return []
+        found = [p.name for p in self.root.iterdir() if p.is_dir() and _TAG.match(p.name)]
+        return sorted(found, key=lambda t: int(_TAG.match(t).group(1)))
+
+    def check(self, tag: str) -> str | None:
+        """Why checkpoint `tag` cannot be loaded, or None when it is complete."""
+        path = self.root / tag
+        try:
+            marker = json.loads((path / MARKER).read_text())
+        except FileNotFoundError:
+            return "partial (no completion marker)"
+        except (OSError, ValueError) as e:
+            return f"unreadable completion marker ({e})"
+        files = marker.get("files")
+        if not isinstance(files, dict) or not files:
+            return "completion marker lists no files"
+        for name, size in files.items():
+            f = path / name
+            if not f.is_file():
+                return f"missing file {name}"
+            if f.stat().st_size != size:
+                return f"file {name} has {f.stat().st_size} bytes, expected {size} (truncated or overwritten)"
+        return None
+
+    def marker(self, tag: str) -> dict[str, Any]:
+        return json.loads((self.root / tag / MARKER).read_text())
+
+    def latest_complete(self, *, warn=print) -> str | None:
+        """Newest complete checkpoint (agreed by all ranks), skipping partial and corrupt ones."""
+        chosen = None
+        if self.world.is_main:
+            for tag in reversed(self.tags()):
+                problem = self.check(tag)
+                if problem is None:
+                    chosen = tag
+                    break
+                warn(f"checkpoint {self.root / tag} skipped: {problem}")
+        return broadcast_object(chosen)
+
+    # -- restoring --------------------------------------------------------------------------
+
+    def load(self, engine, tag: str) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Restore engine (weights, optimizer) and this rank's RNG; returns (meta, rank_state)."""
+        marker = self.marker(tag)
+        if marker["world_size"] != self.world.world_size:
+            from vitpipe.errors import UserError
+
+            raise UserError(f"checkpoint {self.root / tag} was written by {marker['world_size']} ranks, this run "
+                            f"has {self.world.world_size}; relaunch with the same number of ranks "
+                            f"or start over with --no-resume")
+        load_path, client = engine.load_checkpoint(str(self.root), tag=tag, load_optimizer_states=True,
+                                                   load_lr_scheduler_states=False)
+        if load_path is None:
+            raise RuntimeError(f"DeepSpeed could not load checkpoint {self.root / tag}")
+        rank_state = torch.load(self.root / tag / f"vitpipe_rank{self.world.rank:05d}.pt", weights_only=False)
+        set_rng_state(rank_state.pop("rng"))
+        return client.get("vitpipe", {}), rank_state
+
+
+# ---------------------------------------------------------------------------------------------
+# Export
+
+
+def consolidated_state_dict(root: str | Path, tag: str, *, zero_stage: int, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Full fp32 weights of a checkpoint, whatever ZeRO stage and rank count wrote it (reads disk only)."""
+    root = Path(root)
+    if zero_stage >= 1:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        with contextlib.redirect_stdout(io.StringIO()):  # it prints a line per step of its work
+            state = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
+    else:
+        files = sorted((root / tag).glob("mp_rank_*_model_states.pt"))
+        if not files:
+            raise FileNotFoundError(f"no model states in {root / tag}")
+        state = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
+    out = {}
+    for key, value in state.items():
+        key = key.removeprefix("_orig_mod.")
+        if prefix:
+            if not key.startswith(prefix):
+                continue
+            key = key[len(prefix):]
+        out[key] = value.detach().float().clone() if value.is_floating_point() else value.clone()
+    return out
+
+
+def export_checkpoint(root: str | Path, tag: str, out_dir: str | Path, *, model_config: dict[str, Any],
+                      zero_stage: int, prefix: str = "") -> Path:
+    """Write the artifact fine-tuning loads (safetensors + config.json) from a complete checkpoint."""
+    from vit.model import ViTConfig, VisionTransformer
+    from vit.weights import save_pretrained
+
+    state = consolidated_state_dict(root, tag, zero_stage=zero_stage, prefix=prefix)
+    model = VisionTransformer(ViTConfig.from_dict(model_config))
+    model.load_state_dict(state, strict=True)
+    return Path(save_pretrained(model, out_dir))

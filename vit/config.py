@@ -1,0 +1,162 @@
+"""Typed configs of the training stages: `PretrainConfig` and `FinetuneConfig`.
+
+Both share one section tree (model, data, optim, schedule, deepspeed, checkpoint, tracking, train),
+so the same engine and loop run them; fine-tuning adds `init`, `mode` and `layer_decay`.
+Precedence: command line > YAML file > the defaults below. Unknown keys are errors.
+
+    vitpipe pretrain run.yaml --optim.lr 1e-3 --deepspeed.zero-stage 2 --nproc 2
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field
+
+from pipeline.loader import DataConfig
+from vitpipe.config import StageConfig
+
+
+class ModelSection(StageConfig):
+    """Which architecture to build; the class count always comes from the dataset's index."""
+
+    preset: str = Field("ti/4", description="named architecture from vit.model.PRESETS, e.g. micro/4, s/16, b/16")
+    image_size: int | None = Field(None, description="input side in pixels; empty = data.image_size")
+    drop_path_rate: float = Field(0.0, ge=0.0, lt=1.0,
+                                  description="stochastic depth at the last block; ~0.1 for S, more for bigger models")
+    drop_rate: float = Field(0.0, ge=0.0, lt=1.0, description="dropout in blocks; the paper uses 0.1 on small datasets")
+    overrides: dict[str, Any] = Field(default_factory=dict,
+                                      description="any other ViTConfig field, e.g. {global_pool: avg}")
+
+
+class OptimSection(StageConfig):
+    """AdamW as in the ViT paper: beta2 0.999, weight decay 0.1, no decay on norms/biases/embeddings."""
+
+    lr: float = Field(1e-3, gt=0, description="peak learning rate after warmup; scale with the global batch")
+    weight_decay: float = Field(0.1, ge=0, description="decoupled weight decay on matrices only")
+    beta1: float = Field(0.9, ge=0, lt=1, description="Adam momentum")
+    beta2: float = Field(0.999, ge=0, lt=1, description="Adam second moment; 0.999 in the paper, 0.95 for huge batches")
+    eps: float = Field(1e-8, gt=0, description="Adam epsilon")
+
+
+class ScheduleSection(StageConfig):
+    """Learning rate over optimizer steps: linear warmup, then cosine or linear decay."""
+
+    warmup_steps: int = Field(100, ge=0, description="steps of linear warmup from 0; ~5-10% of the run")
+    decay: Literal["cosine", "linear", "constant"] = Field("cosine", description="shape after warmup")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="final lr as a fraction of the peak")
+
+
+class DeepSpeedSection(StageConfig):
+    """How DeepSpeed shards and runs the step; the JSON config is generated from this."""
+
+    zero_stage: int = Field(0, ge=0, le=3,
+                            description="0 = DDP-like; 1/2 shard optimizer state/grads; 3 also shards weights")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="auto = bf16 on GPUs that support it, fp32 on CPU")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step (global batch = batch*ranks*this)")
+    grad_clip: float = Field(1.0, ge=0, description="clip the global grad norm to this; 0 = no clipping")
+    extra: dict[str, Any] = Field(default_factory=dict,
+                                  description="extra DeepSpeed JSON keys merged in, e.g. {zero_optimization: "
+                                              "{overlap_comm: true}}; validated")
+
+
+class CheckpointSection(StageConfig):
+    """Where and how often to save resumable state."""
+
+    dir: str | None = Field(None, description="checkpoint directory (shared by all nodes); empty = OUT/checkpoints")
+    every_steps: int = Field(500, ge=0, description="save every N optimizer steps (and always at the end); 0 = end only")
+    keep_last: int = Field(2, ge=1, description="complete checkpoints kept; older ones are deleted")
+    resume: bool = Field(True, description="continue from the latest complete checkpoint if there is one")
+
+
+class TrackingSection(StageConfig):
+    """MLflow tracking, written by rank 0 only."""
+
+    uri: str | None = Field(None, description="MLflow tracking URI; empty = $MLFLOW_TRACKING_URI or sqlite:///mlflow.db")
+    experiment: str = Field("vitpipe", description="MLflow experiment name")
+    run_name: str | None = Field(None, description="MLflow run name; empty = generated")
+    fail_fast: bool = Field(False, description="stop when the tracking server is unreachable instead of warning")
+    enabled: bool = Field(True, description="log to MLflow at all")
+    system_metrics: bool = Field(True, description="log CPU/GPU/memory utilisation alongside training metrics")
+
+
+class TrainSection(StageConfig):
+    """Length of the run and what happens during it."""
+
+    steps: int | None = Field(None, ge=1, description="optimizer steps; wins over epochs when set")
+    epochs: float = Field(1.0, gt=0, description="passes over the train split, used when steps is empty")
+    eval_every: int = Field(500, ge=0, description="evaluate on the val split every N steps (and at the end); 0 = end only")
+    log_every: int = Field(10, ge=1, description="log metrics every N steps")
+    seed: int = Field(0, description="seed for init, data order and augmentation; fixed seed = reproducible curves")
+    compile: bool = Field(False, description="torch.compile the model; faster steps on GPU after a warm-up")
+    activation_checkpointing: bool = Field(False, description="recompute block activations: less memory, ~30% slower")
+    deterministic: bool = Field(False, description="deterministic kernels (for exact resume comparisons); slower")
+    objective: Literal["supervised"] = Field("supervised", description="training objective (vit.objectives)")
+
+
+
+class _TrainingConfig(StageConfig):
+    """Sections shared by every stage that trains (the engine reads only these)."""
+
+    model: ModelSection = Field(default_factory=ModelSection)
+    data: DataConfig
+    optim: OptimSection = Field(default_factory=OptimSection)
+    schedule: ScheduleSection = Field(default_factory=ScheduleSection)
+    deepspeed: DeepSpeedSection = Field(default_factory=DeepSpeedSection)
+    checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
+    tracking: TrackingSection = Field(default_factory=TrackingSection)
+    train: TrainSection = Field(default_factory=TrainSection)
+    out: str = Field("runs/train", description="output directory: export, resolved config, checkpoints")
+
+
+class PretrainConfig(_TrainingConfig):
+    """`vitpipe pretrain`: supervised pretraining on a sharded, labelled collection."""
+
+    out: str = Field("runs/pretrain", description="output directory: export, resolved config, checkpoints")
+
+
+class FinetuneConfig(_TrainingConfig):
+    """`vitpipe finetune`: adapt a pretrained ViT to a new labelled dataset."""
+
+    init: str = Field(..., description="starting weights: export dir, timm checkpoint file, runs:/ID/PATH or "
+                                       "models:/NAME@ALIAS")
+    mode: Literal["full", "linear_probe"] = Field(
+        "full", description="full = train everything with layer-wise lr decay; linear_probe = frozen backbone")
+    layer_decay: float = Field(0.75, gt=0, le=1,
+                               description="lr multiplier per block going down from the head (1 = off)")
+    model: ModelSection = Field(default_factory=lambda: ModelSection(preset=""),
+                                description="preset only needed for timm checkpoints; image_size resamples")
+    out: str = Field("runs/finetune", description="output directory: export, resolved config, checkpoints")
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line of the training stages
+
+
+def add_stage_arguments(parser, cls: type[_TrainingConfig]) -> None:
+    """`CONFIG` positional + one option per field + launch options + `--no-resume`."""
+    from vit.launch import add_launch_arguments
+    from vitpipe.config import add_config_arguments
+
+    parser.add_argument("config_file", nargs="?", default=None, metavar="CONFIG",
+                        help="YAML file with any of the options below (same as --config)")
+    add_config_arguments(parser, cls)
+    parser.add_argument("--no-resume", action="store_true",
+                        help="start over: delete this run's checkpoints instead of resuming from the latest")
+    add_launch_arguments(parser)
+
+
+def stage_config_from_args(cls: type[_TrainingConfig], args) -> _TrainingConfig:
+    """Resolve the config of `vitpipe pretrain|finetune` from parsed arguments (file < options)."""
+    from vitpipe.config import ConfigError, config_from_args
+
+    if args.config_file:
+        if args.config and args.config != args.config_file:
+            raise ConfigError(f"two config files given ({args.config_file!r} and --config {args.config!r}); "
+                              f"pass one")
+        args.config = args.config_file
+    cfg = config_from_args(cls, args)
+    if args.no_resume:
+        cfg.checkpoint.resume = False
+    return cfg

@@ -1,0 +1,177 @@
+"""`vitpipe finetune`: adapt a pretrained ViT to a new labelled dataset, on the pretraining engine.
+
+    vitpipe finetune recipe.yaml --init runs/pretrain/export               # our export
+    vitpipe finetune recipe.yaml --init vit_s16.safetensors --model.preset s/16   # a timm checkpoint
+    vitpipe finetune recipe.yaml --init models:/vit-digits@champion --mode linear_probe
+    vitpipe finetune recipe.yaml --init runs:/RUN_ID/model --data.image-size 48   # higher resolution
+
+The head is replaced for the new dataset's class count; a higher data.image_size resamples the
+position embedding (the paper fine-tunes at higher resolution). `full` trains everything with
+layer-wise lr decay; `linear_probe` freezes the backbone and runs it without autograd.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from vit.config import FinetuneConfig, add_stage_arguments, stage_config_from_args
+from vit.engine import param_groups
+from vit.train import Model, run_training
+from vitpipe.errors import UserError
+
+
+class LinearProbe(nn.Module):
+    """A frozen ViT whose head alone trains: features are computed without autograd (no backward)."""
+
+    def __init__(self, vit: nn.Module) -> None:
+        super().__init__()
+        self.vit = vit
+        vit.requires_grad_(False)
+        vit.head.requires_grad_(True)
+
+    def train(self, mode: bool = True) -> LinearProbe:
+        super().train(mode)
+        self.vit.eval()  # dropout and drop-path stay off in a frozen backbone
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            features = self.vit.forward_head(self.vit.forward_features(x), pre_logits=True)
+        return self.vit.head(features)
+
+
+def _is_mlflow_uri(init: str) -> bool:
+    return init.startswith(("runs:/", "models:/", "mlflow-artifacts:/"))
+
+
+def load_init(cfg: FinetuneConfig, *, num_classes: int) -> nn.Module:
+    """The starting model: weights from `cfg.init`, new head for `num_classes`, resized to the data."""
+    from vit.model import VisionTransformer, preset_config
+    from vit.weights import load_pretrained
+
+    init = cfg.init
+    image_size = cfg.data.image_size
+    preset = cfg.model.preset or None
+    if _is_mlflow_uri(init):
+        model = _load_mlflow(init, cfg, num_classes=num_classes, image_size=image_size)
+    else:
+        path = Path(init)
+        if not path.exists():
+            raise UserError(f"init={init!r} does not exist; pass an export directory (model.safetensors + "
+                            f"config.json), a timm checkpoint file, or runs:/RUN_ID/model / models:/NAME@ALIAS")
+        model = load_pretrained(path, num_classes=num_classes, image_size=image_size,
+                                config=_preset_if_needed(path, preset))
+    if not isinstance(model, VisionTransformer):
+        raise UserError(f"init={init!r} holds a {type(model).__name__}, not a vitpipe VisionTransformer")
+    if preset:  # the user named an architecture: the checkpoint must be that architecture
+        want = preset_config(preset, image_size=image_size, num_classes=num_classes, in_chans=model.cfg.in_chans)
+        have = model.cfg
+        fields = ("embed_dim", "depth", "num_heads", "patch_size")
+        diff = [f"{f}: checkpoint {getattr(have, f)} vs {preset} {getattr(want, f)}"
+                for f in fields if getattr(have, f) != getattr(want, f)]
+        if diff:
+            raise UserError(f"init={init!r} is another architecture than model.preset={preset!r} ("
+                            + "; ".join(diff) + "); leave model.preset empty to use the checkpoint's own")
+    if model.cfg.in_chans != cfg.data.channels:
+        raise UserError(f"init={init!r} takes {model.cfg.in_chans}-channel images but data.channels="
+                        f"{cfg.data.channels}; set data.channels={model.cfg.in_chans}")
+    wanted = {"drop_path_rate": cfg.model.drop_path_rate, "drop_rate": cfg.model.drop_rate,
+              **{k: v for k, v in cfg.model.overrides.items() if k in ("attn_drop_rate", "head_drop_rate")}}
+    if any(getattr(model.cfg, k) != v for k, v in wanted.items()):
+        # Drop rates are fixed at construction (per-block schedule); rebuild and copy the weights.
+        rebuilt = VisionTransformer(dataclasses.replace(model.cfg, **wanted))
+        rebuilt.load_state_dict(model.state_dict())
+        model = rebuilt
+    return model
+
+
+def _preset_if_needed(path: Path, preset: str | None) -> str | None:
+    # Our exports carry their config; a timm checkpoint needs the architecture named.
+    own = path.is_dir() or (path.suffix == ".safetensors" and _has_vitpipe_config(path))
+    if own:
+        return None
+    if not preset:
+        raise UserError(f"init={str(path)!r} is not a vitpipe export, so its architecture is unknown; "
+                        f"name it with --model.preset (e.g. s/16, b/16)")
+    return preset
+
+
+def _has_vitpipe_config(path: Path) -> bool:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+    except Exception:
+        return False
+    return any("config" in k for k in meta)
+
+
+def _load_mlflow(uri: str, cfg: FinetuneConfig, *, num_classes: int, image_size: int) -> nn.Module:
+    """A model from the MLflow registry or a run: our export logged as artifacts, or a pytorch-flavor model."""
+    import mlflow
+
+    from vit.tracking import resolve_uri
+    from vit.weights import load_pretrained
+
+    tracking_uri = resolve_uri(cfg.tracking)
+    mlflow.set_tracking_uri(tracking_uri)
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tempfile.mkdtemp()))
+    except Exception as e:
+        raise UserError(f"init={uri!r}: cannot fetch it from MLflow at {tracking_uri} ({e}); check the run id "
+                        f"or model name/alias, and tracking.uri") from None
+    if (local / "MLmodel").is_file():
+        model = mlflow.pytorch.load_model(str(local), map_location="cpu")
+        model = getattr(model, "vit", model)
+        if image_size != model.cfg.image_size:
+            model.set_image_size(image_size)
+        if num_classes != model.cfg.num_classes:
+            model.reset_classifier(num_classes)
+        return model
+    weights = local if (local / "model.safetensors").is_file() else next(local.rglob("model.safetensors"), None)
+    if weights is None:
+        raise UserError(f"init={uri!r} holds neither an MLflow model nor a vitpipe export (model.safetensors)")
+    return load_pretrained(weights if weights.is_dir() else weights.parent, num_classes=num_classes,
+                           image_size=image_size)
+
+
+def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
+    """Fine-tune (or linear-probe) as configured and export; returns metrics, export dir, run id."""
+    if not _is_mlflow_uri(cfg.init) and not Path(cfg.init).exists():
+        raise UserError(f"init={cfg.init!r} does not exist; pass an export directory, a timm checkpoint file, "
+                        f"or runs:/RUN_ID/model / models:/NAME@ALIAS")
+
+    def build(train_loader) -> Model:
+        model = load_init(cfg, num_classes=train_loader.num_classes)
+        probe = cfg.mode == "linear_probe"
+        module = LinearProbe(model) if probe else model
+        groups = param_groups(module, cfg.optim, layer_decay=1.0 if probe else cfg.layer_decay,
+                              depth=len(model.blocks))
+        flops = model.flops_per_image(training=not probe)
+        if probe:  # forward of the backbone, forward+backward of the head only
+            flops = model.flops_per_image(training=False) + 4 * model.cfg.embed_dim * model.cfg.num_classes
+        return Model(module=module, param_groups=groups, model_config=model.cfg.to_dict(), flops_per_image=flops,
+                     export_prefix="vit." if probe else "", params={"init.source": cfg.init})
+
+    return run_training(cfg, stage="finetune", build=build)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_stage_arguments(parser, FinetuneConfig)
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    from vit.launch import maybe_relaunch
+
+    cfg = stage_config_from_args(FinetuneConfig, args)
+    maybe_relaunch(args)
+    finetune(cfg)
+    return 0

@@ -1,0 +1,116 @@
+"""Start a training command on several processes or nodes by re-running it under a launcher.
+
+`vitpipe pretrain CFG --nproc 2` is the user's whole interface: the command sees that it is not a
+launched worker yet (no RANK in the environment), builds the launcher's command line around its
+own arguments minus the launch options, and replaces itself with it. Each worker then runs the
+same command and reads its rank from the environment (vit.distributed.World).
+
+    one process          vitpipe pretrain run.yaml
+    one node, 4 procs    vitpipe pretrain run.yaml --nproc 4                       (torchrun --standalone)
+    node r of N, static  vitpipe pretrain run.yaml --nproc 8 --nnodes N --node-rank r --master-addr HOST
+    elastic rendezvous   vitpipe pretrain run.yaml --nproc 8 --nnodes N --rdzv-endpoint HOST:29400
+    DeepSpeed launcher   vitpipe pretrain run.yaml --hostfile hosts.txt              (ssh/pdsh to each host)
+    Slurm                srun vitpipe pretrain run.yaml                              (one task per GPU)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from vitpipe.errors import UserError
+
+# option -> takes a value; stripped from the worker's command line
+_LAUNCH_OPTIONS = {"--nproc": True, "--nnodes": True, "--node-rank": True, "--master-addr": True,
+                   "--master-port": True, "--rdzv-endpoint": True, "--rdzv-id": True, "--hostfile": True,
+                   "--launcher": True, "--max-restarts": True}
+
+
+def add_launch_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options that choose how many processes run the command, and where."""
+    g = parser.add_argument_group("launch options (ignored inside a launched worker)")
+    g.add_argument("--nproc", type=int, default=1, help="processes per node, e.g. the number of GPUs [default: 1]")
+    g.add_argument("--nnodes", type=int, default=1, help="number of nodes [default: 1]")
+    g.add_argument("--node-rank", type=int, default=0, help="index of this node, 0..nnodes-1 (static rendezvous)")
+    g.add_argument("--master-addr", default="127.0.0.1", help="address of node 0 (static rendezvous)")
+    g.add_argument("--master-port", type=int, default=29500, help="port on node 0 (static rendezvous)")
+    g.add_argument("--rdzv-endpoint", default=None,
+                   help="HOST:PORT of a torchrun c10d rendezvous: nodes join in any order, no node ranks")
+    g.add_argument("--rdzv-id", default="vitpipe", help="job id shared by the nodes of one rendezvous")
+    g.add_argument("--hostfile", default=None,
+                   help="DeepSpeed hostfile ('host slots=N' per line): launch on every host over ssh/pdsh")
+    g.add_argument("--launcher", choices=["auto", "torchrun", "deepspeed"], default="auto",
+                   help="auto = deepspeed with --hostfile, torchrun otherwise")
+    g.add_argument("--max-restarts", type=int, default=0,
+                   help="torchrun restarts of a failed worker group; each restart resumes from the checkpoint")
+
+
+def is_worker(env=None) -> bool:
+    """True inside a process started by torchrun, the DeepSpeed launcher or srun (with >1 task)."""
+    env = os.environ if env is None else env
+    return "RANK" in env or ("SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1)
+
+
+def wants_launcher(args: argparse.Namespace) -> bool:
+    return args.nproc > 1 or args.nnodes > 1 or bool(args.hostfile) or bool(args.rdzv_endpoint)
+
+
+def strip_launch_options(argv: list[str]) -> list[str]:
+    """The command line minus the launch options, for the workers to run."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        name = arg.split("=", 1)[0]
+        if name in _LAUNCH_OPTIONS:
+            skip = "=" not in arg
+            continue
+        out.append(arg)
+    return out
+
+
+def launcher_argv(args: argparse.Namespace, worker_argv: list[str], *, module: str = "vitpipe.cli") -> list[str]:
+    """The full command that starts `python -m module *worker_argv` on every process of the job."""
+    if args.nproc < 1 or args.nnodes < 1:
+        raise UserError(f"--nproc {args.nproc} --nnodes {args.nnodes}: both must be >= 1")
+    if not 0 <= args.node_rank < args.nnodes:
+        raise UserError(f"--node-rank {args.node_rank}: must be in 0..{args.nnodes - 1} for --nnodes {args.nnodes}")
+    launcher = args.launcher
+    if launcher == "auto":
+        launcher = "deepspeed" if args.hostfile else "torchrun"
+    if launcher == "deepspeed":
+        if not args.hostfile:
+            raise UserError("--launcher deepspeed needs --hostfile FILE ('host slots=N' per line)")
+        if not Path(args.hostfile).is_file():
+            raise UserError(f"--hostfile {args.hostfile!r} does not exist")
+        return [sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", args.hostfile,
+                "--master_addr", args.master_addr, "--master_port", str(args.master_port),
+                # our workers read LOCAL_RANK from the environment, not a --local_rank argument
+                "--no_local_rank", "--module", module, *worker_argv]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(args.nproc),
+           "--max-restarts", str(args.max_restarts)]
+    if args.rdzv_endpoint:
+        cmd += ["--nnodes", str(args.nnodes), "--rdzv-backend", "c10d", "--rdzv-endpoint", args.rdzv_endpoint,
+                "--rdzv-id", args.rdzv_id]
+    elif args.nnodes > 1:
+        cmd += ["--nnodes", str(args.nnodes), "--node-rank", str(args.node_rank),
+                "--master-addr", args.master_addr, "--master-port", str(args.master_port)]
+    else:
+        cmd += ["--standalone"]  # picks a free port: several local jobs never collide
+    return cmd + ["-m", module, *worker_argv]
+
+
+def maybe_relaunch(args: argparse.Namespace, argv: list[str] | None = None) -> None:
+    """Replace this process by the launcher when the options ask for several processes; else return."""
+    if is_worker() or not wants_launcher(args):
+        return
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cmd = launcher_argv(args, strip_launch_options(argv))
+    print("launching: " + " ".join(cmd), file=sys.stderr, flush=True)
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "1")  # N processes x all cores each would thrash the CPU
+    sys.stdout.flush()
+    os.execvpe(cmd[0], cmd, env)

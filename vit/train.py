@@ -1,0 +1,301 @@
+"""The training loop shared by pretraining and fine-tuning.
+
+`run_training(cfg, stage, build)` does everything around the model: process group, loaders,
+DeepSpeed engine, resume, steps with gradient accumulation and the lr schedule, periodic
+evaluation, checkpoints, MLflow, progress bar, export. A stage supplies only `build`, which turns
+the dataset's facts into the model to train (pretraining: a fresh ViT; fine-tuning: loaded weights
+with a new head). Side effects happen on rank 0 only, here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from vit import distributed as dist
+from vit.checkpoint import CheckpointManager, export_checkpoint, tag_for
+from vit.config import _TrainingConfig
+from vit.engine import build_optimizer, create_engine, ds_config, lr_at, resolve_precision, set_lr
+from vit.objectives import build_objective
+from vit.tracking import Tracker, flatten, git_commit, resolve_uri, tracked
+from vitpipe.config import save_config
+from vitpipe.errors import UserError
+
+# Dense peak FLOP/s per device (bf16/fp16, fp32 via TF32) by GPU name, for MFU. Unknown = no MFU.
+GPU_PEAK_FLOPS: dict[str, tuple[float, float]] = {
+    "H200": (989e12, 494e12),
+    "H100 SXM": (989e12, 494e12),
+    "H100 80GB HBM3": (989e12, 494e12),
+    "H100 NVL": (835e12, 418e12),
+    "H100 PCIe": (756e12, 378e12),
+    "H100": (989e12, 494e12),
+    "GH200": (989e12, 494e12),
+    "A100": (312e12, 156e12),
+    "A800": (312e12, 156e12),
+    "L40S": (362e12, 183e12),
+    "L4": (121e12, 60e12),
+    "A10G": (70e12, 35e12),
+    "A10": (125e12, 62.5e12),
+    "RTX 4090": (165e12, 82.6e12),
+    "V100": (125e12, 15.7e12),
+}
+
+
+def peak_flops(device: torch.device, precision: str) -> float | None:
+    """Peak dense FLOP/s of one device at `precision`, when the GPU is in the table; else None."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, (half, single) in GPU_PEAK_FLOPS.items():  # ordered: specific names before generic ones
+        if key in name:
+            return single if precision == "fp32" else half
+    return None
+
+
+@dataclass
+class Model:
+    """What a stage builds for the loop: the module to train and how to export it."""
+
+    module: nn.Module                  # what DeepSpeed wraps (the ViT, or a wrapper around it)
+    param_groups: list[dict[str, Any]]  # from vit.engine.param_groups
+    model_config: dict[str, Any]       # ViTConfig.to_dict() of the exported model
+    flops_per_image: int               # forward+backward matmul FLOPs, for MFU
+    export_prefix: str = ""            # key prefix of the ViT inside `module`
+    params: dict[str, Any] = field(default_factory=dict)  # extra MLflow params (e.g. init source)
+
+
+@dataclass
+class _Log:
+    """Running sums between two log lines (local to this rank until reduced)."""
+
+    loss_sum: float = 0.0
+    count: int = 0
+    steps: int = 0
+    t0: float = field(default_factory=time.perf_counter)
+
+
+def _say(world: dist.World, msg: str) -> None:
+    if world.is_main:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def run_training(cfg: _TrainingConfig, *, stage: str, build: Callable[[Any], Model]) -> dict[str, Any]:
+    """Train `build(train_loader)` as configured; every rank calls it. Returns the results dict."""
+    from pipeline.loader import make_eval_loader, make_train_loader
+
+    world = dist.World.from_env()
+    device = dist.device_for(world)
+    ds = ds_config(cfg, device=device)  # bad DeepSpeed keys fail here, before anything is built
+    precision = resolve_precision(cfg.deepspeed.precision, device)
+    out = Path(cfg.out)
+    ckpt_root = Path(cfg.checkpoint.dir or out / "checkpoints")
+    if cfg.train.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.manual_seed(cfg.train.seed)  # same init on every rank
+
+    dist.init_process_group(world, device)
+    train_loader = make_train_loader(cfg.data, rank=world.rank, world_size=world.world_size, seed=cfg.train.seed)
+    if not train_loader.num_classes:
+        raise UserError(f"data.shards={cfg.data.shards!r} has no class labels; {stage} trains a classifier and "
+                        f"needs a labelled collection (shard a folder tree with one sub-folder per class)")
+    eval_loader = make_eval_loader(cfg.data, cfg.data.val_split, rank=world.rank, world_size=world.world_size)
+    built = build(train_loader)
+    module = built.module
+    if cfg.train.activation_checkpointing:
+        vit = getattr(module, "vit", module)
+        vit.set_grad_checkpointing(True)
+    module.to(device)
+
+    accum = cfg.deepspeed.grad_accum
+    steps_per_epoch = max(1, train_loader.steps_per_epoch // accum)
+    total_steps = cfg.train.steps or max(1, math.ceil(cfg.train.epochs * steps_per_epoch))
+    global_batch = cfg.data.batch_size * accum * world.world_size
+
+    optimizer = build_optimizer(built.param_groups, cfg.optim, device)
+    engine = create_engine(module, optimizer, ds, compile=cfg.train.compile)
+    objective = build_objective(cfg.train.objective, label_smoothing=cfg.data.augment.label_smoothing)
+
+    ckpt = CheckpointManager(ckpt_root, world, keep_last=cfg.checkpoint.keep_last)
+    step, epoch, history, run_id = 0, 0, [], None
+    if not cfg.checkpoint.resume and ckpt.tags():
+        _say(world, f"{stage}: starting over (--no-resume): deleting the checkpoints in {ckpt_root}")
+        ckpt.clear()
+    tag = ckpt.latest_complete(warn=lambda m: _say(world, m)) if cfg.checkpoint.resume else None
+    if tag is not None:
+        meta, rank_state = ckpt.load(engine, tag)
+        step, epoch, history, run_id = meta["step"], meta["epoch"], meta.get("history", []), meta.get("run_id")
+        train_loader.set_epoch(epoch)
+        train_loader.load_state_dict(rank_state["loader"])
+        _say(world, f"{stage}: resumed from {ckpt_root / tag} (step {step}/{total_steps})")
+    else:
+        train_loader.set_epoch(epoch)
+
+    if world.is_main:
+        save_config(cfg, out / "config.yaml")
+    params = {**flatten(cfg.model_dump(mode="json")), **{f"derived.{k}": v for k, v in {
+        "world_size": world.world_size, "global_batch": global_batch, "total_steps": total_steps,
+        "precision": precision, "num_params": sum(p.numel() for p in module.parameters()),
+        "trainable_params": sum(p.numel() for p in module.parameters() if p.requires_grad),
+        "num_classes": train_loader.num_classes}.items()}, **built.params}
+    tags = {"vitpipe.stage": stage, "vitpipe.world_size": str(world.world_size),
+            "vitpipe.num_nodes": str(world.num_nodes), "mlflow.source.git.commit": git_commit() or "unknown"}
+    tracker = Tracker.open(cfg.tracking, is_main=world.is_main, params=params, tags=tags,
+                           resume_run_id=run_id, warn=lambda m: _say(world, m))
+    peak = peak_flops(device, precision)
+
+    with tracked(tracker):
+        results = _loop(cfg, engine=engine, objective=objective, train_loader=train_loader,
+                        eval_loader=eval_loader, world=world, device=device, ckpt=ckpt, tracker=tracker,
+                        built=built, step=step, epoch=epoch, history=history, total_steps=total_steps,
+                        steps_per_epoch=steps_per_epoch, global_batch=global_batch, peak=peak, stage=stage,
+                        resumed_from=tag)
+        export_dir = out / "export"
+        final_tag = tag_for(results["step"])
+        if world.is_main:
+            export_checkpoint(ckpt_root, final_tag, export_dir, model_config=built.model_config,
+                              zero_stage=cfg.deepspeed.zero_stage, prefix=built.export_prefix)
+            save_config(cfg, export_dir / "train_config.yaml")
+            plot = _plot_history(results["history"], out / "loss_curve.png")
+            tracker.log_artifacts(export_dir, "model")
+            if plot:
+                tracker.log_artifact(plot)
+            tracker.log_artifact(out / "config.yaml")
+        dist.barrier()
+        results.update(export=str(export_dir), checkpoint_dir=str(ckpt_root), run_id=tracker.run_id,
+                       tracking_uri=resolve_uri(cfg.tracking) if tracker.active else None,
+                       world_size=world.world_size, stage=stage)
+        results.pop("history")
+        if world.is_main:
+            (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+            _say(world, _summary(results))
+    return results
+
+
+def _loop(cfg: _TrainingConfig, *, engine, objective, train_loader, eval_loader, world: dist.World,
+          device: torch.device, ckpt: CheckpointManager, tracker: Tracker, built: Model, step: int, epoch: int,
+          history: list, total_steps: int, steps_per_epoch: int, global_batch: int, peak: float | None,
+          stage: str, resumed_from: str | None) -> dict[str, Any]:
+    from tqdm.auto import tqdm
+
+    t_cfg = cfg.train
+    accum = cfg.deepspeed.grad_accum
+    start_step = step
+    first_loss = history[0][1] if history else None
+    last = {"train/loss": None}
+    val: dict[str, float] = {}
+    log = _Log()
+    t_start = time.perf_counter()
+    bar = tqdm(total=total_steps, initial=step, disable=not world.is_main, unit="step", dynamic_ncols=True,
+               desc=stage, file=sys.stderr)
+    batches = iter(train_loader)
+    engine.train()
+    while step < total_steps:
+        set_lr(engine, lr_at(step, total_steps=total_steps, peak=cfg.optim.lr, schedule=cfg.schedule))
+        for _ in range(accum):
+            try:
+                images, targets = next(batches)
+            except StopIteration:
+                epoch += 1
+                train_loader.set_epoch(epoch)
+                batches = iter(train_loader)
+                images, targets = next(batches)
+            images = images.to(device, non_blocking=True)
+            targets = targets.to(device, non_blocking=True)
+            loss, _ = objective(engine, images, targets)
+            engine.backward(loss)
+            engine.step()  # DeepSpeed applies the optimizer only at the accumulation boundary
+            log.loss_sum += loss.item()
+            log.count += 1
+        step += 1
+        log.steps += 1
+        bar.update(1)
+
+        if step % t_cfg.log_every == 0 or step == total_steps:
+            loss_sum, count = dist.all_reduce_sum([log.loss_sum, log.count], device)
+            elapsed = time.perf_counter() - log.t0
+            ips = log.steps * global_batch / max(elapsed, 1e-9)
+            mean_loss = loss_sum / max(count, 1)
+            first_loss = mean_loss if first_loss is None else first_loss
+            metrics = {"train/loss": mean_loss, "train/lr": engine.optimizer.param_groups[-1]["lr"],
+                       "train/images_per_s": ips, "train/epoch": step / steps_per_epoch}
+            grad_norm = engine.get_global_grad_norm()
+            if grad_norm is not None:
+                metrics["train/grad_norm"] = float(grad_norm)
+            if peak:
+                metrics["train/mfu"] = ips * built.flops_per_image / (peak * world.world_size)
+            tracker.log_metrics(metrics, step)
+            history.append((step, mean_loss))
+            last = metrics
+            bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{ips:.0f}", refresh=False)
+            log = _Log()
+
+        if t_cfg.eval_every and step % t_cfg.eval_every == 0 and step < total_steps:
+            val = evaluate(engine, eval_loader, device)
+            tracker.log_metrics(val, step)
+            engine.train()
+        save_now = step == total_steps or (cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0)
+        if save_now:
+            meta = {"step": step, "epoch": epoch, "history": history, "run_id": tracker.run_id,
+                    "stage": stage, "zero_stage": cfg.deepspeed.zero_stage, "model_config": built.model_config,
+                    "config": cfg.model_dump(mode="json")}
+            ckpt.save(engine, step=step, meta=meta, rank_state={"loader": train_loader.state_dict()})
+    bar.close()
+    val = evaluate(engine, eval_loader, device)
+    tracker.log_metrics(val, step)
+    trained = step - start_step
+    seconds = time.perf_counter() - t_start
+    return {"step": step, "steps_this_launch": trained, "seconds": round(seconds, 3),
+            "first_loss": first_loss, "final_loss": last.get("train/loss"),
+            "images_per_s": last.get("train/images_per_s"), "mfu": last.get("train/mfu"),
+            "resumed_from": resumed_from, **val, "history": history}
+
+
+@torch.no_grad()
+def evaluate(engine, eval_loader, device: torch.device) -> dict[str, float]:
+    """Top-1 and loss on the whole split, every sample counted once over all ranks."""
+    if eval_loader is None:
+        return {}
+    engine.eval()
+    loss_sum, correct, count = 0.0, 0, 0
+    for images, targets, _keys in eval_loader:
+        images, targets = images.to(device), targets.to(device)
+        logits = engine(images).float()
+        loss_sum += torch.nn.functional.cross_entropy(logits, targets, reduction="sum").item()
+        correct += (logits.argmax(-1) == targets).sum().item()
+        count += targets.numel()
+    loss_sum, correct, count = dist.all_reduce_sum([loss_sum, correct, count], device)
+    if count == 0:
+        return {}
+    return {"val/loss": loss_sum / count, "val/top1": correct / count, "val/samples": count}
+
+
+def _plot_history(history: list, path: Path) -> Path | None:
+    if not history:
+        return None
+    from vit.plots import plot_curves
+
+    return plot_curves({"train/loss": [(int(s), float(v)) for s, v in history]}, path, title="Training loss")
+
+
+def _summary(r: dict[str, Any]) -> str:
+    parts = [f"{r['stage']}: {r['steps_this_launch']} steps in {r['seconds']:.0f}s (to step {r['step']})"]
+    if r.get("first_loss") is not None and r.get("final_loss") is not None:
+        parts.append(f"loss {r['first_loss']:.3f} -> {r['final_loss']:.3f}")
+    if "val/top1" in r:
+        parts.append(f"val top-1 {100 * r['val/top1']:.1f}%")
+    if r.get("images_per_s"):
+        parts.append(f"{r['images_per_s']:.0f} img/s")
+    if r.get("mfu"):
+        parts.append(f"MFU {100 * r['mfu']:.1f}%")
+    parts.append(f"export {r['export']}")
+    if r.get("run_id"):
+        parts.append(f"MLflow run {r['run_id']}")
+    return ", ".join(parts)
