@@ -19,8 +19,8 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 
 from flows import tracking
-from flows.stages import (MLFLOW_UI_URL, Launcher, evaluate_flow, finetune_flow, pretrain_flow,
-                          publish_summary, shard_flow)
+from flows.stages import (MLFLOW_UI_URL, REGISTERED_MODEL, Launcher, evaluate_flow, finetune_flow,
+                          pretrain_flow, publish_summary, register_task, shard_flow)
 
 # What the summary table shows of each stage, in order: (stage, metric keys tried in turn).
 SUMMARY_METRICS = {
@@ -53,9 +53,11 @@ def pipeline_flow(pretrain_src: str, finetune_src: str, workdir: str = "vitpipe-
                   evaluate_overrides: dict[str, Any] | None = None, nproc: int = 1,
                   launcher: Launcher = "local", tracking_uri: str | None = None,
                   experiment: str = tracking.DEFAULT_EXPERIMENT, run_name: str = "pipeline",
-                  announce_datasets: bool = False) -> dict:
+                  register_as: str | None = REGISTERED_MODEL, announce_datasets: bool = False) -> dict:
     """Shard both collections, pretrain on the first, fine-tune on the second, evaluate the result.
 
+    The fine-tuned model is registered as `candidate` of `register_as` (None: not registered)
+    and promoted to `champion` when it beats the champion on the same split.
     `announce_datasets=False` keeps the pipeline's own shard sets from firing the fine-tune
     trigger of a deployment on the same server (the pipeline fine-tunes them itself).
     Returns {'mlflow_run_id': parent run, 'stages': {stage: record}, 'summary': rows}.
@@ -74,12 +76,13 @@ def pipeline_flow(pretrain_src: str, finetune_src: str, workdir: str = "vitpipe-
                             overrides={"out": str(work / "pretrain"), **(pretrain_overrides or {})},
                             nproc=nproc, launcher=launcher, **runs)
         ft = finetune_flow(dataset=ft_data["path"], dataset_name=ft_data["name"], config=finetune_config,
-                           overrides=finetune_overrides, init=str(Path(pre["out"]) / "export"),
-                           out=str(work / "finetune"), nproc=nproc, launcher=launcher, **runs)
-        ev = evaluate_flow(model=str(Path(ft["out"]) / "export"), dataset=ft_data["path"],
-                           config=evaluate_config, overrides=evaluate_overrides, out=str(work / "evaluate"),
-                           **runs)
+                           overrides=finetune_overrides, init=pre["export"], out=str(work / "finetune"),
+                           nproc=nproc, launcher=launcher, **runs)
+        ev = evaluate_flow(model=ft["export"], dataset=ft_data["path"], config=evaluate_config,
+                           overrides=evaluate_overrides, out=str(work / "evaluate"), **runs)
         records = {"pretrain": pre, "finetune": ft, "evaluate": ev}
+        if register_as:
+            ft["registered"] = register_task(ft["export"], register_as, ft["mlflow_run_id"], ev, uri)
         _log_parent(uri, parent, records, {"shard_pretrain": pre_data, "shard_finetune": ft_data})
 
     rows = summary_rows(records)

@@ -272,12 +272,20 @@ def _artifact_key(kind: str, name: str) -> str:
 Launcher = Literal["local", "slurm"]
 
 
-def launcher_argv(stage: str, config_path: Path, nproc: int) -> list[str]:
-    """The command that runs one training stage on this machine, as a user would type it."""
-    argv = [sys.executable, "-m", "vitpipe.cli", stage, "--config", str(config_path)]
-    if nproc > 1:
-        argv += ["--nproc", str(nproc)]
-    return argv
+def launcher_argv(stage: str, config_path: Path, nproc: int, launcher: str = "local",
+                  launch_options: dict[str, Any] | None = None) -> list[str]:
+    """The command that runs one training stage, exactly as a user would type it.
+
+    local: `vitpipe STAGE --config FILE --nproc N` (the stage relaunches itself under torchrun);
+    slurm: `vitpipe launch --backend slurm ... STAGE --config FILE`, the cluster code's submission,
+    which follows the job, prints its log and exits with its state (Ctrl-C cancels the job).
+    """
+    stage_argv = [stage, "--config", str(config_path)]
+    if launcher == "local":
+        return [sys.executable, "-m", "vitpipe.cli", *stage_argv, *(["--nproc", str(nproc)] if nproc > 1 else [])]
+    options = {"nproc-per-node": nproc, **(launch_options or {})}
+    flags = [a for k, v in options.items() for a in (f"--{k}", str(v))]
+    return [sys.executable, "-m", "vitpipe.cli", "launch", "--backend", launcher, *flags, "--", *stage_argv]
 
 
 def stream_process(argv: list[str], *, env: dict[str, str], log, tail_lines: int = 60) -> tuple[int, list[str]]:
@@ -303,41 +311,32 @@ def stream_process(argv: list[str], *, env: dict[str, str], log, tail_lines: int
             log(tail[-1])
         return proc.wait(), list(tail)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
+        # Stop it gently first: torchrun stops its ranks on SIGINT, and `vitpipe launch --backend
+        # slurm` cancels the job; then insist.
+        for sig, grace in ((signal.SIGINT, 20), (signal.SIGTERM, 10), (signal.SIGKILL, None)):
+            if proc.poll() is not None:
+                break
             try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+                os.killpg(proc.pid, sig)
+                proc.wait(timeout=grace)
+            except (subprocess.TimeoutExpired, ProcessLookupError):
+                pass
 
 
 @task(name="launch-training", **RETRIES)
 def launch_task(stage: str, config_path: str, nproc: int, launcher: Launcher,
-                env: dict[str, str]) -> int:
+                env: dict[str, str], launch_options: dict[str, Any] | None = None) -> int:
     """Run a training stage to completion (locally or on Slurm); raise LauncherError on failure.
 
     A retry relaunches the same command; training resumes from its latest complete checkpoint.
     """
     logger = get_run_logger()
-    if launcher == "slurm":
-        return _submit_slurm(stage, config_path, nproc, env, logger)
-    argv = launcher_argv(stage, Path(config_path), nproc)
+    argv = launcher_argv(stage, Path(config_path), nproc, launcher, launch_options)
     logger.info("launching: %s", " ".join(argv))
     rc, tail = stream_process(argv, env={**os.environ, **env}, log=logger.info)
     if rc != 0:
         raise LauncherError(stage, rc, tail)
     return rc
-
-
-def _submit_slurm(stage: str, config_path: str, nproc: int, env: dict[str, str], logger) -> int:
-    """The seam to the cluster code: `cluster.launch.run_slurm_stage` submits, waits and streams."""
-    try:
-        from cluster.launch import run_slurm_stage
-    except ImportError as e:
-        raise UserError("launcher='slurm' needs cluster.launch.run_slurm_stage (cluster/ is not "
-                        f"installed or too old: {e}); use launcher='local'") from None
-    return run_slurm_stage(stage, config_path, nproc=nproc, env=env, log=logger.info)
 
 
 def _shards_dir(shards: Any) -> Path:
@@ -348,29 +347,48 @@ def _shards_dir(shards: Any) -> Path:
 
 
 def train_stage(stage: str, cfg: StageConfig, *, nproc: int, launcher: Launcher, uri: str,
-                experiment: str, parent_run_id: str | None) -> dict:
-    """Run a training stage under its own MLflow run (nested under `parent_run_id`); returns its record.
+                experiment: str, parent_run_id: str | None,
+                launch_options: dict[str, Any] | None = None) -> dict:
+    """Run a training stage as a child of `parent_run_id` in MLflow; returns its record.
 
-    The run is created here and handed to rank 0 through MLFLOW_RUN_ID, so the stage's
-    "one run per job" lands in the pipeline's tree, and a retry keeps logging into the same run.
+    The flow creates the stage's run first and offers it to rank 0 through MLFLOW_RUN_ID. If the
+    stage opens a run of its own instead (its "one run per job", or the run id stored in the
+    checkpoint it resumes), that run is adopted: it gets the parent, the Prefect tags and the
+    dataset input, and the flow's placeholder is deleted. A stage that dies before writing its
+    results leaves the placeholder behind as FAILED, so the failure is visible in the tree.
     """
     logger = get_run_logger()
     shards = _shards_dir(cfg.data.shards)
     out = Path(cfg.out).resolve()
-    with tracking.stage_run(uri, experiment, f"{stage}-{shards.name}", parent_run_id=parent_run_id,
-                            stage=stage) as run_id:
+    run_name = cfg.tracking.run_name or f"{stage}-{shards.name}"
+    cfg = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"run_name": run_name})})
+    with tracking.stage_run(uri, experiment, run_name, parent_run_id=parent_run_id, stage=stage) as run_id:
         digest = tracking.log_dataset_input(uri, run_id, shards, name=shards.name, context="training")
         config_path = save_config(cfg, out / f"{stage}-flow-config.yaml")
         env = {"MLFLOW_RUN_ID": run_id, "MLFLOW_TRACKING_URI": uri, "MLFLOW_EXPERIMENT_NAME": experiment,
                # one compute thread per rank: the ranks already fill the cores
                "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-        launch_task(stage, str(config_path), nproc, launcher, env)
-    metrics = tracking.run_metrics(uri, run_id)
-    url = tracking.run_url(MLFLOW_UI_URL, uri, run_id)
+        launch_task(stage, str(config_path), nproc, launcher, env, launch_options)
+        results = _read_json(out / "results.json")
+    stage_run_id = results.get("run_id") or run_id
+    if stage_run_id != run_id:
+        tracking.adopt_run(uri, stage_run_id, placeholder=run_id, parent_run_id=parent_run_id, stage=stage)
+        tracking.log_dataset_input(uri, stage_run_id, shards, name=shards.name, context="training")
+    metrics = {**tracking.run_metrics(uri, stage_run_id),
+               **{k: float(v) for k, v in results.items() if k.startswith("val/") and isinstance(v, (int, float))}}
+    url = tracking.run_url(MLFLOW_UI_URL, uri, stage_run_id)
     publish_summary(stage, shards.name, metrics, url, extra={"output": f"`{out}`", "dataset sha256": digest[:16]})
-    logger.info("%s finished: %s", stage, ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())[:12]))
-    return {"mlflow_run_id": run_id, "metrics": metrics, "out": str(out), "dataset": str(shards),
-            "url": url}
+    logger.info("%s finished: %s", stage, ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())
+                                                   if k.startswith(("val/", "train/loss"))))
+    return {"mlflow_run_id": stage_run_id, "metrics": metrics, "out": str(out), "dataset": str(shards),
+            "export": results.get("export", str(out / "export")), "url": url}
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def publish_summary(stage: str, dataset: str, metrics: dict[str, float], url: str,
@@ -389,7 +407,7 @@ def publish_summary(stage: str, dataset: str, metrics: dict[str, float], url: st
 def pretrain_flow(config: str | None = None, overrides: dict[str, Any] | None = None,
                   dataset: str | None = None, nproc: int = 1, launcher: Launcher = "local",
                   tracking_uri: str | None = None, experiment: str = tracking.DEFAULT_EXPERIMENT,
-                  parent_run_id: str | None = None) -> dict:
+                  parent_run_id: str | None = None, launch_options: dict[str, Any] | None = None) -> dict:
     """Pretrain a ViT on a shard set with `nproc` DeepSpeed ranks; returns its MLflow run and metrics."""
     from vit.config import PretrainConfig
 
@@ -397,11 +415,12 @@ def pretrain_flow(config: str | None = None, overrides: dict[str, Any] | None = 
     cfg = resolve_config(PretrainConfig, config, overrides,
                          {"data.shards": dataset, "tracking.uri": uri, "tracking.experiment": experiment})
     return train_stage("pretrain", cfg, nproc=nproc, launcher=launcher, uri=uri, experiment=experiment,
-                       parent_run_id=parent_run_id)
+                       parent_run_id=parent_run_id, launch_options=launch_options)
 
 
-BACKBONE_MODEL = "vitpipe-backbone"
-CHAMPION_INIT = f"models:/{BACKBONE_MODEL}@champion"
+REGISTERED_MODEL = "vitpipe-vit"
+"""Registered model name of the pipeline's fine-tuned ViTs; `champion` is the best so far."""
+CHAMPION_INIT = f"models:/{REGISTERED_MODEL}@champion"
 
 
 @flow(name="finetune", log_prints=True)
@@ -409,11 +428,14 @@ def finetune_flow(dataset: str | None = None, dataset_name: str | None = None, c
                   overrides: dict[str, Any] | None = None, init: str | None = CHAMPION_INIT,
                   out: str | None = None, nproc: int = 1, launcher: Launcher = "local",
                   tracking_uri: str | None = None, experiment: str = tracking.DEFAULT_EXPERIMENT,
-                  parent_run_id: str | None = None) -> dict:
-    """Fine-tune from `init` (default: the champion backbone) on the shard set `dataset`.
+                  parent_run_id: str | None = None, launch_options: dict[str, Any] | None = None,
+                  register_as: str | None = None, evaluate_overrides: dict[str, Any] | None = None) -> dict:
+    """Fine-tune from `init` (default: the champion's backbone, with a new head) on the shard set `dataset`.
 
     This is what the `vitpipe.dataset.ready` trigger runs: `dataset` is the new shard directory.
-    Without `out`, results go next to the dataset, in `<dataset>-finetune`.
+    Without `out`, results go next to the dataset, in `<dataset>-finetune`. With `register_as`,
+    the result is then evaluated on the val split, registered as `candidate` of that model and
+    promoted to `champion` if it beats the champion on the same split.
     """
     from vit.config import FinetuneConfig
 
@@ -423,8 +445,16 @@ def finetune_flow(dataset: str | None = None, dataset_name: str | None = None, c
     cfg = resolve_config(FinetuneConfig, config, overrides,
                          {"data.shards": dataset, "init": init, "out": out, "tracking.uri": uri,
                           "tracking.experiment": experiment})
-    return train_stage("finetune", cfg, nproc=nproc, launcher=launcher, uri=uri, experiment=experiment,
-                       parent_run_id=parent_run_id)
+    record = train_stage("finetune", cfg, nproc=nproc, launcher=launcher, uri=uri, experiment=experiment,
+                         parent_run_id=parent_run_id, launch_options=launch_options)
+    if register_as:
+        record["evaluation"] = evaluate_flow(model=record["export"], dataset=record["dataset"],
+                                             out=str(Path(record["out"]) / "evaluation"), tracking_uri=uri,
+                                             experiment=experiment, parent_run_id=parent_run_id,
+                                             overrides=evaluate_overrides)
+        record["registered"] = register_task(record["export"], register_as, record["mlflow_run_id"],
+                                             record["evaluation"], uri)
+    return record
 
 
 @task(name="evaluate", **RETRIES)
@@ -455,8 +485,9 @@ def evaluate_flow(model: str | None = None, dataset: str | None = None, split: s
                          {"model": model, "data.shards": dataset, "split": split, "out": out,
                           "tracking.uri": uri, "tracking.experiment": experiment})
     shards = _shards_dir(cfg.data.shards)
-    with tracking.stage_run(uri, experiment, f"evaluate-{shards.name}-{cfg.split}",
-                            parent_run_id=parent_run_id, stage="evaluate") as run_id:
+    run_name = cfg.tracking.run_name or f"evaluate-{shards.name}-{cfg.split}"
+    cfg.tracking.run_name = run_name
+    with tracking.stage_run(uri, experiment, run_name, parent_run_id=parent_run_id, stage="evaluate") as run_id:
         tracking.log_dataset_input(uri, run_id, shards, name=shards.name, context="evaluation")
         result = evaluate_task(cfg.model_dump(mode="json"), run_id)
     url = tracking.run_url(MLFLOW_UI_URL, uri, run_id)
@@ -465,4 +496,27 @@ def evaluate_flow(model: str | None = None, dataset: str | None = None, split: s
     print("evaluate: " + ", ".join(f"{k} {v:.4f}" for k, v in result["metrics"].items()
                                    if k in ("top1", "top5", "loss", "macro_f1")))
     return {"mlflow_run_id": run_id, "metrics": result["metrics"], "split_id": result["split_id"],
-            "out": str(Path(cfg.out).resolve()), "url": url}
+            "out": str(Path(cfg.out).resolve()), "url": url, "dataset": str(shards)}
+
+
+@task(name="register", **RETRIES)
+def register_task(export: str, name: str, run_id: str, evaluation: dict, uri: str) -> dict:
+    """Register a fine-tuned export as `candidate` of `name` (in its training run); promote it if better.
+
+    The version carries its evaluation as tags, so `promote_if_better` compares it with the
+    champion on the same split only.
+    """
+    from vit import registry
+    from vit.weights import load_pretrained
+
+    logger = get_run_logger()
+    model = load_pretrained(export)
+    results = {**evaluation["metrics"], "split_id": evaluation["split_id"]}
+    with tracking.activate(uri, run_id):
+        version = registry.register_model(model, name, alias=registry.CANDIDATE, results=results)
+        promotion = registry.promote_if_better(name, version.version)
+    logger.info("registered %s version %s as %s; %s", name, version.version, registry.CANDIDATE, promotion.reason)
+    create_markdown_artifact(f"### Model `{name}` v{version.version}\n\n{promotion.reason}\n",
+                             key=_artifact_key("registry", name), description="Model registry decision")
+    return {"name": name, "version": str(version.version), "promoted": promotion.promoted,
+            "reason": promotion.reason}

@@ -146,3 +146,14 @@ def ui_command(uri: str, port: int = 5000) -> str:
 def run_metrics(uri: str, run_id: str) -> dict[str, float]:
     """The latest value of every metric of a run."""
     return dict(_client(uri).get_run(run_id).data.metrics)
+
+
+def adopt_run(uri: str, run_id: str, *, placeholder: str, parent_run_id: str | None, stage: str) -> None:
+    """Put a run that a stage opened itself where the flow's `placeholder` run was, and drop the placeholder."""
+    client = _client(uri)
+    tags = {**prefect_tags(), STAGE_TAG: stage}
+    if parent_run_id:
+        tags[PARENT_TAG] = parent_run_id
+    for key, value in tags.items():
+        client.set_tag(run_id, key, value)
+    client.delete_run(placeholder)
