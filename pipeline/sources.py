@@ -111,13 +111,19 @@ def _local_path(path: str) -> str | None:
 # Folder trees
 
 
-def _walk_files(root: Path) -> list[Path]:
-    """All non-hidden files below root, any depth, sorted by relative path (os.walk order is not)."""
+def _walk_files(root: str) -> list[tuple[str, str]]:
+    """(relative posix path, full path) of all non-hidden files below root, any depth, sorted by
+    relative path (os.walk order is not). Plain strings: a million Path objects cost seconds."""
     files = []
+    prefix = len(root.rstrip(os.sep)) + 1
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        files.extend(Path(dirpath) / f for f in filenames if not f.startswith("."))
-    return sorted(files, key=lambda p: p.relative_to(root).as_posix())
+        for f in filenames:
+            if not f.startswith("."):
+                full = os.path.join(dirpath, f)
+                files.append((full[prefix:].replace(os.sep, "/"), full))
+    files.sort()
+    return files
 
 
 def list_folder(root: str | Path, *, split_from_source: bool = False) -> Source:
@@ -126,7 +132,7 @@ def list_folder(root: str | Path, *, split_from_source: bool = False) -> Source:
     subdirs = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     rejected: list[dict] = []
     # (relative path for the key, split, label, file)
-    entries: list[tuple[str, str | None, str | None, Path]] = []
+    entries: list[tuple[str, str | None, str | None, str]] = []
     if split_from_source:
         if not subdirs:
             raise UserError(f"{str(root)!r} has no split folders; with --split-by source the tree must be "
@@ -143,10 +149,10 @@ def list_folder(root: str | Path, *, split_from_source: bool = False) -> Source:
     items = []
     for key, (_, (split, label, path)) in keyed:
         try:
-            size = path.stat().st_size
+            size = os.stat(path).st_size
         except OSError:
             size = 0  # unreadable: the shard writer reports it with the reason
-        items.append(SourceItem(key=key, uri=str(path), size=size, label=label, split=split))
+        items.append(SourceItem(key=key, uri=path, size=size, label=label, split=split))
     items.sort(key=lambda it: it.key)
     labels = [it.label for it in items if it.label is not None]
     return Source(kind="folder", uri=str(root), items=items, classes=sort_labels(labels), rejected=rejected)
@@ -155,15 +161,15 @@ def list_folder(root: str | Path, *, split_from_source: bool = False) -> Source:
 def _list_classes(root: Path, rejected: list[dict]):
     """Yield (relative path, label, file) for images below root; class = first folder level if any."""
     has_class_dirs = any(d.is_dir() and not d.name.startswith(".") for d in root.iterdir())
-    for path in _walk_files(root):
-        rel = path.relative_to(root).as_posix()
-        if path.suffix.lower() not in IMAGE_EXTENSIONS:
-            rejected.append({"source": str(path), "reason": "unsupported_format",
-                             "detail": f"extension {path.suffix or '(none)'!r} is not an image format "
+    for rel, path in _walk_files(str(root)):
+        ext = os.path.splitext(rel)[1]
+        if ext.lower() not in IMAGE_EXTENSIONS:
+            rejected.append({"source": path, "reason": "unsupported_format",
+                             "detail": f"extension {ext or '(none)'!r} is not an image format "
                                        f"({', '.join(sorted(IMAGE_EXTENSIONS))})"})
             continue
         if has_class_dirs and "/" not in rel:
-            rejected.append({"source": str(path), "reason": "no_class_folder",
+            rejected.append({"source": path, "reason": "no_class_folder",
                              "detail": "the tree has class folders but this image is outside them; "
                                        "move it into a class folder"})
             continue

@@ -7,7 +7,7 @@ import io
 import pytest
 from PIL import Image
 
-from pipeline.images import BadImage, inspect_image, reencode, resized_size
+from pipeline.images import BadImage, check_image, open_image, reencode, resized_size
 
 
 @pytest.fixture(scope="module")
@@ -26,8 +26,30 @@ def _as(jpeg: bytes, fmt: str) -> bytes:
 
 
 def test_good_image_info(photo):
-    img, info = inspect_image(photo, max_pixels=10**8, full=True)
-    assert (info.format, info.width, info.height) == ("JPEG", 451, 300)
+    for decode in (False, True):
+        info = check_image(photo, max_pixels=10**8, decode=decode)
+        assert (info.format, info.width, info.height) == ("JPEG", 451, 300)
+
+
+@pytest.mark.parametrize("fmt,save", [
+    ("JPEG", {}), ("JPEG", {"progressive": True}), ("JPEG", {"mode": "L"}), ("JPEG", {"mode": "CMYK"}),
+    ("JPEG", {"exif": True}), ("PNG", {}), ("PNG", {"mode": "P"}), ("WEBP", {}), ("GIF", {}), ("BMP", {}),
+    ("TIFF", {}),
+])
+def test_fast_header_agrees_with_pillow(photo, fmt, save):
+    """The pass-through path reads JPEG/PNG sizes itself; it must say what Pillow says."""
+    save = dict(save)
+    img = Image.open(io.BytesIO(photo)).convert(save.pop("mode", "RGB"))
+    if save.pop("exif", False):
+        exif = Image.Exif()
+        exif[0x0112] = 6  # orientation; the APP1 segment comes before the frame header
+        save["exif"] = exif.tobytes()
+    out = io.BytesIO()
+    img.save(out, fmt, **save)
+    data = out.getvalue()
+    fast = check_image(data, max_pixels=10**8)
+    _, slow = open_image(data, max_pixels=10**8)
+    assert fast == slow and (fast.width, fast.height) == (451, 300)
 
 
 @pytest.mark.parametrize("mangle,reason", [
@@ -40,7 +62,7 @@ def test_good_image_info(photo):
 ])
 def test_bad_bytes_have_reasons(photo, mangle, reason):
     with pytest.raises(BadImage) as e:
-        inspect_image(mangle(photo), max_pixels=10**8, full=False)
+        check_image(mangle(photo), max_pixels=10**8)
     assert e.value.reason == reason and e.value.detail
 
 
@@ -49,16 +71,17 @@ def test_corrupt_data_needs_full_decode(photo):
     data = bytearray(_as(photo, "PNG"))
     idat = data.index(b"IDAT")
     data[idat + 5000: idat + 5400] = b"\x55" * 400
-    inspect_image(bytes(data), max_pixels=10**8, full=False)
+    check_image(bytes(data), max_pixels=10**8)
     with pytest.raises(BadImage) as e:
-        inspect_image(bytes(data), max_pixels=10**8, full=True)
+        check_image(bytes(data), max_pixels=10**8, decode=True)
     assert e.value.reason == "corrupt"
 
 
 def test_pixel_limit(photo):
-    with pytest.raises(BadImage, match="451x300 = 135300 pixels > max_image_pixels 100000") as e:
-        inspect_image(photo, max_pixels=100_000, full=False)
-    assert e.value.reason == "decompression_bomb"
+    for check in (check_image, open_image):
+        with pytest.raises(BadImage, match="451x300 = 135300 pixels > max_image_pixels 100000") as e:
+            check(photo, max_pixels=100_000)
+        assert e.value.reason == "decompression_bomb"
 
 
 def test_resized_size_rules():
@@ -70,7 +93,7 @@ def test_resized_size_rules():
 
 @pytest.mark.parametrize("fmt,pil", [("jpg", "JPEG"), ("webp", "WEBP"), ("png", "PNG")])
 def test_reencode_center_crop(photo, fmt, pil):
-    img, _ = inspect_image(photo, max_pixels=10**8, full=False)
+    img, _ = open_image(photo, max_pixels=10**8)
     data, w, h = reencode(img, fmt=fmt, quality=85, resize="center_crop", size=64)
     out = Image.open(io.BytesIO(data))
     assert (out.format, out.size, (w, h), out.mode) == (pil, (64, 64), (64, 64), "RGB")
