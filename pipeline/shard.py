@@ -20,10 +20,13 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import queue
+import re
 import shutil
 import sys
 import tarfile
@@ -160,6 +163,10 @@ def plan_shards(source: Source, cfg: ShardConfig) -> list[ShardTask]:
     for item in source.items:
         split = item.split if cfg.split_by == "source" else split_of(item.key, cfg.val_ratio)
         by_split.setdefault(split, []).append(item)
+    bad = sorted(s for s in by_split if not re.fullmatch(r"[A-Za-z0-9_]+", s))
+    if bad:
+        raise UserError(f"split names {bad} from the source cannot name shard files; use letters, digits "
+                        f"and '_' only (e.g. train, val, test)")
     class_ids = {name: i for i, name in enumerate(source.classes)}
     options = EncodeOptions(cfg.encode, cfg.quality, cfg.resize, cfg.size, cfg.decode_check,
                             cfg.max_image_pixels)
@@ -405,9 +412,6 @@ def _is_own(name: str) -> bool:
 
 def _prepare_out(out: Path, fingerprint: str, overwrite: bool) -> None:
     """Check OUT before any work: empty, our own earlier run (resume), or refuse."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"OUT {str(out)!r} is a file; pass a directory (it is created if missing)")
-    out.mkdir(parents=True, exist_ok=True)
     entries = sorted(p.name for p in out.iterdir())
     plan_file = out / STATE_DIR / "plan.json"
     ours = plan_file.exists() or (out / INDEX_NAME).exists()
@@ -504,9 +508,34 @@ def shard(cfg: ShardConfig, *, executor: cf.Executor | None = None) -> dict:
                          split_from_source=cfg.split_by == "source")
     tasks = plan_shards(source, cfg)
     fingerprint = plan_fingerprint(cfg, tasks)
-    _prepare_out(out, fingerprint, cfg.overwrite)
-    save_config(cfg, out / "config.yaml")
+    with _exclusive(out):
+        _prepare_out(out, fingerprint, cfg.overwrite)
+        save_config(cfg, out / "config.yaml")
+        return _write_all(cfg, out, source, tasks, fingerprint, executor, start)
 
+
+@contextlib.contextmanager
+def _exclusive(out: Path):
+    """Hold an exclusive lock on OUT: a second run on the same OUT would delete this one's
+    temporary shards and race on the receipts, so it is refused up front instead."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"OUT {str(out)!r} is a file; pass a directory (it is created if missing)")
+    out.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"another 'vitpipe shard' is writing to {str(out)!r}; wait for it to finish "
+                            f"or choose another OUT") from None
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _write_all(cfg: ShardConfig, out: Path, source: Source, tasks: list[ShardTask], fingerprint: str,
+               executor: cf.Executor | None, start: float) -> dict:
+    """Write the shards not done yet, then failures.jsonl, stats.json and index.json (last)."""
     done = {t.name: r for t in tasks if (r := _receipt(out, t)) is not None}
     todo = [t for t in tasks if t.name not in done]
     total = sum(len(t.items) for t in tasks)
