@@ -5,6 +5,7 @@ The Slurm backend's real runs are in test_slurm.py (they need the test Slurm clu
 
 from __future__ import annotations
 
+import os
 import shlex
 import socket
 import subprocess
@@ -127,3 +128,108 @@ def test_two_ranks_meet(backend, tmp_path, monkeypatch):
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "rank 0/2" in res.stdout and "rank 1/2" in res.stdout and "OK, 2 ranks" in res.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# Kubernetes manifests and the container recipe. No Kubernetes cluster (nor Docker) is available
+# here, so these check what a cluster would act on: the objects' links to each other, the pod's
+# command as torchrun and vitpipe themselves parse it, and the mounted run config as vitpipe
+# validates it.
+
+K8S = SBATCH_SCRIPT.parent / "k8s"
+
+
+def _k8s(name: str) -> dict[str, dict]:
+    import yaml
+
+    return {d["kind"]: d for d in yaml.safe_load_all((K8S / name).read_text()) if d}
+
+
+def _check_pod_command(container: dict, config_map: dict, tmp_path) -> tuple:
+    """The container runs torchrun -m vitpipe.cli pretrain FILE, FILE is the mounted ConfigMap,
+    and that file is a valid PretrainConfig. Returns torchrun's parsed arguments."""
+    from torch.distributed.run import get_args_parser
+
+    from vit.config import PretrainConfig
+    from vitpipe.cli import build_parser
+    from vitpipe.config import build_config
+
+    assert container["command"] == ["python", "-m", "torch.distributed.run"]
+    args = container["args"]
+    run = get_args_parser().parse_args(args)
+    assert run.module and run.training_script == "vitpipe.cli"
+    stage = run.training_script_args
+    assert stage[0] == "pretrain"
+    build_parser("pretrain").parse_args(stage)  # the stage accepts its arguments
+
+    config_path = stage[1]
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    assert os.path.dirname(config_path) == mounts["config"]
+    assert mounts["dshm"] == "/dev/shm"
+    key = os.path.basename(config_path)
+    local = tmp_path / key
+    local.write_text(config_map["data"][key])
+    cfg = build_config(PretrainConfig, local)
+    assert cfg.checkpoint.dir.startswith(mounts["runs"]) and cfg.out.startswith(mounts["runs"])
+    return run, cfg
+
+
+def test_indexed_job_manifest(tmp_path):
+    objs = _k8s("pretrain-job.yaml")
+    config_map = _k8s("pretrain-config.yaml")["ConfigMap"]
+    service, job = objs["Service"], objs["Job"]
+    pod = job["spec"]["template"]
+    container = pod["spec"]["containers"][0]
+    run, cfg = _check_pod_command(container, config_map, tmp_path)
+
+    # one pod per node, all at once, named NAME-INDEX
+    assert job["spec"]["completionMode"] == "Indexed"
+    nodes = job["spec"]["completions"]
+    assert job["spec"]["parallelism"] == nodes and run.nnodes == str(nodes)
+    # the rendezvous host is pod 0's DNS name through the headless Service
+    assert service["spec"]["clusterIP"] == "None" and service["spec"]["publishNotReadyAddresses"] is True
+    assert pod["spec"]["subdomain"] == service["metadata"]["name"]
+    assert all(pod["metadata"]["labels"].get(k) == v for k, v in service["spec"]["selector"].items())
+    host, port = run.rdzv_endpoint.rsplit(":", 1)
+    assert host == f"{job['metadata']['name']}-0.{service['metadata']['name']}" and run.rdzv_backend == "c10d"
+    assert int(port) in [p["port"] for p in service["spec"]["ports"]]
+    # one rank per GPU
+    assert int(run.nproc_per_node) == container["resources"]["limits"]["nvidia.com/gpu"]
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    assert volumes["config"]["configMap"]["name"] == config_map["metadata"]["name"]
+    assert volumes["dshm"]["emptyDir"]["medium"] == "Memory"
+    assert cfg.deepspeed.zero_stage >= 1  # the multi-node example shards optimizer state
+
+
+def test_pytorchjob_manifest(tmp_path, monkeypatch):
+    job = _k8s("pytorchjob.yaml")["PyTorchJob"]
+    config_map = _k8s("pretrain-config.yaml")["ConfigMap"]
+    specs = job["spec"]["pytorchReplicaSpecs"]
+    assert specs["Master"]["replicas"] == 1 and specs["Worker"]["replicas"] >= 1
+    nodes = specs["Master"]["replicas"] + specs["Worker"]["replicas"]
+    container = specs["Worker"]["template"]["spec"]["containers"][0]
+    assert container["name"] == "pytorch"  # the training operator injects its variables there
+    # What the operator sets on each pod; torchrun reads PET_* as its options' defaults.
+    for key, value in {"PET_NNODES": str(nodes), "PET_NPROC_PER_NODE": job["spec"]["nprocPerNode"],
+                       "PET_MASTER_ADDR": "vitpipe-pretrain-master-0", "PET_MASTER_PORT": "23456",
+                       "PET_NODE_RANK": "1"}.items():
+        monkeypatch.setenv(key, value)
+    run, _ = _check_pod_command(container, config_map, tmp_path)
+    assert run.nnodes == str(nodes) and run.nproc_per_node == "8" and run.node_rank == 1
+    assert int(run.nproc_per_node) == container["resources"]["limits"]["nvidia.com/gpu"]
+    assert specs["Master"]["template"] == specs["Worker"]["template"]
+
+
+def test_dockerfile_installs_the_package():
+    text = (SBATCH_SCRIPT.parent / "Dockerfile").read_text()
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    assert lines[0].startswith("ARG BASE=") and lines[1] == "FROM ${BASE}"
+    copies = [line.split()[1] for line in lines if line.startswith("COPY ")]
+    root = SBATCH_SCRIPT.parent.parent
+    for src in copies:  # every COPY source exists in the build context (the repository root)
+        assert (root / src).exists(), f"Dockerfile copies {src}, which is not in the repository"
+    packages = set(__import__("setuptools").find_packages(str(root), include=["vitpipe*", "pipeline*", "vit*",
+                                                                               "flows*", "cluster*"]))
+    assert {p.split(".")[0] + "/" for p in packages} <= set(copies)
+    assert any(line.startswith("RUN pip install .") for line in lines)
+    assert lines[-2] == 'ENTRYPOINT ["vitpipe"]'
