@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import signal
 import socket
 import subprocess
 import sys
@@ -240,12 +241,21 @@ def run_slurm(cfg: LaunchConfig, command: list[str]) -> int:
     def on_state(st: slurm.JobStatus) -> None:
         print(f"vitpipe launch: job {job_id} {st.summary()}", file=sys.stderr, flush=True)
 
+    def on_term(signum, frame):
+        raise KeyboardInterrupt  # so that wait() cancels the job on its way out
+
+    # Orchestrators (Prefect cancelling a flow run, Kubernetes, CI) stop us with SIGTERM, which
+    # would otherwise end this process and leave the job running.
+    previous = signal.signal(signal.SIGTERM, on_term)
     try:
         final = slurm.wait(job_id, poll=cfg.slurm.poll, on_log=lambda line: print(line, flush=True),
                            on_state=on_state)
     except KeyboardInterrupt:
-        print(f"vitpipe launch: cancelled Slurm job {job_id}", file=sys.stderr)
+        print(f"vitpipe launch: cancelled Slurm job {job_id}", file=sys.stderr, flush=True)
         raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    print(f"vitpipe launch: Slurm job {job_id} {final.summary()}", file=sys.stderr, flush=True)
     return 0 if final.ok else (final.exit_code or 1)
 
 

@@ -8,6 +8,9 @@ torchrun, so the multi-node rendezvous of the batch script really happens (over 
 from __future__ import annotations
 
 import os
+import re
+import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -145,3 +148,27 @@ def test_launch_without_wait_prints_the_job_id(slurm_cluster, tmp_path, capfd):
     assert rc == 0 and job.isdigit()
     final = slurm.wait(job, poll=0.5, timeout=120)
     assert final.ok, final.summary() + Path(final.log).read_text()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_stopping_launch_cancels_the_job(slurm_cluster, tmp_path, sig):
+    """A flow run's cancellation stops `vitpipe launch` (SIGINT, then SIGTERM); the job must go too."""
+    script = _script(tmp_path, "echo started\nsleep 300")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vitpipe.cli", "launch", "--backend", "slurm", "--slurm.script", str(script),
+         "--slurm.gpus-per-node", "0", "--slurm.cpus-per-task", "1", "--slurm.poll", "0.5",
+         "--slurm.output", str(tmp_path / "stop-%j.out"), "--module", "unused"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    job = None
+    deadline = time.monotonic() + 60
+    for line in proc.stderr:
+        if m := re.search(r"submitted Slurm job (\d+)", line):
+            job = m.group(1)
+        if job and "RUNNING" in line or time.monotonic() > deadline:
+            break
+    assert job, "launch did not submit"
+    proc.send_signal(sig)
+    rest = proc.communicate(timeout=60)[1]
+    assert proc.returncode != 0
+    assert f"cancelled Slurm job {job}" in rest
+    assert slurm.wait(job, poll=0.5, timeout=30).state == "CANCELLED"
