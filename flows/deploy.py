@@ -104,8 +104,11 @@ def ensure_process_pool(name: str) -> None:
             return
         except ObjectNotFound:
             pass
+        from prefect.workers.process import ProcessWorker
+
         try:
-            client.create_work_pool(WorkPoolCreate(name=name, type="process"))
+            client.create_work_pool(WorkPoolCreate(
+                name=name, type="process", base_job_template=ProcessWorker.get_default_base_job_template()))
         except ObjectAlreadyExists:
             pass
 
