@@ -1,0 +1,321 @@
+"""Training and evaluation loaders (pipeline/loader.py) on real digits shards from the shard stage.
+
+Ranks are simulated in one process by building loaders with rank=0/1 (that exercises the split
+logic, with real DataLoader worker processes); one test runs two real gloo processes.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import subprocess
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.index import load_index
+from pipeline.loader import DataConfig, make_eval_loader, make_train_loader
+from pipeline.shard import ShardConfig, shard
+from vitpipe.config import ConfigError, build_config
+from vitpipe.errors import UserError
+
+
+@pytest.fixture(scope="module")
+def three_shards(digits_dir, tmp_path_factory) -> Path:
+    """The digits with the train split in exactly 3 shards (the issue's layout)."""
+    out = tmp_path_factory.mktemp("loader") / "shards"
+    shard(ShardConfig(src=str(digits_dir), out=str(out), val_ratio=0.1, max_samples_per_shard=600, workers=1))
+    assert len(load_index(out)["splits"]["train"]["shards"]) == 3
+    return out
+
+
+def _tar_keys(shards: Path, split: str) -> list[str]:
+    """Sample keys of a split in index order, listed by the `tar` program (an independent reader)."""
+    keys: list[str] = []
+    for s in load_index(shards)["splits"][split]["shards"]:
+        names = subprocess.run(["tar", "-tf", str(shards / s["name"])], check=True, capture_output=True,
+                               text=True).stdout.split()
+        for name in names:
+            key = name.split(".", 1)[0]
+            if not keys or keys[-1] != key:
+                keys.append(key)
+    return keys
+
+
+def _cfg(shards: Path, **kw) -> DataConfig:
+    kw.setdefault("batch_size", 32)
+    kw.setdefault("num_workers", 2)
+    kw.setdefault("shuffle_buffer", 200)
+    return DataConfig(shards=str(shards), **kw)
+
+
+def _epoch(loader) -> tuple[list[str], list[torch.Tensor]]:
+    keys, images = [], []
+    for x, _, k in loader:
+        assert len(k) == len(x)
+        keys += k
+        images.append(x)
+    return keys, images
+
+
+def test_two_ranks_two_workers_three_shards_cover_the_split_with_equal_steps(three_shards, caplog):
+    caplog.set_level(logging.INFO, logger="pipeline.loader")
+    cfg = _cfg(three_shards)
+    split = _tar_keys(three_shards, "train")
+    loaders = [make_train_loader(cfg, rank=r, world_size=2, return_keys=True) for r in range(2)]
+    assert loaders[0].steps_per_epoch == loaders[1].steps_per_epoch == -(-len(split) // 64)
+    assert loaders[0].num_classes == 10 and loaders[0].class_names == [str(i) for i in range(10)]
+    for epoch in range(2):
+        seen: Counter = Counter()
+        for loader in loaders:
+            loader.set_epoch(epoch)
+            batches = 0
+            for x, y, keys in loader:
+                assert x.shape == (32, 3, 32, 32) and x.dtype == torch.float32 and y.dtype == torch.long
+                batches += 1
+                seen.update(keys)
+            assert batches == loader.steps_per_epoch
+        assert set(seen) == set(split)  # every sample of the split, each epoch
+        repeated = sum(seen.values()) - len(split)
+        assert repeated == 2 * loaders[0].samples_per_epoch - len(split)
+        assert max(seen.values()) == 2  # the fill repeats a few samples once, never more
+    assert f"{repeated} samples repeated per epoch" in caplog.text
+
+
+def test_drop_mode_never_repeats(three_shards):
+    cfg = _cfg(three_shards, epoch_fill="drop")
+    split = set(_tar_keys(three_shards, "train"))
+    keys = []
+    for r in range(2):
+        loader = make_train_loader(cfg, rank=r, world_size=2, return_keys=True)
+        assert loader.steps_per_epoch == len(split) // 64
+        keys += _epoch(loader)[0]
+    assert len(keys) == len(set(keys)) == 2 * 32 * (len(split) // 64)
+    assert set(keys) <= split
+
+
+def test_fewer_shards_than_ranks_times_workers(three_shards):
+    cfg = _cfg(three_shards, batch_size=16, num_workers=2)
+    split = set(_tar_keys(three_shards, "train"))
+    seen: set[str] = set()
+    for r in range(4):  # 4 ranks x 2 workers = 8 readers for 3 shards
+        loader = make_train_loader(cfg, rank=r, world_size=4, return_keys=True)
+        keys = _epoch(loader)[0]
+        assert len(keys) == loader.steps_per_epoch * 16
+        seen |= set(keys)
+    assert seen == split
+
+
+def test_same_seed_same_batches_other_seed_or_epoch_differs(three_shards):
+    cfg = _cfg(three_shards, augment={"mixup_alpha": 0.8, "label_smoothing": 0.1})
+    a = make_train_loader(cfg, rank=1, world_size=2, seed=7)
+    b = make_train_loader(cfg, rank=1, world_size=2, seed=7)
+    c = make_train_loader(cfg, rank=1, world_size=2, seed=8)
+    xa, ya = next(iter(a))
+    xb, yb = next(iter(b))
+    xc, _ = next(iter(c))
+    assert ya.shape == (32, 10) and ya.dtype == torch.float32  # soft targets
+    assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    assert not torch.equal(xa, xc)
+    b.set_epoch(1)
+    assert not torch.equal(next(iter(b))[0], xa)
+
+
+def test_plain_loop_without_set_epoch_moves_to_the_next_epoch(three_shards):
+    loader = make_train_loader(_cfg(three_shards, num_workers=0), return_keys=True)
+    first = _epoch(loader)[0]
+    assert loader.epoch == 0
+    second = _epoch(loader)[0]
+    assert loader.epoch == 1 and len(second) == len(first) and second != first
+
+
+@pytest.mark.parametrize("rank,steps", [(0, 5), (1, 4)])
+def test_resume_yields_exactly_the_tail_of_the_uninterrupted_epoch(three_shards, rank, steps):
+    cfg = _cfg(three_shards, augment={"rand_augment": True})
+    full = make_train_loader(cfg, rank=rank, world_size=2, seed=3, return_keys=True)
+    full.set_epoch(2)
+    keys, images = _epoch(full)
+
+    # The run that saved a checkpoint is rank 0 (DeepSpeed keeps rank 0's client state only).
+    saving = make_train_loader(cfg, rank=0, world_size=2, seed=3, return_keys=True)
+    saving.set_epoch(2)
+    for i, _ in enumerate(saving, 1):
+        if i == steps:
+            break
+    state = saving.state_dict()
+    assert state["epoch"] == 2 and state["steps"] == steps and state["samples_consumed"] == steps * 32
+
+    resumed = make_train_loader(cfg, rank=rank, world_size=2, seed=3, return_keys=True)
+    resumed.load_state_dict(state)
+    resumed.set_epoch(2)  # what a training loop does right after loading: must not restart
+    tail_keys, tail_images = _epoch(resumed)
+    assert tail_keys == keys[steps * 32:]
+    assert all(torch.equal(a, b) for a, b in zip(tail_images, images[steps:]))
+    assert len(tail_images) == full.steps_per_epoch - steps
+    resumed.set_epoch(3)
+    assert len(_epoch(resumed)[0]) == full.samples_per_epoch
+
+
+def test_resume_with_another_world_size_restarts_the_epoch_by_sample_count(three_shards, caplog):
+    cfg = _cfg(three_shards)
+    saving = make_train_loader(cfg, rank=0, world_size=2)
+    saving.set_epoch(1)
+    for i, _ in enumerate(saving, 1):
+        if i == 6:
+            break
+    resumed = make_train_loader(cfg, rank=0, world_size=4)
+    resumed.load_state_dict(saving.state_dict())
+    assert "world_size 2 -> 4" in caplog.text
+    assert resumed.epoch == 1
+    assert sum(1 for _ in resumed) == resumed.steps_per_epoch - 3  # 6 x 64 samples = 3 x 128
+
+
+def _corrupt(shards: Path, tmp_path: Path) -> tuple[Path, str, str]:
+    """A copy of the shard set with one image replaced by garbage and one shard cut in half."""
+    out = tmp_path / "bad"
+    shutil.copytree(shards, out)
+    names = [s["name"] for s in load_index(out)["splits"]["train"]["shards"]]
+    broken, cut = out / names[0], out / names[1]
+    with tarfile.open(broken) as tf:
+        members = [(m, tf.extractfile(m).read()) for m in tf.getmembers()]
+    bad_key = members[9][0].name.split(".", 1)[0]
+    with tarfile.open(broken, "w") as tf:
+        for m, data in members:
+            if m.name.split(".", 1)[0] == bad_key and m.name.rsplit(".", 1)[1] not in ("cls", "json"):
+                data = b"\x89PNG garbage, not an image"
+                m.size = len(data)
+            tf.addfile(m, __import__("io").BytesIO(data))
+    with open(cut, "r+b") as f:
+        f.truncate(cut.stat().st_size // 2)
+    return out, bad_key, names[1]
+
+
+def test_corrupt_image_and_truncated_shard_are_reported_and_steps_stay_equal(three_shards, tmp_path, caplog):
+    bad, bad_key, cut_name = _corrupt(three_shards, tmp_path)
+    cfg = _cfg(bad)
+    stats, steps = [], []
+    for r in range(2):
+        loader = make_train_loader(cfg, rank=r, world_size=2, return_keys=True)
+        keys, _ = _epoch(loader)
+        assert bad_key not in keys
+        steps.append(len(keys) // 32)
+        stats.append(loader.stats)
+    assert steps == [loader.steps_per_epoch] * 2
+    failed = [f for s in stats for f in s["failed_samples"]]
+    # The bad image (met again when the rank short of samples tops up from the whole split) and
+    # at most the sample cut in half at the end of the truncated shard.
+    assert {f["key"] for f in failed if f["shard"] != cut_name} == {bad_key}
+    assert len([f for f in failed if f["shard"] == cut_name]) <= 1
+    assert sum(s["decode_failures"] for s in stats) == len(failed)
+    assert sum(s["filled"] for s in stats) == len(failed)  # each failed slot refilled with a repeat
+    assert any(cut_name in s["truncated_shards"] for s in stats)
+    assert bad_key in caplog.text and f"shard {cut_name} ends after" in caplog.text
+
+    evals = [make_eval_loader(cfg, "train", rank=r, world_size=2) for r in range(2)]
+    eval_keys = [k for e in evals for _, _, keys in e for k in keys]
+    assert bad_key not in eval_keys
+    assert len(eval_keys) < evals[0].num_samples - 1  # half of a shard is gone
+    failed = [f for e in evals for f in e.stats["failed_samples"]]
+    assert {f["key"] for f in failed if f["shard"] != cut_name} == {bad_key}
+    assert "UnidentifiedImageError: cannot identify image file" in failed[0]["detail"]
+
+
+def test_eval_sees_every_sample_once_in_index_order_with_equal_batch_counts(three_shards):
+    split = _tar_keys(three_shards, "val")
+    index = load_index(three_shards)
+    cfg = _cfg(three_shards, eval_batch_size=21)
+    keys, counts = [], []
+    for r in range(4):
+        loader = make_eval_loader(cfg, rank=r, world_size=4)
+        assert loader.num_samples == len(split) == index["splits"]["val"]["num_samples"]
+        batches = list(loader)
+        counts.append(len(batches))
+        for x, y, k in batches:
+            assert x.shape == (len(k), 3, 32, 32) and y.shape == (len(k),)
+            assert ((y >= 0) & (y < 10)).all()
+            keys += k
+    assert keys == split  # exactly once, ranks' contiguous ranges concatenated in index order
+    assert len(set(counts)) == 1 and counts[0] == loader.num_batches
+
+
+def test_eval_targets_are_the_cls_members(three_shards):
+    with tarfile.open(three_shards / load_index(three_shards)["splits"]["val"]["shards"][0]["name"]) as tf:
+        want = {m.name.split(".")[0]: int(tf.extractfile(m).read()) for m in tf if m.name.endswith(".cls")}
+    got = {}
+    for _, y, keys in make_eval_loader(_cfg(three_shards, num_workers=0, eval_batch_size=50)):
+        got.update(zip(keys, y.tolist()))
+    assert got == want
+
+
+def test_bad_configuration_is_a_user_error(three_shards):
+    with pytest.raises(UserError, match="data.shards is empty"):
+        make_train_loader(DataConfig())
+    with pytest.raises(UserError, match="'nope'"):
+        make_eval_loader(_cfg(three_shards), "nope")
+    with pytest.raises(UserError, match="fewer than one global batch"):
+        make_train_loader(_cfg(three_shards, batch_size=4096, epoch_fill="drop"))
+    with pytest.raises(UserError, match="rank 2"):
+        make_train_loader(_cfg(three_shards), rank=2, world_size=2)
+    with pytest.raises(ConfigError, match=r"mean has 3 values but channels=1"):
+        build_config(DataConfig, overrides={"channels": 1})
+    cfg = build_config(DataConfig, overrides={"channels": 1, "mean": [0.5], "std": [0.25]})
+    assert cfg.channel_stats() == ((0.5,), (0.25,))
+    with pytest.raises(UserError, match="'epoch'"):
+        make_train_loader(_cfg(three_shards)).load_state_dict({"step": 3})
+
+
+def test_grayscale_loader(three_shards):
+    cfg = _cfg(three_shards, channels=1, mean=[0.5], std=[0.5], num_workers=0)
+    x, y = next(iter(make_train_loader(cfg)))
+    assert x.shape == (32, 1, 32, 32)
+    x, y, _ = next(iter(make_eval_loader(cfg)))
+    assert x.shape[1:] == (1, 32, 32)
+
+
+def _gloo_rank(rank: int, world_size: int, shards: str, port: int, out: str) -> None:
+    import os
+
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    # Ranks started by torchrun/deepspeed are fresh processes whose DataLoader workers fork; a
+    # spawned child would otherwise spawn its workers too (re-importing torch, ~10 s each here).
+    mp.set_start_method("fork", force=True)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    loader = make_train_loader(_cfg(Path(shards), batch_size=48), rank=rank, world_size=world_size)
+    steps = []
+    for epoch in range(2):
+        loader.set_epoch(epoch)
+        n = 0
+        for x, _ in loader:
+            total = torch.tensor([float(len(x))])
+            dist.all_reduce(total)  # would hang if the other rank ran out of batches first
+            n += 1
+        steps.append(n)
+    torch.save({"steps": steps, "steps_per_epoch": loader.steps_per_epoch}, f"{out}/rank{rank}.pt")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.timeout(300)
+def test_two_gloo_processes_run_equal_steps_without_hanging(three_shards, tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.start_processes(_gloo_rank, args=(2, str(three_shards), port, str(tmp_path)), nprocs=2,
+                             join=False, start_method="spawn")
+    while not ctx.join(timeout=240):
+        pass
+    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert results[0] == results[1]
+    assert results[0]["steps"] == [results[0]["steps_per_epoch"]] * 2
