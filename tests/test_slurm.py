@@ -35,6 +35,7 @@ def _script(tmp_path: Path, body: str) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_batch_script_rendezvous_over_two_nodes(slurm_cluster, tmp_path):
     """sbatch -> srun (one torchrun per node) -> c10d rendezvous -> 2 ranks all_reduce."""
     log = tmp_path / "allreduce-%j.out"
