@@ -71,7 +71,8 @@ def _sync(device: str) -> None:
 
 
 def time_interleaved(models: dict[str, torch.nn.Module], x: torch.Tensor, y: torch.Tensor, *,
-                     dtype: torch.dtype | None, steps: int, warmup: int) -> dict[str, list[float]]:
+                     dtype: torch.dtype | None, steps: int, warmup: int,
+                     clock=time.perf_counter) -> dict[str, list[float]]:
     """Seconds per step of each model; the order flips every round so neither always runs first."""
     device = str(x.device)
     names = list(models)
@@ -79,11 +80,11 @@ def time_interleaved(models: dict[str, torch.nn.Module], x: torch.Tensor, y: tor
     for i in range(warmup + steps):
         for name in names if i % 2 == 0 else reversed(names):
             _sync(device)
-            start = time.perf_counter()
+            start = clock()
             train_step(models[name], x, y, dtype)
             _sync(device)
             if i >= warmup:
-                times[name].append(time.perf_counter() - start)
+                times[name].append(clock() - start)
     return times
 
 
@@ -103,7 +104,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=DTYPES, default="fp32")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="cpu = this process's CPU time: on a shared CPU machine it ignores time spent "
+                        "preempted by other jobs (use with --threads 1); wall for GPUs")
     args = p.parse_args(argv)
+    if args.clock == "cpu" and args.device != "cpu":
+        p.error("--clock cpu measures CPU work; time GPU runs with --clock wall")
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -112,18 +118,24 @@ def main(argv: list[str] | None = None) -> int:
         print("error: the comparison needs timm (pip install timm)", file=sys.stderr)
         return 1
     x, y = make_batch(models["ours"], args.batch, args.device)
-    times = time_interleaved(models, x, y, dtype=DTYPES[args.dtype], steps=args.steps, warmup=args.warmup)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    times = time_interleaved(models, x, y, dtype=DTYPES[args.dtype], steps=args.steps, warmup=args.warmup,
+                             clock=clock)
     result = summarize(times, args.batch)
     for name, r in result.items():
         print(f"{name:5s} {r['step_ms']:9.1f} ms/step  {r['images_per_s']:9.1f} images/s")
     ratio = result["ours"]["step_ms"] / result["timm"]["step_ms"]
+    # Each round's two steps ran back to back, so their ratio cancels slow drifts in machine load.
+    paired = statistics.quantiles([a / b for a, b in zip(times["ours"], times["timm"])], n=4)
     cfg = models["ours"].cfg
-    print(f"ours/timm step time: {ratio:.3f}  ({args.preset} {cfg.image_size}px depth {cfg.depth}, "
-          f"batch {args.batch}, {args.dtype}, {args.device}, {torch.get_num_threads()} threads, "
-          f"median of {args.steps} interleaved steps)")
+    print(f"ours/timm step time: {ratio:.3f} (per-round ratios, quartiles: {paired[0]:.3f} {paired[1]:.3f} "
+          f"{paired[2]:.3f})  [{args.preset} {cfg.image_size}px depth {cfg.depth}, batch {args.batch}, "
+          f"{args.dtype}, {args.device}, {torch.get_num_threads()} threads, {args.steps} interleaved steps, "
+          f"{args.clock} clock]")
     print(json.dumps({"preset": args.preset, "image_size": cfg.image_size, "depth": cfg.depth,
-                      "batch": args.batch, "dtype": args.dtype, "device": args.device,
-                      "ratio_ours_over_timm": round(ratio, 4), **result}))
+                      "batch": args.batch, "dtype": args.dtype, "device": args.device, "clock": args.clock,
+                      "ratio_ours_over_timm": round(ratio, 4),
+                      "paired_ratio_quartiles": [round(q, 4) for q in paired], **result}))
     return 0
 
 
