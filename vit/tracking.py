@@ -136,11 +136,11 @@ class Tracker:
 
     # -- logging (each a no-op when inactive; failures warn once and turn tracking off) --------
 
-    def _guard(self, what: str, fn, *args, **kw) -> None:
+    def _guard(self, what: str, method: str, *args, **kw) -> None:
         if not self.active:
             return
         try:
-            fn(*args, **kw)
+            getattr(self._client, method)(self.run_id, *args, **kw)
         except Exception as e:
             print(f"MLflow {what} failed ({e}); tracking is off for the rest of this run", file=sys.stderr)
             self._client = None
@@ -150,7 +150,7 @@ class Tracker:
 
         items = [Param(k, str(v)[:6000]) for k, v in params.items()]
         for i in range(0, len(items), 100):  # MLflow's batch limit is 100 params
-            self._guard("log params", self._client.log_batch, self.run_id, params=items[i:i + 100])
+            self._guard("log params", "log_batch", params=items[i:i + 100])
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         if not self.active:
@@ -161,17 +161,17 @@ class Tracker:
 
         now = int(time.time() * 1000)
         items = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None]
-        self._guard("log metrics", self._client.log_batch, self.run_id, metrics=items)
+        self._guard("log metrics", "log_batch", metrics=items)
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
         for k, v in tags.items():
-            self._guard("set tag", self._client.set_tag, self.run_id, k, str(v))
+            self._guard("set tag", "set_tag", k, str(v))
 
     def log_artifacts(self, local_dir: str | Path, artifact_path: str | None = None) -> None:
-        self._guard("log artifacts", self._client.log_artifacts, self.run_id, str(local_dir), artifact_path)
+        self._guard("log artifacts", "log_artifacts", str(local_dir), artifact_path)
 
     def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None:
-        self._guard("log artifact", self._client.log_artifact, self.run_id, str(local_path), artifact_path)
+        self._guard("log artifact", "log_artifact", str(local_path), artifact_path)
 
     def end(self, status: str) -> None:
         """Close the run as FINISHED, FAILED or KILLED (idempotent)."""
@@ -183,7 +183,7 @@ class Tracker:
                 pass
             self._monitor = None
         if self.active:
-            self._guard("end run", self._client.set_terminated, self.run_id, status)
+            self._guard("end run", "set_terminated", status)
         self._client = None
 
 

@@ -1,0 +1,126 @@
+"""Rank/world facts from launcher variables, launcher command lines, and two "nodes" on 127.0.0.1."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+
+import pytest
+
+from vit.distributed import World, backend_for, first_host
+from vit.launch import add_launch_arguments, is_worker, launcher_argv, strip_launch_options
+from vitpipe.errors import UserError
+
+
+def test_single_process_without_launcher():
+    w = World.from_env({})
+    assert (w.rank, w.world_size, w.is_main, w.is_distributed, w.source) == (0, 1, True, False, "single")
+
+
+def test_torchrun_variables():
+    env = {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "4", "GROUP_RANK": "1",
+           "MASTER_ADDR": "node0", "MASTER_PORT": "29400"}
+    w = World.from_env(env)
+    assert (w.rank, w.world_size, w.local_rank, w.node_rank, w.num_nodes) == (5, 8, 1, 1, 2)
+    assert (w.master_addr, w.master_port, w.is_main) == ("node0", 29400, False)
+
+
+def test_deepspeed_launcher_variables():
+    # The DeepSpeed launcher names the node index CROSS_RANK and ranks per node LOCAL_SIZE.
+    w = World.from_env({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_SIZE": "2", "CROSS_RANK": "1",
+                        "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29500"})
+    assert (w.rank, w.local_world_size, w.node_rank, w.num_nodes) == (3, 2, 1, 2)
+
+
+def test_slurm_variables():
+    env = {"SLURM_PROCID": "6", "SLURM_NTASKS": "8", "SLURM_LOCALID": "2", "SLURM_NODEID": "1",
+           "SLURM_NNODES": "2", "SLURM_NTASKS_PER_NODE": "4(x2)", "SLURM_JOB_NODELIST": "gpu[07-08]",
+           "SLURM_JOB_ID": "12345"}
+    w = World.from_env(env)
+    assert (w.rank, w.world_size, w.local_rank, w.local_world_size, w.node_rank) == (6, 8, 2, 4, 1)
+    assert w.master_addr == "gpu07" and w.master_port == 20000 + 12345 and w.source == "slurm"
+    # torchrun inside a Slurm allocation: torchrun's variables describe the processes.
+    w = World.from_env({**env, "RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"})
+    assert (w.rank, w.world_size, w.source) == (0, 2, "torchrun/deepspeed")
+    assert World.from_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"}).source == "single"  # a plain sbatch step
+
+
+def test_bad_environment_is_named():
+    with pytest.raises(RuntimeError, match="rank 4 outside world size 4"):
+        World.from_env({"RANK": "4", "WORLD_SIZE": "4"})
+    with pytest.raises(RuntimeError, match="WORLD_SIZE='two'"):
+        World.from_env({"RANK": "0", "WORLD_SIZE": "two"})
+
+
+@pytest.mark.parametrize("nodelist, host", [("gpu[03-05,9],cpu1", "gpu03"), ("node17", "node17"),
+                                            ("a1,a2", "a1"), ("", "127.0.0.1")])
+def test_first_host(nodelist, host):
+    assert first_host(nodelist) == host
+
+
+def test_backend_follows_device():
+    import torch
+
+    assert backend_for(torch.device("cpu")) == "gloo" and backend_for(torch.device("cuda", 0)) == "nccl"
+
+
+def _launch_args(argv):
+    p = argparse.ArgumentParser()
+    add_launch_arguments(p)
+    return p.parse_known_args(argv)[0]
+
+
+def test_launcher_command_lines(tmp_path):
+    worker = strip_launch_options(["pretrain", "run.yaml", "--nproc", "4", "--optim.lr", "1e-3",
+                                   "--master-port=1234", "--nnodes", "2"])
+    assert worker == ["pretrain", "run.yaml", "--optim.lr", "1e-3"]
+    local = launcher_argv(_launch_args(["--nproc", "4"]), worker)
+    assert local[1:3] == ["-m", "torch.distributed.run"] and "--standalone" in local
+    assert local[local.index("--nproc-per-node") + 1] == "4" and local[-6:] == ["-m", "vitpipe.cli", *worker]
+    static = launcher_argv(_launch_args(["--nproc", "2", "--nnodes", "2", "--node-rank", "1",
+                                         "--master-addr", "10.1.1.1", "--master-port", "29600"]), worker)
+    for flag, value in [("--nnodes", "2"), ("--node-rank", "1"), ("--master-addr", "10.1.1.1"),
+                        ("--master-port", "29600")]:
+        assert static[static.index(flag) + 1] == value
+    rdzv = launcher_argv(_launch_args(["--nnodes", "3", "--rdzv-endpoint", "head:29400"]), worker)
+    assert rdzv[rdzv.index("--rdzv-backend") + 1] == "c10d" and "head:29400" in rdzv and "--node-rank" not in rdzv
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("worker-1 slots=8\nworker-2 slots=8\n")
+    ds = launcher_argv(_launch_args(["--hostfile", str(hostfile)]), worker)
+    assert ds[1:3] == ["-m", "deepspeed.launcher.runner"] and "--no_local_rank" in ds
+    assert ds[ds.index("--hostfile") + 1] == str(hostfile) and ds[-len(worker) - 2:] == ["--module", "vitpipe.cli",
+                                                                                          *worker]
+    with pytest.raises(UserError, match="--hostfile 'missing' does not exist"):
+        launcher_argv(_launch_args(["--hostfile", "missing"]), worker)
+    with pytest.raises(UserError, match="--node-rank 2"):
+        launcher_argv(_launch_args(["--nnodes", "2", "--node-rank", "2"]), worker)
+    assert is_worker({"RANK": "0"}) and not is_worker({}) and is_worker({"SLURM_PROCID": "1", "SLURM_NTASKS": "2"})
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_two_nodes_on_localhost(digits_shards, tmp_path):
+    """Two launcher processes (node ranks 0 and 1, one rank each) rendezvous on 127.0.0.1 and train."""
+    from vit.distributed import free_port
+
+    port = str(free_port())
+    common = [sys.executable, "-m", "vitpipe.cli", "pretrain", "--data.shards", str(digits_shards),
+              "--data.image-size", "16", "--data.batch-size", "16", "--data.num-workers", "0",
+              "--model.preset", "micro/4", "--train.steps", "6", "--train.eval-every", "0",
+              "--train.log-every", "2", "--checkpoint.every-steps", "3", "--deepspeed.zero-stage", "1",
+              "--no-tracking.enabled", "--out", str(tmp_path / "run"),
+              "--nnodes", "2", "--master-addr", "127.0.0.1", "--master-port", port]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("RANK", None)
+    nodes = [subprocess.Popen(common + ["--node-rank", str(r)], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
+    outs = [n.communicate(timeout=540)[0] for n in nodes]
+    for r, (n, out) in enumerate(zip(nodes, outs)):
+        assert n.returncode == 0, f"node {r}:\n{out[-3000:]}"
+    import json
+
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["world_size"] == 2 and results["step"] == 6
+    assert (tmp_path / "run" / "export" / "model.safetensors").is_file()

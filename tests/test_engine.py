@@ -1,0 +1,118 @@
+"""DeepSpeed config generation, optimizer groups, lr schedule, and a real engine step on the CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vit.config import OptimSection, PretrainConfig, ScheduleSection
+from vit.engine import (build_optimizer, create_engine, ds_config, layer_id, lr_at, merge_extra, param_groups,
+                        resolve_precision, set_lr)
+from vit.model import create_model
+from vitpipe.errors import UserError
+
+CPU = torch.device("cpu")
+
+
+def _cfg(**deepspeed) -> PretrainConfig:
+    return PretrainConfig(data={"shards": "s", "batch_size": 8}, deepspeed=deepspeed)
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_ds_config_from_typed_config(stage):
+    ds = ds_config(_cfg(zero_stage=stage, grad_accum=4, grad_clip=0.5), device=CPU)
+    assert ds["zero_optimization"] == {"stage": stage}
+    assert ds["train_micro_batch_size_per_gpu"] == 8 and ds["gradient_accumulation_steps"] == 4
+    assert ds["gradient_clipping"] == 0.5
+    assert not ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]  # auto -> fp32 on the CPU
+
+
+def test_precision_choice():
+    assert resolve_precision("auto", CPU) == "fp32"
+    assert resolve_precision("bf16", CPU) == "bf16"
+    with pytest.raises(UserError, match="fp16 needs a GPU"):
+        resolve_precision("fp16", CPU)
+    assert ds_config(_cfg(precision="bf16"), device=CPU)["bf16"] == {"enabled": True}
+
+
+def test_extra_keys_merged_and_validated():
+    ds = ds_config(_cfg(zero_stage=2, extra={"zero_optimization": {"overlap_comm": True},
+                                             "wall_clock_breakdown": True}), device=CPU)
+    assert ds["zero_optimization"] == {"stage": 2, "overlap_comm": True} and ds["wall_clock_breakdown"]
+    with pytest.raises(UserError, match="deepspeed.extra.train_batch_size: set by vitpipe"):
+        merge_extra({}, {"train_batch_size": 64})
+    with pytest.raises(UserError, match="deepspeed.extra.optimizer"):
+        merge_extra({}, {"optimizer": {"type": "Lamb"}})
+    with pytest.raises(UserError, match="set deepspeed.zero_stage instead"):
+        merge_extra({"zero_optimization": {"stage": 1}}, {"zero_optimization": {"stage": 3}})
+    with pytest.raises(UserError, match="deepspeed.extra.zero_optimisation: not a DeepSpeed key"):
+        merge_extra({}, {"zero_optimisation": {}})
+    # A typo inside the ZeRO section is caught by DeepSpeed's own schema.
+    with pytest.raises(UserError, match="overlap_com"):
+        merge_extra({"zero_optimization": {"stage": 2}}, {"zero_optimization": {"overlap_com": True}})
+
+
+def test_param_groups_no_decay_and_layer_decay():
+    model = create_model("micro/4", num_classes=3)
+    optim = OptimSection(weight_decay=0.1)
+    groups = param_groups(model, optim)
+    by_name = {n: g for g in groups for n in g["names"]}
+    assert set(by_name) == {n for n, _ in model.named_parameters()}
+    for name in ("pos_embed", "cls_token", "blocks.0.norm1.weight", "head.bias", "blocks.1.attn.qkv.bias"):
+        assert by_name[name]["weight_decay"] == 0.0, name
+    for name in ("blocks.0.attn.qkv.weight", "head.weight", "patch_embed.proj.weight"):
+        assert by_name[name]["weight_decay"] == 0.1, name
+
+    depth = len(model.blocks)
+    assert [layer_id(n, depth) for n in ("pos_embed", "blocks.0.mlp.fc1.weight", "blocks.3.norm2.bias",
+                                         "norm.weight", "head.weight", "vit.blocks.2.attn.proj.weight")] \
+        == [0, 1, 4, 5, 5, 3]
+    llrd = {n: g["lr_scale"] for g in param_groups(model, optim, layer_decay=0.5) for n in g["names"]}
+    assert llrd["head.weight"] == 1.0 and llrd["blocks.3.attn.qkv.weight"] == 0.5
+    assert llrd["pos_embed"] == 0.5 ** (depth + 1)
+
+    model.requires_grad_(False)
+    model.head.requires_grad_(True)
+    assert {n for g in param_groups(model, optim) for n in g["names"]} == {"head.weight", "head.bias"}
+    model.head.requires_grad_(False)
+    with pytest.raises(UserError, match="no trainable parameters"):
+        param_groups(model, optim)
+
+
+@pytest.mark.parametrize("decay", ["cosine", "linear", "constant"])
+def test_lr_schedule_shape(decay):
+    sched = ScheduleSection(warmup_steps=10, decay=decay, min_lr_ratio=0.1)
+    lrs = [lr_at(s, total_steps=100, peak=1.0, schedule=sched) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)  # linear warmup to the peak
+    assert all(a < b for a, b in zip(lrs[:9], lrs[1:10]))
+    if decay == "constant":
+        assert lrs[-1] == 1.0
+    else:
+        assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+        assert lrs[-1] == pytest.approx(0.1, abs=0.02)  # decays to min_lr_ratio * peak
+        mid = lr_at(55, total_steps=100, peak=1.0, schedule=sched)
+        assert mid == pytest.approx(0.55, abs=0.01)  # halfway down: same for cosine and linear
+
+
+def test_engine_trains_on_cpu_with_scheduled_lr():
+    """A real DeepSpeed engine (ZeRO-2, one gloo rank): loss falls on a fixed batch; set_lr reaches AdamW."""
+    from vit.distributed import World, init_process_group
+
+    init_process_group(World(), CPU)
+    torch.manual_seed(0)
+    model = create_model("micro/4", num_classes=4, image_size=16)
+    cfg = _cfg(zero_stage=2)
+    groups = param_groups(model, cfg.optim, layer_decay=0.5)
+    engine = create_engine(model, build_optimizer(groups, cfg.optim, CPU), ds_config(cfg, device=CPU))
+    set_lr(engine, 2e-3)
+    assert sorted({g["lr"] for g in engine.optimizer.param_groups})[-1] == pytest.approx(2e-3)
+    assert min(g["lr"] for g in engine.optimizer.param_groups) == pytest.approx(2e-3 * 0.5 ** 5)
+    x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 4, (8,))
+    losses = []
+    for _ in range(15):
+        loss = torch.nn.functional.cross_entropy(engine(x), y)
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.3, losses
+    assert engine.get_global_grad_norm() is not None

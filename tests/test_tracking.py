@@ -1,0 +1,98 @@
+"""MLflow tracking: one run per job, FINISHED/FAILED (signals too), reopen on resume, unreachable servers."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+from mlflow import MlflowClient
+
+from vit.config import TrackingSection
+from vit.tracking import Tracker, check_reachable, flatten, resolve_uri, tracked
+from vitpipe.errors import UserError
+
+
+def _open(uri, **kw) -> Tracker:
+    section = TrackingSection(uri=uri, experiment="t", system_metrics=False, **kw)
+    return Tracker.open(section, is_main=True, params={"optim.lr": 0.001, "model.preset": "micro/4"},
+                        tags={"vitpipe.world_size": "2"})
+
+
+def test_flatten_and_uri_precedence(monkeypatch):
+    assert flatten({"optim": {"lr": 1, "betas": {}}, "out": "x"}) == {"optim.lr": 1, "optim.betas": {}, "out": "x"}
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert resolve_uri(TrackingSection()) == "sqlite:///mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
+    assert resolve_uri(TrackingSection()) == "http://mlflow:5000"
+    assert resolve_uri(TrackingSection(uri="sqlite:///x.db")) == "sqlite:///x.db"
+
+
+def test_run_finished_with_params_metrics_tags(mlflow_uri):
+    with tracked(_open(mlflow_uri)) as t:
+        t.log_metrics({"train/loss": 2.0}, step=1)
+        t.log_metrics({"train/loss": 1.5, "val/top1": None}, step=2)
+    run = MlflowClient(mlflow_uri).get_run(t.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params == {"optim.lr": "0.001", "model.preset": "micro/4"}
+    assert run.data.tags["vitpipe.world_size"] == "2"
+    history = MlflowClient(mlflow_uri).get_metric_history(t.run_id, "train/loss")
+    assert [(m.step, m.value) for m in history] == [(1, 2.0), (2, 1.5)]
+
+
+def test_run_failed_on_exception_and_signal(mlflow_uri):
+    with pytest.raises(RuntimeError):
+        with tracked(_open(mlflow_uri)) as t1:
+            raise RuntimeError("boom")
+    with pytest.raises(SystemExit) as exc:
+        with tracked(_open(mlflow_uri)) as t2:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler raises before this ends
+    assert exc.value.code == 128 + signal.SIGTERM
+    client = MlflowClient(mlflow_uri)
+    assert client.get_run(t1.run_id).info.status == "FAILED"
+    assert client.get_run(t2.run_id).info.status == "FAILED"
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handler restored after the job
+
+
+def test_resume_reopens_the_same_run(mlflow_uri):
+    t = _open(mlflow_uri)
+    run_id = t.run_id  # the job is SIGKILLed here: the run stays RUNNING
+    section = TrackingSection(uri=mlflow_uri, experiment="t", system_metrics=False)
+    again = Tracker.open(section, is_main=True, params={}, tags={}, resume_run_id=run_id)
+    with tracked(again):
+        again.log_metrics({"train/loss": 1.0}, step=10)
+    client = MlflowClient(mlflow_uri)
+    assert again.run_id == run_id and client.get_run(run_id).info.status == "FINISHED"
+    assert len(client.search_runs([client.get_experiment_by_name("t").experiment_id])) == 1
+
+
+def test_other_ranks_and_disabled_tracking_do_nothing(mlflow_uri):
+    for t in (Tracker.open(TrackingSection(uri=mlflow_uri), is_main=False, params={}, tags={}),
+              Tracker.open(TrackingSection(uri=mlflow_uri, enabled=False), is_main=True, params={}, tags={})):
+        assert not t.active and t.run_id is None
+        with tracked(t):
+            t.log_metrics({"x": 1.0}, step=1)
+            t.log_artifact(__file__)
+
+
+def test_unreachable_server_warns_fast_or_fails_fast():
+    from vit.distributed import free_port
+
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    assert check_reachable(uri) is not None and check_reachable("sqlite:///x.db") is None
+    warnings = []
+    start = time.monotonic()
+    t = Tracker.open(TrackingSection(uri=uri), is_main=True, params={}, tags={}, warn=warnings.append)
+    assert time.monotonic() - start < 10
+    assert not t.active and "unreachable" in warnings[0] and "continues WITHOUT tracking" in warnings[0]
+    with pytest.raises(UserError, match="unreachable"):
+        Tracker.open(TrackingSection(uri=uri, fail_fast=True), is_main=True, params={}, tags={})
+
+
+def test_logging_failure_mid_run_turns_tracking_off(mlflow_uri, capsys):
+    t = _open(mlflow_uri)
+    t.log_artifact("/no/such/file")  # fails inside MLflow: warned once, then a no-op
+    assert not t.active and "tracking is off" in capsys.readouterr().err
+    t.log_metrics({"x": 1.0}, step=1)
