@@ -245,3 +245,29 @@ def test_pickled_code_is_refused_not_run(tmp_path):
     with pytest.raises(UserError, match="weights_only=True"):
         load_pretrained(path, config=SMALL)
     assert not marker.exists(), "the pickled payload must never run"
+
+
+def test_load_as_a_backbone_drops_the_head(tmp_path, caplog):
+    save_pretrained(randomized(VisionTransformer(SMALL)), tmp_path)
+    with caplog.at_level(logging.WARNING, logger="vit.weights"):
+        backbone = load_pretrained(tmp_path, num_classes=0)
+    assert "dropping it" in caplog.text
+    assert backbone(images(SMALL)).shape == (3, SMALL.embed_dim)
+
+
+def test_timm_hub_folder_loads_without_naming_the_architecture(tmp_path):
+    """A timm model folder as the Hugging Face hub serves it: model.safetensors + timm's config.json."""
+    cfg = config_from_timm("vit_tiny_patch16_224", num_classes=5)
+    theirs = randomized(TimmViT(**timm_model_kwargs(cfg)))
+    save_file(theirs.state_dict(), str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps(
+        {"architecture": "vit_tiny_patch16_224.augreg_in21k_ft_in1k", "num_classes": 5, "global_pool": "token",
+         "pretrained_cfg": {"mean": [0.5, 0.5, 0.5]}}))
+    ours = load_pretrained(tmp_path).eval()
+    assert ours.cfg == cfg
+    x = images(cfg, n=2)
+    with torch.no_grad():
+        assert (ours(x) - theirs(x)).abs().max() < 1e-5
+    (tmp_path / "config.json").write_text(json.dumps({"hello": 1}))
+    with pytest.raises(UserError, match="neither a vitpipe model config"):
+        load_pretrained(tmp_path)

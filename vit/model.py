@@ -362,7 +362,8 @@ class VisionTransformer(nn.Module):
         """Change the input resolution, e.g. fine-tune at 384 after pretraining at 224.
 
         The position embedding is resampled in place by 2-D interpolation over the patch grid (the
-        paper's recipe); the class token's embedding is kept as is.
+        paper's recipe); the class token's embedding is kept as is. pos_embed becomes a new Parameter
+        (its shape changes), so call this before building the optimizer.
         """
         from_grid = self.patch_embed.grid_size
         new_cfg = dataclasses.replace(self.cfg, image_size=image_size)  # validates the new size

@@ -66,6 +66,11 @@ def save_pretrained(model: VisionTransformer, out_dir: str | Path) -> Path:
 
 
 def _read_config(weights: Path) -> ViTConfig | None:
+    """The architecture of a weights file, from config.json beside it or from its safetensors header.
+
+    A timm / Hugging Face hub folder (model.safetensors + a config.json naming the "architecture")
+    is read too, so a downloaded timm ViT loads without naming its architecture again.
+    """
     config_file = weights.parent / CONFIG_NAME
     if config_file.is_file():
         try:
@@ -73,14 +78,22 @@ def _read_config(weights: Path) -> ViTConfig | None:
         except json.JSONDecodeError as e:
             raise UserError(f"{config_file}: not valid JSON ({e}); re-export the model with save_pretrained") from e
     else:
+        if weights.suffix != ".safetensors":
+            return None
         with safe_open(str(weights), framework="pt") as f:
             text = (f.metadata() or {}).get(_CONFIG_METADATA_KEY)
         if text is None:
             return None
         values = json.loads(text)
-    if values.pop("format", FORMAT) != FORMAT:
-        raise UserError(f"{config_file} is not a vitpipe model config (no \"format\": \"{FORMAT}\")")
-    return ViTConfig.from_dict(values)
+    if values.get("format") == FORMAT:
+        return ViTConfig.from_dict({k: v for k, v in values.items() if k != "format"})
+    if isinstance(values.get("architecture"), str):
+        extra = {k: values[k] for k in ("num_classes", "in_chans") if isinstance(values.get(k), int)}
+        if values.get("global_pool") in ("token", "avg"):
+            extra["global_pool"] = values["global_pool"]
+        return config_from_timm(values["architecture"], **extra)
+    raise UserError(f"{config_file} is neither a vitpipe model config (\"format\": \"{FORMAT}\") nor a timm "
+                    f"one (\"architecture\"); remove it or pass config=")
 
 
 def _read_tensors(path: Path) -> dict[str, Any]:
@@ -157,26 +170,21 @@ def load_pretrained(path: str | Path, *, num_classes: int | None = None, image_s
                         f"or at a checkpoint file")
     if isinstance(config, str):
         config = _named_config(config)
-    own_config = _read_config(weights) if weights.is_file() and weights.suffix == ".safetensors" else None
+    cfg = config or (_read_config(weights) if weights.is_file() else None)
     state_dict = _read_tensors(weights)
-    if own_config is not None and config is None:
-        cfg = own_config
-    elif config is not None:
-        # Build at the target resolution so the position embedding is resampled once, from the source.
-        cfg = config if image_size is None else dataclasses.replace(config, image_size=image_size)
-        state_dict = timm_to_vitpipe(state_dict, cfg)  # a no-op on our own layout
-    else:
+    if cfg is None:
         raise UserError(f"{weights} carries no vitpipe config; pass config= a preset name "
                         f"({', '.join(list(PRESETS)[:3])}, ...), a timm model name or a ViTConfig")
+    if image_size is not None:
+        cfg = dataclasses.replace(cfg, image_size=image_size)
+    # Our layout passes through unchanged, except that the position embedding is resampled to cfg's grid.
+    state_dict = timm_to_vitpipe(state_dict, cfg)
     model = VisionTransformer(cfg)
     load_state_dict(model, state_dict, strict=strict, source=str(weights))
-    if image_size is not None and image_size != model.cfg.image_size:
-        log.info("%s: resampling the position embedding from %dpx to %dpx", weights,
-                 model.cfg.image_size, image_size)
-        model.set_image_size(image_size)
     if num_classes is not None and num_classes != model.cfg.num_classes:
-        log.warning("%s: checkpoint head has %d classes; using a fresh zero-initialized head for %d classes",
-                    weights, model.cfg.num_classes, num_classes)
+        log.warning("%s: checkpoint head has %d classes; %s", weights, model.cfg.num_classes,
+                    f"using a fresh zero-initialized head for {num_classes} classes" if num_classes
+                    else "dropping it (num_classes=0: the model returns pooled features)")
         model.reset_classifier(num_classes)
     return model
 
