@@ -24,6 +24,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import multiprocessing
 import os
 import queue
 import re
@@ -171,26 +172,27 @@ def plan_shards(source: Source, cfg: ShardConfig) -> list[ShardTask]:
     options = EncodeOptions(cfg.encode, cfg.quality, cfg.resize, cfg.size, cfg.decode_check,
                             cfg.max_image_pixels)
     order = [s for s in SPLITS_BY_HASH if s in by_split] + sorted(s for s in by_split if s not in SPLITS_BY_HASH)
-    tasks = []
-    for split in order:
-        current: list[SourceItem] = []
-        current_bytes = _TAR_END_BOUND
+    return [ShardTask(f"{split}-{i:06d}.tar", split, tuple(group), class_ids, cfg.out, options)
+            for split in order
+            for i, group in enumerate(_cut(by_split[split], cfg.max_samples_per_shard, cfg.max_shard_size))]
 
-        def close() -> None:
-            tasks.append(ShardTask(f"{split}-{sum(t.split == split for t in tasks):06d}.tar", split,
-                                   tuple(current), class_ids, cfg.out, options))
 
-        for item in by_split[split]:
-            b = _sample_bytes_bound(item)
-            if current and (len(current) >= cfg.max_samples_per_shard
-                            or current_bytes + b > cfg.max_shard_size):
-                close()
-                current, current_bytes = [], _TAR_END_BOUND
-            current.append(item)
-            current_bytes += b
-        if current:
-            close()
-    return tasks
+def _cut(items: list[SourceItem], max_samples: int, max_bytes: int) -> list[list[SourceItem]]:
+    """Consecutive groups of at most `max_samples` items and `max_bytes` (bound) each; an item
+    larger than `max_bytes` on its own still gets a shard, alone."""
+    groups: list[list[SourceItem]] = []
+    current: list[SourceItem] = []
+    size = _TAR_END_BOUND
+    for item in items:
+        b = _sample_bytes_bound(item)
+        if current and (len(current) >= max_samples or size + b > max_bytes):
+            groups.append(current)
+            current, size = [], _TAR_END_BOUND
+        current.append(item)
+        size += b
+    if current:
+        groups.append(current)
+    return groups
 
 
 def plan_fingerprint(cfg: ShardConfig, tasks: list[ShardTask]) -> str:
@@ -453,16 +455,16 @@ def _receipt(out: Path, task: ShardTask) -> ShardResult | None:
 
 
 def _run_tasks(tasks: list[ShardTask], workers: int, executor: cf.Executor | None,
-               bar: tqdm) -> dict[str, ShardResult]:
-    """Run write_shard over tasks: in-process, on a process pool, or on a given executor."""
+               bar: tqdm, failures: int, shards: int) -> dict[str, ShardResult]:
+    """Run write_shard over tasks: in-process, on a process pool, or on a given executor.
+    `failures` and `shards`: counts so far (listing, resumed shards), shown on the progress bar."""
     results: dict[str, ShardResult] = {}
-    failures = 0
 
     def shard_done(r: ShardResult) -> None:
         nonlocal failures
         failures += len(r.failures)
         results[r.name] = r
-        bar.set_postfix(failures=failures, shards=len(results), refresh=False)
+        bar.set_postfix(failures=failures, shards=shards + len(results), refresh=False)
 
     if executor is None and workers == 1:
         for t in tasks:
@@ -473,13 +475,15 @@ def _run_tasks(tasks: list[ShardTask], workers: int, executor: cf.Executor | Non
                 bar.update(k)
                 if base + f != shown:  # set_postfix per sample would cost more than tar's work
                     shown = base + f
-                    bar.set_postfix(failures=shown, shards=len(results), refresh=False)
+                    bar.set_postfix(failures=shown, shards=shards + len(results), refresh=False)
 
             shard_done(write_shard(t, tick))
         return results
 
     own_pool = executor is None
-    pool = executor or cf.ProcessPoolExecutor(workers)
+    # forkserver, not fork: the parent has threads (tqdm's monitor, fsspec's event loop), and a
+    # fork taken while one of them holds a lock can hang the child.
+    pool = executor or cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("forkserver"))
     try:
         futures = {pool.submit(write_shard, t): t for t in tasks}
         for fut in cf.as_completed(futures):
@@ -542,7 +546,9 @@ def _write_all(cfg: ShardConfig, out: Path, source: Source, tasks: list[ShardTas
     resumed = sum(len(t.items) for t in tasks if t.name in done)
     with tqdm(total=total, initial=resumed, unit="img", desc=f"shard {Path(cfg.src).name or cfg.src}",
               dynamic_ncols=True, file=sys.stderr) as bar:
-        written = _run_tasks(todo, cfg.workers, executor, bar)
+        known_failures = len(source.rejected) + sum(len(r.failures) for r in done.values())
+        bar.set_postfix(failures=known_failures, shards=len(done), refresh=False)
+        written = _run_tasks(todo, cfg.workers, executor, bar, known_failures, len(done))
     results = [done.get(t.name) or written[t.name] for t in tasks]
     duration = time.perf_counter() - start
 
