@@ -510,12 +510,30 @@ def shard(cfg: ShardConfig, *, executor: cf.Executor | None = None) -> dict:
     cfg = cfg.model_copy(update={"out": str(out)})
     source = list_source(cfg.src, path_column=cfg.path_column, label_column=cfg.label_column,
                          split_from_source=cfg.split_by == "source")
+    _reject_too_large(source, cfg.max_shard_size)
     tasks = plan_shards(source, cfg)
     fingerprint = plan_fingerprint(cfg, tasks)
     with _exclusive(out):
         _prepare_out(out, fingerprint, cfg.overwrite)
         save_config(cfg, out / "config.yaml")
         return _write_all(cfg, out, source, tasks, fingerprint, executor, start)
+
+
+def _reject_too_large(source: Source, max_shard_size: int) -> None:
+    """Move files bigger than a whole shard to the failures: no shard could hold them within the
+    cap, and a multi-GB '.jpg' is not an image a training set wants read into memory."""
+    keep = []
+    for item in source.items:
+        if _sample_bytes_bound(item) + _TAR_END_BOUND > max_shard_size:
+            source.rejected.append({"source": item.uri, "reason": "too_large",
+                                    "detail": f"{item.size} bytes: with its tar headers and metadata it does "
+                                              f"not fit in --max-shard-size {max_shard_size}"})
+        else:
+            keep.append(item)
+    if not keep:
+        raise UserError(f"every image in {source.uri!r} is bigger than --max-shard-size {max_shard_size} bytes; "
+                        f"raise it, e.g. --max-shard-size 1GB")
+    source.items = keep
 
 
 @contextlib.contextmanager

@@ -18,6 +18,7 @@ import hashlib
 import math
 import os
 import re
+import stat
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -149,10 +150,14 @@ def list_folder(root: str | Path, *, split_from_source: bool = False) -> Source:
     items = []
     for key, (_, (split, label, path)) in keyed:
         try:
-            size = os.stat(path).st_size
+            st = os.stat(path)
         except OSError:
-            size = 0  # unreadable: the shard writer reports it with the reason
-        items.append(SourceItem(key=key, uri=path, size=size, label=label, split=split))
+            st = None  # unreadable: the shard writer reports it with the reason
+        if st is not None and not stat.S_ISREG(st.st_mode):
+            # A FIFO would block the reader forever; sockets and devices are not images either.
+            rejected.append({"source": path, "reason": "unreadable", "detail": "not a regular file"})
+            continue
+        items.append(SourceItem(key=key, uri=path, size=st.st_size if st else 0, label=label, split=split))
     items.sort(key=lambda it: it.key)
     labels = [it.label for it in items if it.label is not None]
     return Source(kind="folder", uri=str(root), items=items, classes=sort_labels(labels), rejected=rejected)

@@ -139,13 +139,15 @@ def messy_dir(tmp_path_factory) -> tuple[Path, dict[str, str]]:
     Image.new("RGB", (16, 16), "red").save(bad / "icon.png", format="ICO")  # real image, unsupported format
     (bad / "notes.txt").write_text("labels come from folder names\n")
     os.symlink(bad / "does-not-exist.jpg", bad / "dangling.jpg")
+    os.mkfifo(bad / "pipe.jpg")  # reading it would block forever
     corrupt = bytearray((root / "digit" / "0_0000.png").read_bytes())
     idat = corrupt.index(b"IDAT")
     corrupt[idat + 8: idat + 40] = b"\x55" * 32  # garbage pixels data, end marker intact
     (bad / "corrupt.png").write_bytes(bytes(corrupt))
     expected = {"truncated.jpg": "truncated", "empty.png": "empty", "text.jpg": "not_an_image",
                 "bomb.png": "decompression_bomb", "icon.png": "unsupported_format",
-                "notes.txt": "unsupported_format", "dangling.jpg": "unreadable", "corrupt.png": "corrupt"}
+                "notes.txt": "unsupported_format", "dangling.jpg": "unreadable", "corrupt.png": "corrupt",
+                "pipe.jpg": "unreadable"}
     return root, expected
 
 
@@ -173,6 +175,23 @@ def test_bad_files_skipped_and_listed_with_reason(messy_dir, tmp_path):
     assert sorted(stored) == [str(p) for p in good]  # every valid image exactly once
     assert all(stored[str(p)] == p.read_bytes() for p in good)
     assert verify(str(out)) == []
+
+
+def test_files_bigger_than_a_shard_are_rejected(messy_dir, tmp_path):
+    src, _ = messy_dir
+    photos = src / "photo" / "nested" / "deeper"
+    cap = 60_000
+    big = sorted(p.name for p in photos.iterdir() if p.stat().st_size > cap - 14_000)  # headers, json, record
+    assert big and len(big) < 7
+    out = tmp_path / "out"
+    shard(ShardConfig(src=str(photos), out=str(out), max_shard_size=cap, val_ratio=0.0))
+    failures = [json.loads(line) for line in (out / "failures.jsonl").read_text().splitlines()]
+    assert sorted(Path(f["source"]).name for f in failures if f["reason"] == "too_large") == big
+    index = load_index(str(out))
+    assert index["totals"]["num_samples"] == 7 - len(big)
+    assert all(s["num_bytes"] <= cap for s in index["splits"]["train"]["shards"])
+    with pytest.raises(UserError, match="every image .* is bigger than --max-shard-size 1000"):
+        shard(ShardConfig(src=str(photos), out=str(tmp_path / "out2"), max_shard_size=1000))
 
 
 def test_own_pixel_limit_names_the_bomb(messy_dir, tmp_path):
