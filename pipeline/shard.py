@@ -70,8 +70,8 @@ class ShardConfig(StageConfig):
                                      description="most bytes in one shard, with a unit (512MB, 1GiB); "
                                                  "with --encode it bounds the source bytes planned per shard")
     workers: int = Field(1, ge=1, description="processes writing shards in parallel (output is identical)")
-    overwrite: bool = Field(False, description="delete a previous shard set in OUT and start over "
-                                               "(default: resume it)")
+    overwrite: bool = Field(False, description="delete a previous shard set in OUT and start over; "
+                                               "without it, a re-run resumes an interrupted one")
     encode: Literal["none", "jpg", "webp", "png"] = Field(
         "none", description="'none' stores the source bytes untouched; else re-encode to this format")
     quality: int = Field(90, ge=1, le=100, description="jpg/webp quality when re-encoding")
