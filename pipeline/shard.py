@@ -480,20 +480,54 @@ def _run_tasks(tasks: list[ShardTask], workers: int, executor: cf.Executor | Non
             shard_done(write_shard(t, tick))
         return results
 
+    # Our own pool reports per-sample progress through a queue (batched by time); a foreign
+    # executor (Dask) may run on other hosts, so there the bar moves once per finished shard.
     own_pool = executor is None
+    ctx = multiprocessing.get_context("forkserver")
     # forkserver, not fork: the parent has threads (tqdm's monitor, fsspec's event loop), and a
     # fork taken while one of them holds a lock can hang the child.
-    pool = executor or cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("forkserver"))
+    pool = executor or cf.ProcessPoolExecutor(workers, mp_context=ctx)
+    manager = ctx.Manager() if own_pool else None
+    reports = manager.Queue() if manager else None
+    reported: dict[str, int] = {}
     try:
-        futures = {pool.submit(write_shard, t): t for t in tasks}
-        for fut in cf.as_completed(futures):
-            r = fut.result()
-            bar.update(len(futures[fut].items))
-            shard_done(r)
+        futures = {pool.submit(write_shard, t, _QueueProgress(reports, t.name) if reports else None): t
+                   for t in tasks}
+        pending = set(futures)
+        while pending:
+            finished, pending = cf.wait(pending, timeout=0.2, return_when=cf.FIRST_COMPLETED)
+            while reports is not None and not reports.empty():
+                name, done, _ = reports.get()
+                bar.update(done - reported.get(name, 0))
+                reported[name] = done
+            for fut in finished:
+                t = futures[fut]
+                r = fut.result()
+                bar.update(len(t.items) - reported.get(t.name, 0))
+                reported[t.name] = len(t.items)
+                shard_done(r)
     finally:
         if own_pool:
             pool.shutdown(cancel_futures=True)
+        if manager is not None:
+            manager.shutdown()
     return results
+
+
+class _QueueProgress:
+    """Picklable progress callback for pool workers: sends (shard, samples done, failures) to the
+    parent at most every 0.5 s (a queue message per sample would cost more than the sample)."""
+
+    def __init__(self, reports, name: str):
+        self.reports, self.name = reports, name
+        self.done, self.last = 0, 0.0
+
+    def __call__(self, k: int, failures: int) -> None:
+        self.done += k
+        now = time.monotonic()
+        if now - self.last >= 0.5:
+            self.last = now
+            self.reports.put((self.name, self.done, failures))
 
 
 def shard(cfg: ShardConfig, *, executor: cf.Executor | None = None) -> dict:
