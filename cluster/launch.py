@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shlex
 import signal
 import socket
@@ -33,6 +34,7 @@ from vitpipe.config import StageConfig, add_config_arguments, config_from_args
 from vitpipe.errors import UserError
 
 SBATCH_SCRIPT = Path(__file__).with_name("vitpipe.sbatch")
+_ERROR_LINE = re.compile(r"error:|Error\b|Exception\b")
 
 
 class SlurmOptions(StageConfig):
@@ -228,7 +230,7 @@ def build_launch(cfg: LaunchConfig, command: list[str]) -> Launch:
 
 
 def run_slurm(cfg: LaunchConfig, command: list[str]) -> int:
-    """Submit; then (with slurm.wait) stream the job's log and return 0 only if it completed."""
+    """Submit; then (with slurm.wait) stream the job's log and return `exit_status` of its end."""
     from cluster import slurm
 
     sub = slurm_submission(cfg, command)
@@ -241,6 +243,15 @@ def run_slurm(cfg: LaunchConfig, command: list[str]) -> int:
     def on_state(st: slurm.JobStatus) -> None:
         print(f"vitpipe launch: job {job_id} {st.summary()}", file=sys.stderr, flush=True)
 
+    first_error: list[str] = []
+
+    def on_log(line: str) -> None:
+        print(line, flush=True)
+        # The ranks' own error comes first; torchrun's and srun's reports of it follow and
+        # push it out of view (and out of an orchestrator's log tail).
+        if not first_error and _ERROR_LINE.search(line) and not line.startswith(("srun:", "slurmstepd")):
+            first_error.append(line.strip())
+
     def on_term(signum, frame):
         raise KeyboardInterrupt  # so that wait() cancels the job on its way out
 
@@ -248,15 +259,44 @@ def run_slurm(cfg: LaunchConfig, command: list[str]) -> int:
     # would otherwise end this process and leave the job running.
     previous = signal.signal(signal.SIGTERM, on_term)
     try:
-        final = slurm.wait(job_id, poll=cfg.slurm.poll, on_log=lambda line: print(line, flush=True),
-                           on_state=on_state)
+        final = slurm.wait(job_id, poll=cfg.slurm.poll, on_log=on_log, on_state=on_state)
     except KeyboardInterrupt:
         print(f"vitpipe launch: cancelled Slurm job {job_id}", file=sys.stderr, flush=True)
         raise
     finally:
         signal.signal(signal.SIGTERM, previous)
-    print(f"vitpipe launch: Slurm job {job_id} {final.summary()}", file=sys.stderr, flush=True)
-    return 0 if final.ok else (final.exit_code or 1)
+    if final.ok:
+        print(f"vitpipe launch: Slurm job {job_id} {final.summary()}", file=sys.stderr, flush=True)
+        return 0
+    cause = f"; first error in its log: {first_error[0]}" if first_error else ""
+    print(f"vitpipe launch: Slurm job {job_id} {final.summary()}{cause}", file=sys.stderr, flush=True)
+    return exit_status(final, first_error[0] if first_error else "")
+
+
+# What the job's end means for whoever runs `vitpipe launch` (a shell, a Prefect retry policy):
+# ended from outside, worth a retry that resumes from the checkpoint -> 128 + SIGTERM.
+_KILLED_FROM_OUTSIDE = {"PREEMPTED", "NODE_FAIL", "BOOT_FAIL", "TIMEOUT", "DEADLINE"}
+
+
+def exit_status(final, first_error: str = "") -> int:
+    """`vitpipe launch`'s exit status for a finished Slurm job, in the vitpipe convention.
+
+    0 completed; 2 a rank stopped on bad input (`vitpipe STAGE: error:`, not worth a retry);
+    130 cancelled (scancel); 137 out of memory; 143 preempted, node failure or time limit (a
+    retry resumes from the last checkpoint); 1 any other failure. The batch script's own exit
+    code is no guide: srun reports a rank that it killed after another one failed as 143.
+    """
+    if final.ok:
+        return 0
+    if final.state == "CANCELLED":
+        return 128 + signal.SIGINT
+    if final.state == "OUT_OF_MEMORY":
+        return 128 + signal.SIGKILL
+    if final.state in _KILLED_FROM_OUTSIDE:
+        return 128 + signal.SIGTERM
+    if re.match(r"vitpipe \w+: error: ", first_error):
+        return 2
+    return 1
 
 
 def launch(cfg: LaunchConfig, command: list[str], *, dry_run: bool = False) -> int:

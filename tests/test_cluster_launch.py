@@ -233,3 +233,20 @@ def test_dockerfile_installs_the_package():
     assert {p.split(".")[0] + "/" for p in packages} <= set(copies)
     assert any(line.startswith("RUN pip install .") for line in lines)
     assert lines[-2] == 'ENTRYPOINT ["vitpipe"]'
+
+
+@pytest.mark.parametrize("state, exit_code, first_error, expected", [
+    ("COMPLETED", 0, "", 0),
+    ("FAILED", 1, "vitpipe pretrain: error: model 'micro/4': unknown override(s) x", 2),
+    ("FAILED", 143, "RuntimeError: CUDA error: an illegal memory access", 1),  # srun's 143 is not ours
+    ("CANCELLED", 0, "", 130),
+    ("PREEMPTED", 0, "", 143),
+    ("TIMEOUT", 0, "", 143),
+    ("OUT_OF_MEMORY", 0, "", 137),
+])
+def test_slurm_job_end_to_exit_status(state, exit_code, first_error, expected):
+    """Orchestrators decide on retries from `vitpipe launch`'s status: bad input never, preemption yes."""
+    from cluster.launch import exit_status
+    from cluster.slurm import JobStatus
+
+    assert exit_status(JobStatus("7", state, exit_code=exit_code), first_error) == expected

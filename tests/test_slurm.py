@@ -99,27 +99,32 @@ def test_submit_errors_name_the_problem(slurm_cluster, tmp_path):
         slurm.status("999999")
 
 
+def _micro_pretrain_yaml(path: Path, shards: Path, out: Path, uri: str, experiment: str, **model) -> Path:
+    import yaml
+
+    path.write_text(yaml.safe_dump({
+        "model": {"preset": "micro/4", **model},
+        "data": {"shards": str(shards), "channels": 1, "mean": [0.5], "std": [0.5],
+                 "batch_size": 16, "num_workers": 0},
+        "schedule": {"warmup_steps": 1},
+        "train": {"steps": 4, "eval_every": 0, "log_every": 1},
+        "checkpoint": {"every_steps": 0},
+        "tracking": {"uri": uri, "experiment": experiment, "system_metrics": False},
+        "out": str(out),
+    }))
+    return path
+
+
 @pytest.mark.slow
 def test_pretrain_on_two_nodes_through_launch(slurm_cluster, digits_shards, tmp_path, capfd, monkeypatch):
     """`vitpipe launch --backend slurm pretrain CFG`: a real 2-rank DeepSpeed (CPU) pretraining job,
     followed to the end; the run is tracked in MLflow by rank 0 with world size 2."""
     import mlflow
-    import yaml
 
     from vitpipe.cli import main
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    cfg = tmp_path / "micro.yaml"
-    cfg.write_text(yaml.safe_dump({
-        "model": {"preset": "micro/4"},
-        "data": {"shards": str(digits_shards), "channels": 1, "mean": [0.5], "std": [0.5],
-                 "batch_size": 16, "num_workers": 0},
-        "schedule": {"warmup_steps": 1},
-        "train": {"steps": 4, "eval_every": 0, "log_every": 1},
-        "checkpoint": {"every_steps": 0},
-        "tracking": {"uri": uri, "experiment": "slurm-test", "system_metrics": False},
-        "out": str(tmp_path / "run"),
-    }))
+    cfg = _micro_pretrain_yaml(tmp_path / "micro.yaml", digits_shards, tmp_path / "run", uri, "slurm-test")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     rc = main(["launch", "--backend", "slurm", "--nodes", "2", "--nproc-per-node", "1",
                "--slurm.gpus-per-node", "0", "--slurm.cpus-per-task", "2", "--slurm.poll", "1",
@@ -136,6 +141,38 @@ def test_pretrain_on_two_nodes_through_launch(slurm_cluster, digits_shards, tmp_
     assert runs[0].info.status == "FINISHED"
     assert runs[0].data.params["derived.world_size"] == "2"
     assert len(client.get_metric_history(runs[0].info.run_id, "train/loss")) >= 2
+
+
+@pytest.mark.slow
+def test_pretrain_flow_submits_to_slurm(slurm_cluster, digits_shards, tmp_path, monkeypatch):
+    """The Prefect pretrain flow with launcher="slurm": the job runs on 2 nodes, the flow reports the
+    job's end state; a job that fails makes the flow fail with the job's error, not hang or pass."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.stages import LauncherError, pretrain_flow
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    launch = {"nodes": 2, "slurm.gpus-per-node": 0, "slurm.cpus-per-task": 2, "slurm.poll": 1,
+              "slurm.output": str(tmp_path / "flow-%j.out")}
+    good = _micro_pretrain_yaml(tmp_path / "good.yaml", digits_shards, tmp_path / "good", uri, "flow-slurm")
+    bad = _micro_pretrain_yaml(tmp_path / "bad.yaml", digits_shards, tmp_path / "bad", uri, "flow-slurm",
+                               overrides={"no_such_field": 1})
+    with prefect_test_harness(server_startup_timeout=120):
+        record = pretrain_flow(config=str(good), nproc=1, launcher="slurm", tracking_uri=uri,
+                               experiment="flow-slurm", launch_options=launch)
+        with pytest.raises(LauncherError) as failed:
+            pretrain_flow(config=str(bad), nproc=1, launcher="slurm", tracking_uri=uri,
+                          experiment="flow-slurm", launch_options=launch)
+    assert record["metrics"]["train/loss"] > 0
+    assert Path(record["export"], "model.safetensors").is_file()
+    logs = sorted(tmp_path.glob("flow-*.out"))
+    assert len(logs) == 2  # bad input in the job: exit status 2, which the flow does not retry
+    assert "2 node(s) x 1 rank(s)" in logs[0].read_text()
+    assert failed.value.returncode == 2
+    # The flow's error names the job's state and the ranks' own error, not just torchrun's report.
+    reason = str(failed.value).splitlines()[0]
+    assert "FAILED (exit" in reason and "no_such_field" in reason, reason
 
 
 def test_launch_without_wait_prints_the_job_id(slurm_cluster, tmp_path, capfd):
