@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -346,7 +347,9 @@ def test_kill_9_then_rerun_is_byte_identical_to_a_clean_run(tmp_path):
     assert all(expected[name] == data for name, data in partial.items())  # no half shard under a final name
 
     done = subprocess.run(cmd + [str(killed)] + opts, check=True, capture_output=True, text=True, cwd=REPO)
-    assert f"{len(partial)} resumed" in done.stdout
+    # A shard renamed just before the kill may lack its receipt; it is rewritten (same bytes).
+    resumed = int(re.search(r"(\d+) resumed", done.stdout).group(1))
+    assert len(partial) - 1 <= resumed <= len(partial)
     assert _shard_bytes(killed) == expected
     assert not list(killed.glob("*.tmp-*"))
     assert verify(str(killed)) == []
