@@ -6,8 +6,9 @@ The loaders (`pipeline/loader.py`) call these; a training script never does. The
   at a reduced scale when the image is much larger than what the crop needs (`Image.draft`).
 - `train_transform(aug, image_size)` / `eval_transform(image_size, crop_pct)`: PIL image -> uint8
   tensor [C, H, W] (RandomResizedCrop, flip, optional RandAugment / resize + center crop).
-- `normalize_batch(images, mean, std)`: uint8 [B, C, H, W] -> normalised float32, once per batch
-  rather than once per sample (fewer small ops on the worker's single core).
+- `normalize_batch(images, mean, std, out=batch_buffer(...))`: uint8 crops -> one normalised
+  float32 batch, once per batch rather than once per sample (fewer small ops on the worker's
+  single core), written straight into shared memory in a worker.
 - `BatchMixer(aug, num_classes)`: Mixup / CutMix with label smoothing on a normalised batch,
   giving soft targets float [B, K].
 
@@ -19,9 +20,11 @@ from __future__ import annotations
 
 import io
 import math
+from collections.abc import Sequence
 
 import torch
 from PIL import Image
+from torch.utils.data import get_worker_info
 from pydantic import Field, model_validator
 from torchvision.transforms import v2
 
@@ -117,12 +120,32 @@ def eval_transform(image_size: int, crop_pct: float = 1.0) -> v2.Compose:
     ])
 
 
-def normalize_batch(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
-    """uint8 [B, C, H, W] -> float32 scaled to [0, 1] and normalised per channel."""
+def batch_buffer(n: int, shape: Sequence[int]) -> torch.Tensor:
+    """An empty float32 [n, *shape] batch for `normalize_batch(out=...)`. In a DataLoader worker
+    it is allocated in shared memory, so handing it to the training process copies nothing
+    (what torch's default_collate does for the batches it stacks)."""
+    if get_worker_info() is None:
+        return torch.empty((n, *shape), dtype=torch.float32)
+    # the same (private) call torch's default_collate makes to stack a batch in a worker
+    storage = torch.empty(0)._typed_storage()._new_shared(n * math.prod(shape), device="cpu")
+    return torch.empty(0).new(storage).view(n, *shape)
+
+
+def normalize_batch(images: torch.Tensor | Sequence[torch.Tensor], mean: Sequence[float], std: Sequence[float],
+                    *, out: torch.Tensor | None = None) -> torch.Tensor:
+    """uint8 [B, C, H, W] (or a list of [C, H, W]) -> float32 scaled to [0, 1] and normalised per
+    channel, written into `out` when given (the loader passes a shared-memory buffer)."""
+    if out is None:
+        out = torch.empty((len(images), *images[0].shape), dtype=torch.float32)
+    if isinstance(images, torch.Tensor):
+        out.copy_(images)
+    else:
+        for dst, img in zip(out, images):
+            dst.copy_(img)  # converts uint8 -> float32 on the way, no stacked uint8 copy
     # (x / 255 - mean) / std as one multiply and one subtract over the batch, in place
     scale = torch.tensor([1.0 / (255.0 * s) for s in std]).view(-1, 1, 1)
     shift = torch.tensor([m / s for m, s in zip(mean, std)]).view(-1, 1, 1)
-    return images.to(torch.float32).mul_(scale).sub_(shift)
+    return out.mul_(scale).sub_(shift)
 
 
 class BatchMixer:

@@ -173,6 +173,34 @@ def test_resume_with_another_world_size_restarts_the_epoch_by_sample_count(three
     assert sum(1 for _ in resumed) == resumed.steps_per_epoch - 3  # 6 x 64 samples = 3 x 128
 
 
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_tar_walk_matches_tarfile_including_long_names(tmp_path, fmt):
+    from pipeline.loader import _tar_files
+
+    path = tmp_path / "t.tar"
+    names = ["a.png", "a.cls", "d" * 60 + "/" + "k" * 80 + ".jpg", "b" * 120 + ".json", "é/ü.webp"]
+    if fmt == tarfile.USTAR_FORMAT:
+        names = names[:3]  # ustar holds long paths only by splitting them into prefix + name
+    with tarfile.open(path, "w", format=fmt) as tf:
+        for i, name in enumerate(names):
+            data = bytes([i]) * (i * 700 + 3)
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, __import__("io").BytesIO(data))
+    with tarfile.open(path) as tf:
+        want = [(m.name, tf.extractfile(m).read()) for m in tf]
+    got = []
+    with open(path, "rb") as f:
+        for i, (name, size) in enumerate(_tar_files(f)):
+            got.append((name, f.read(size) if i % 2 == 0 else b"skipped"))
+    assert [n for n, _ in got] == names == [n for n, _ in want]
+    assert all(g == w for (_, g), (_, w) in zip(got, want) if g != b"skipped")
+    data = path.read_bytes()
+    path.write_bytes(data[:100] + b"X" + data[101:])  # damage the first header
+    with open(path, "rb") as f, pytest.raises(tarfile.ReadError, match="checksum"):
+        list(_tar_files(f))
+
+
 def _corrupt(shards: Path, tmp_path: Path) -> tuple[Path, str, str]:
     """A copy of the shard set with one image replaced by garbage and one shard cut in half."""
     out = tmp_path / "bad"

@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.transforms import (AugmentConfig, BatchMixer, decode_image, eval_transform, normalize_batch,
-                                 train_min_side, train_transform)
+from pipeline.transforms import (AugmentConfig, BatchMixer, batch_buffer, decode_image, eval_transform,
+                                 normalize_batch, train_min_side, train_transform)
 from vitpipe.config import ConfigError, build_config
 from vitpipe.errors import UserError
 
@@ -87,6 +87,17 @@ def test_normalize_batch_matches_the_formula():
     mean, std = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
     want = (x.float() / 255 - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
     torch.testing.assert_close(normalize_batch(x, mean, std), want)
+
+
+class _SharedFlags(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        yield torch.tensor([batch_buffer(2, (3, 4, 4)).is_shared()])
+
+
+def test_batch_buffer_is_shared_memory_in_a_worker_only():
+    assert not batch_buffer(2, (3, 4, 4)).is_shared()
+    flags = list(torch.utils.data.DataLoader(_SharedFlags(), batch_size=None, num_workers=1))
+    assert flags == [torch.tensor([True])]
 
 
 def test_label_smoothing_only():
