@@ -29,6 +29,13 @@ class ModelSection(StageConfig):
                                       description="any other ViTConfig field, e.g. {global_pool: avg}")
 
 
+class FinetuneModelSection(ModelSection):
+    """As ModelSection, but the architecture comes from the checkpoint unless a preset is named."""
+
+    preset: str = Field("", description="only for timm checkpoints (which carry no config), e.g. s/16; "
+                                        "set for an export, it must match the checkpoint")
+
+
 class OptimSection(StageConfig):
     """AdamW as in the ViT paper: beta2 0.999, weight decay 0.1, no decay on norms/biases/embeddings."""
 
@@ -125,8 +132,7 @@ class FinetuneConfig(_TrainingConfig):
         "full", description="full = train everything with layer-wise lr decay; linear_probe = frozen backbone")
     layer_decay: float = Field(0.75, gt=0, le=1,
                                description="lr multiplier per block going down from the head (1 = off)")
-    model: ModelSection = Field(default_factory=lambda: ModelSection(preset=""),
-                                description="preset only needed for timm checkpoints; image_size resamples")
+    model: FinetuneModelSection = Field(default_factory=FinetuneModelSection)
     out: str = Field("runs/finetune", description="output directory: export, resolved config, checkpoints")
 
 

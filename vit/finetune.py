@@ -47,6 +47,10 @@ class LinearProbe(nn.Module):
         return self.vit.head(features)
 
 
+# What a fine-tune may change about the pretrained model: regularisation and pooling.
+_FINETUNE_OVERRIDES = {"attn_drop_rate", "head_drop_rate", "global_pool"}
+
+
 def _is_mlflow_uri(init: str) -> bool:
     return init.startswith(("runs:/", "models:/", "mlflow-artifacts:/"))
 
@@ -67,7 +71,7 @@ def load_init(cfg: FinetuneConfig, *, num_classes: int) -> nn.Module:
             raise UserError(f"init={init!r} does not exist; pass an export directory (model.safetensors + "
                             f"config.json), a timm checkpoint file, or runs:/RUN_ID/model / models:/NAME@ALIAS")
         model = load_pretrained(path, num_classes=num_classes, image_size=image_size,
-                                config=_preset_if_needed(path, preset))
+                                config=_timm_config(path, preset, image_size))
     if not isinstance(model, VisionTransformer):
         raise UserError(f"init={init!r} holds a {type(model).__name__}, not a vitpipe VisionTransformer")
     if preset:  # the user named an architecture: the checkpoint must be that architecture
@@ -82,8 +86,16 @@ def load_init(cfg: FinetuneConfig, *, num_classes: int) -> nn.Module:
     if model.cfg.in_chans != cfg.data.channels:
         raise UserError(f"init={init!r} takes {model.cfg.in_chans}-channel images but data.channels="
                         f"{cfg.data.channels}; set data.channels={model.cfg.in_chans}")
-    wanted = {"drop_path_rate": cfg.model.drop_path_rate, "drop_rate": cfg.model.drop_rate,
-              **{k: v for k, v in cfg.model.overrides.items() if k in ("attn_drop_rate", "head_drop_rate")}}
+    # Always a fresh zero head, as in the paper: even with the same class count the classes differ.
+    model.reset_classifier(num_classes)
+    overrides = dict(cfg.model.overrides)
+    for key in sorted(set(overrides) - _FINETUNE_OVERRIDES):
+        raise UserError(f"model.overrides.{key}: fine-tuning keeps the checkpoint's architecture, and the class "
+                        f"count comes from the dataset; only {', '.join(sorted(_FINETUNE_OVERRIDES))} can be set")
+    global_pool = overrides.pop("global_pool", None)
+    if global_pool and global_pool != model.cfg.global_pool:
+        model.reset_classifier(num_classes, global_pool=global_pool)
+    wanted = {"drop_path_rate": cfg.model.drop_path_rate, "drop_rate": cfg.model.drop_rate, **overrides}
     if any(getattr(model.cfg, k) != v for k, v in wanted.items()):
         # Drop rates are fixed at construction (per-block schedule); rebuild and copy the weights.
         rebuilt = VisionTransformer(dataclasses.replace(model.cfg, **wanted))
@@ -92,15 +104,20 @@ def load_init(cfg: FinetuneConfig, *, num_classes: int) -> nn.Module:
     return model
 
 
-def _preset_if_needed(path: Path, preset: str | None) -> str | None:
-    # Our exports carry their config; a timm checkpoint needs the architecture named.
-    own = path.is_dir() or (path.suffix == ".safetensors" and _has_vitpipe_config(path))
-    if own:
+def _timm_config(path: Path, preset: str | None, image_size: int):
+    """None for our exports (they carry their config); for a timm file, the named preset's config
+    with the checkpoint's own head size, so its head loads before being replaced."""
+    from vit.model import preset_config
+    from vit.weights import load_timm_checkpoint
+
+    if path.is_dir() or (path.suffix == ".safetensors" and _has_vitpipe_config(path)):
         return None
     if not preset:
         raise UserError(f"init={str(path)!r} is not a vitpipe export, so its architecture is unknown; "
                         f"name it with --model.preset (e.g. s/16, b/16)")
-    return preset
+    cfg = preset_config(preset, image_size=image_size, num_classes=0)
+    head = load_timm_checkpoint(path, cfg).get("head.weight")
+    return dataclasses.replace(cfg, num_classes=0 if head is None else int(head.shape[0]))
 
 
 def _has_vitpipe_config(path: Path) -> bool:

@@ -1,0 +1,194 @@
+"""`vitpipe pretrain` end to end on real digits shards: in one process, on 2 gloo ranks (ZeRO-2) with
+MLflow, and killed with SIGKILL mid-run then relaunched (resume with a matching loss curve)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from vit.config import PretrainConfig
+from vit.pretrain import pretrain
+from vitpipe.errors import UserError
+
+# Small and quick on a CPU: 16x16 digits, the micro model, gentle crops, no flips (digits have handedness).
+DATA = {"image_size": 16, "batch_size": 32, "num_workers": 0, "augment": {"crop_scale": [0.8, 1.0], "hflip": 0.0}}
+
+
+def _config(shards, out, mlflow_uri=None, **sections) -> dict:
+    cfg = {"model": {"preset": "micro/4", "overrides": {"global_pool": "avg"}},
+           "data": {"shards": str(shards), **DATA},
+           "optim": {"lr": 3e-3}, "schedule": {"warmup_steps": 5},
+           "train": {"steps": 40, "eval_every": 20, "log_every": 5},
+           "checkpoint": {"every_steps": 10, "keep_last": 2},
+           "tracking": {"uri": mlflow_uri, "enabled": mlflow_uri is not None, "system_metrics": False},
+           "out": str(out)}
+    for section, values in sections.items():
+        cfg[section] = {**cfg.get(section, {}), **values} if isinstance(values, dict) else values
+    return cfg
+
+
+def _vitpipe(args, *, timeout=540, check=True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "vitpipe.cli", *args], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    if check:
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-5000:]
+    return proc
+
+
+def _history(out: Path) -> list[tuple[int, float]]:
+    """The loss curve recorded in the final checkpoint (the whole job, across relaunches)."""
+    ck = out / "checkpoints"
+    latest = (ck / "latest").read_text().strip()
+    return [tuple(x) for x in json.loads((ck / latest / "COMPLETE.json").read_text())["history"]]
+
+
+def test_bad_inputs_rejected_before_training(digits_shards, tmp_path):
+    base = _config(digits_shards, tmp_path / "run")
+    with pytest.raises(UserError, match="unknown model 'vit-z/3'"):
+        pretrain(PretrainConfig(**{**base, "model": {"preset": "vit-z/3"}}))
+    with pytest.raises(UserError, match="deepspeed.extra.train_batch_size"):
+        pretrain(PretrainConfig(**{**base, "deepspeed": {"extra": {"train_batch_size": 8}}}))
+    with pytest.raises(UserError, match="no shard index"):
+        pretrain(PretrainConfig(**{**base, "data": {**base["data"], "shards": str(tmp_path / "nowhere")}}))
+    assert not (tmp_path / "run").exists()  # nothing was trained or written
+
+
+@pytest.mark.slow
+def test_pretrain_in_process_then_extend(digits_shards, tmp_path, mlflow_uri):
+    """The plain Python call (what Prefect flows use); relaunching with more steps resumes the same job."""
+    from mlflow import MlflowClient
+
+    from vit.weights import load_pretrained
+
+    out = tmp_path / "run"
+    cfg = PretrainConfig(**_config(digits_shards, out, mlflow_uri, train={"steps": 12, "eval_every": 0},
+                                   checkpoint={"every_steps": 5}, deepspeed={"zero_stage": 0}))
+    r = pretrain(cfg)
+    assert r["step"] == 12 and r["world_size"] == 1 and r["resumed_from"] is None
+    assert 0.0 <= r["val/top1"] <= 1.0 and r["val/samples"] == 170  # every val sample once
+    model = load_pretrained(r["export"])
+    assert model.cfg.num_classes == 10 and model.cfg.image_size == 16 and model.cfg.global_pool == "avg"
+    assert yaml.safe_load((out / "config.yaml").read_text())["optim"]["lr"] == 3e-3
+    assert json.loads((out / "results.json").read_text())["run_id"] == r["run_id"]
+
+    cfg.train.steps = 16
+    r2 = pretrain(cfg)
+    assert r2["resumed_from"] == "step_00000012" and r2["steps_this_launch"] == 4 and r2["step"] == 16
+    assert r2["run_id"] == r["run_id"]  # one MLflow run per job, across relaunches
+    client = MlflowClient(mlflow_uri)
+    assert client.get_run(r["run_id"]).info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(r["run_id"], "train/loss")]
+    assert steps == [5, 10, 12, 15, 16]
+
+
+@pytest.fixture(scope="module")
+def two_rank_run(digits_shards, tmp_path_factory):
+    """An uninterrupted 2-rank ZeRO-2 run through the CLI, `--nproc 2` (the reference for resume)."""
+    root = tmp_path_factory.mktemp("two_ranks")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    cfg_file = root / "run.yaml"
+    cfg_file.write_text(yaml.safe_dump(_config(digits_shards, root / "run", uri, deepspeed={"zero_stage": 2})))
+    proc = _vitpipe(["pretrain", str(cfg_file), "--nproc", "2"])
+    return root, uri, cfg_file, proc
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_two_ranks_zero2_loss_falls_and_one_mlflow_run(two_rank_run):
+    from mlflow import MlflowClient
+
+    from vit.weights import load_pretrained
+
+    root, uri, _, proc = two_rank_run
+    assert "torch.distributed.run --nproc-per-node 2" in proc.stderr
+    results = json.loads((root / "run" / "results.json").read_text())
+    assert results["world_size"] == 2 and results["step"] == 40
+    losses = [loss for _, loss in _history(root / "run")]
+    assert len(losses) == 8 and sum(losses[-2:]) / 2 < losses[0] - 0.1, losses  # loss falls
+    assert "pretrain: 40 steps" in proc.stderr  # the summary line
+
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("vitpipe").experiment_id])
+    assert len(runs) == 1  # rank 0 only, one run for the job
+    run = runs[0]
+    assert run.info.status == "FINISHED" and run.data.tags["vitpipe.world_size"] == "2"
+    assert run.data.params["deepspeed.zero_stage"] == "2" and run.data.params["derived.global_batch"] == "64"
+    for key in ("train/loss", "train/lr", "train/grad_norm", "train/images_per_s", "train/epoch", "val/top1",
+                "val/loss"):
+        assert key in run.data.metrics, key
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val/top1")] == [20, 40]
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"model", "loss_curve.png", "config.yaml"}
+    local = client.download_artifacts(run.info.run_id, "model", str(root / "download"))
+    from_mlflow = load_pretrained(local).state_dict()
+    exported = load_pretrained(root / "run" / "export").state_dict()
+    assert all((from_mlflow[k] == v).all() for k, v in exported.items())
+
+
+def _workers(launcher_pid: int) -> dict[int, int]:
+    """rank -> pid of the training processes under a torchrun launcher."""
+    import psutil
+
+    out = {}
+    for child in psutil.Process(launcher_pid).children(recursive=True):
+        try:
+            env = child.environ()
+            if "vitpipe.cli" in " ".join(child.cmdline()) and "RANK" in env:
+                out[int(env["RANK"])] = child.pid
+        except psutil.Error:
+            continue
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_sigkill_one_rank_then_relaunch_resumes_with_matching_loss(two_rank_run, tmp_path):
+    ref_root, _, ref_cfg, _ = two_rank_run
+    cfg = yaml.safe_load(ref_cfg.read_text())
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg.update(out=str(tmp_path / "run"), tracking={**cfg["tracking"], "uri": uri})
+    cfg_file = tmp_path / "run.yaml"
+    cfg_file.write_text(yaml.safe_dump(cfg))
+    marker = tmp_path / "run" / "checkpoints" / "step_00000010" / "COMPLETE.json"
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launcher = subprocess.Popen([sys.executable, "-m", "vitpipe.cli", "pretrain", str(cfg_file), "--nproc", "2"],
+                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 400
+    while not marker.exists():
+        assert launcher.poll() is None and time.monotonic() < deadline, "the run ended before its first checkpoint"
+        time.sleep(0.05)
+    victim = _workers(launcher.pid)[1]
+    os.kill(victim, signal.SIGKILL)  # rank 1 dies without any chance to clean up
+    _, err = launcher.communicate(timeout=300)
+    assert launcher.returncode != 0, err[-3000:]
+    assert not (tmp_path / "run" / "results.json").exists()
+
+    proc = _vitpipe(["pretrain", str(cfg_file), "--nproc", "2"])  # the same command, no resume flag
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    resumed = results["resumed_from"]
+    assert resumed is not None and results["step"] == 40 and results["steps_this_launch"] < 40, results
+    assert f"resumed from {tmp_path / 'run' / 'checkpoints' / resumed}" in proc.stderr
+
+    # Same seed, same data order (the loader resumes mid-epoch), same optimizer state: the whole
+    # curve equals the uninterrupted run's up to float summation noise of the gloo all-reduce.
+    ref, got = _history(ref_root / "run"), _history(tmp_path / "run")
+    assert [s for s, _ in got] == [s for s, _ in ref]
+    for (step, a), (_, b) in zip(ref, got):
+        assert b == pytest.approx(a, rel=1e-4, abs=1e-5), (step, a, b)
+    ref_res = json.loads((ref_root / "run" / "results.json").read_text())
+    assert results["val/top1"] == pytest.approx(ref_res["val/top1"], abs=1e-6)
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("vitpipe").experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"  # the relaunch reopened the job's run
