@@ -68,6 +68,16 @@ def test_resume_reopens_the_same_run(mlflow_uri):
     assert len(client.search_runs([client.get_experiment_by_name("t").experiment_id])) == 1
 
 
+def test_run_offered_by_an_orchestrator_is_used(mlflow_uri, monkeypatch):
+    client = MlflowClient(mlflow_uri)
+    offered = client.create_run(client.create_experiment("flow")).info.run_id
+    monkeypatch.setenv("MLFLOW_RUN_ID", offered)
+    with tracked(_open(mlflow_uri)) as t:
+        pass
+    run = client.get_run(offered)
+    assert t.run_id == offered and run.info.status == "FINISHED" and run.data.params["optim.lr"] == "0.001"
+
+
 def test_other_ranks_and_disabled_tracking_do_nothing(mlflow_uri):
     for t in (Tracker.open(TrackingSection(uri=mlflow_uri), is_main=False, params={}, tags={}),
               Tracker.open(TrackingSection(uri=mlflow_uri, enabled=False), is_main=True, params={}, tags={})):

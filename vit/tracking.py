@@ -103,23 +103,24 @@ class Tracker:
         from mlflow import MlflowClient
 
         client = MlflowClient(uri)
-        run_id = None
-        if resume_run_id:
+        run_id, fresh = None, True
+        # The checkpoint's run (a relaunch of this job) wins; else a run an orchestrator created for us.
+        reuse = resume_run_id or os.environ.get("MLFLOW_RUN_ID")
+        if reuse:
             try:
-                client.get_run(resume_run_id)
-                run_id = resume_run_id
-                client.update_run(run_id, status="RUNNING")
+                fresh = not client.get_run(reuse).data.params
+                client.update_run(reuse, status="RUNNING")
+                run_id = reuse
             except Exception as e:  # the run was deleted or the store changed: start a new one
-                warn(f"MLflow run {resume_run_id} of the checkpoint is gone ({e}); starting a new run")
+                warn(f"MLflow run {reuse} is gone ({e}); starting a new run")
         if run_id is None:
             exp = client.get_experiment_by_name(section.experiment)
             exp_id = exp.experiment_id if exp else client.create_experiment(section.experiment)
-            run = client.create_run(exp_id, run_name=section.run_name, tags=dict(tags))
-            run_id = run.info.run_id
-            tracker = cls(run_id, uri)
+            run_id = client.create_run(exp_id, run_name=section.run_name).info.run_id
+        tracker = cls(run_id, uri)
+        if fresh:  # params are write-once in MLflow: a reopened run keeps those of its first launch
             tracker.log_params(params)
-        else:
-            tracker = cls(run_id, uri)
+            tracker.set_tags(tags)
         if section.system_metrics:
             tracker._start_system_metrics(mlflow)
         return tracker
