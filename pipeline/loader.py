@@ -561,7 +561,11 @@ class TrainLoader:
                 yield batch["images"], batch["targets"]
             if self._step >= self.steps_per_epoch:
                 self.report.summarize_epoch(self.epoch)
-                break
+                return
+        # Only reached if the workers stopped early: fail loudly rather than let this rank skip
+        # collectives the others will wait in.
+        raise RuntimeError(f"train loader rank {self.rank} produced {self._step} of {self.steps_per_epoch} "
+                           f"batches of epoch {self.epoch}; this is a bug, please report it")
 
     def state_dict(self) -> dict:
         """Where this epoch stands; identical on every rank, so save it from rank 0."""

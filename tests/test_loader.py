@@ -157,6 +157,8 @@ def test_resume_yields_exactly_the_tail_of_the_uninterrupted_epoch(three_shards,
     assert len(tail_images) == full.steps_per_epoch - steps
     resumed.set_epoch(3)
     assert len(_epoch(resumed)[0]) == full.samples_per_epoch
+    if rank == 0:  # iterating the interrupted loader again continues its epoch (workers restarted)
+        assert _epoch(saving)[0] == keys[steps * 32:]
 
 
 def test_resume_with_another_world_size_restarts_the_epoch_by_sample_count(three_shards, caplog):
@@ -269,13 +271,27 @@ def test_eval_sees_every_sample_once_in_index_order_with_equal_batch_counts(thre
     assert len(set(counts)) == 1 and counts[0] == loader.num_batches
 
 
-def test_eval_targets_are_the_cls_members(three_shards):
-    with tarfile.open(three_shards / load_index(three_shards)["splits"]["val"]["shards"][0]["name"]) as tf:
-        want = {m.name.split(".")[0]: int(tf.extractfile(m).read()) for m in tf if m.name.endswith(".cls")}
+def test_eval_targets_are_the_cls_members_read_by_webdataset(three_shards):
+    import webdataset as wds
+
+    urls = [str(three_shards / s["name"]) for s in load_index(three_shards)["splits"]["val"]["shards"]]
+    want = {s["__key__"]: int(s["cls"]) for s in wds.WebDataset(urls, shardshuffle=False, empty_check=False)}
     got = {}
     for _, y, keys in make_eval_loader(_cfg(three_shards, num_workers=0, eval_batch_size=50)):
         got.update(zip(keys, y.tolist()))
     assert got == want
+
+
+def test_shards_behind_an_fsspec_url(three_shards):
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    for path in [three_shards / "index.json", *three_shards.glob("*.tar")]:
+        fs.pipe(f"/loader-test/{path.name}", path.read_bytes())
+    cfg = _cfg(Path("."), num_workers=0).model_copy(update={"shards": "memory://loader-test"})
+    remote = _epoch(make_train_loader(cfg, return_keys=True))[0]
+    local = _epoch(make_train_loader(_cfg(three_shards, num_workers=0), return_keys=True))[0]
+    assert remote == local
 
 
 def test_bad_configuration_is_a_user_error(three_shards):
