@@ -39,3 +39,20 @@ def digits_shards(digits_dir, tmp_path_factory) -> Path:
 def mlflow_uri(tmp_path) -> str:
     """A fresh SQLite-backed MLflow tracking store for one test."""
     return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+@pytest.fixture(scope="session")
+def small_demo(tmp_path_factory) -> dict:
+    """`vitpipe demo --size small` run once as a real command (Prefect's temporary server, SQLite MLflow)."""
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("demo") / "demo-output"
+    home = out.parent / "prefect_home"
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env.update(PREFECT_HOME=str(home), OMP_NUM_THREADS="1", PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    proc = subprocess.run([sys.executable, "-m", "vitpipe.cli", "demo", "--size", "small", "--out", str(out)],
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return {"out": out, "prefect_home": home, "stdout": proc.stdout, "stderr": proc.stderr,
+            "tracking_uri": f"sqlite:///{out / 'mlflow.db'}"}

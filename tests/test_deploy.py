@@ -8,6 +8,7 @@ the registered champion on the new shards, tracked in a SQLite MLflow store.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -56,10 +57,12 @@ def _stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
-@pytest.fixture(scope="module")
-def prefect_server(tmp_path_factory):
-    """A real Prefect server on a free 127.0.0.1 port, its database and home in a temp dir."""
-    home = tmp_path_factory.mktemp("prefect_home")
+@contextlib.contextmanager
+def running_prefect_server(home: Path):
+    """`prefect server start` on a free 127.0.0.1 port with its database in `home`; stopped on exit.
+
+    Yields {'api': URL, 'env': the environment a client or worker of this server needs}.
+    """
     port = _free_port()
     env = {**os.environ, "PREFECT_HOME": str(home),
            "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home / 'prefect.db'}",
@@ -76,6 +79,13 @@ def prefect_server(tmp_path_factory):
         yield {"api": api, "home": home, "env": {**env, "PREFECT_API_URL": api}}
     finally:
         _stop(proc)
+
+
+@pytest.fixture(scope="module")
+def prefect_server(tmp_path_factory):
+    """A real Prefect server for this module, its home and database in a temp dir."""
+    with running_prefect_server(tmp_path_factory.mktemp("prefect_home")) as server:
+        yield server
 
 
 @pytest.fixture
