@@ -22,6 +22,7 @@ import argparse
 import contextlib
 import io
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -52,10 +53,16 @@ def make_images(root: Path, n: int, side: int = 384) -> Path:
     return root
 
 
-def timed(fn) -> float:
-    start = time.perf_counter()
+def timed(fn) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process's threads and its reaped child processes).
+    CPU time is the load-independent figure on a busy machine."""
+    def cpu() -> float:
+        c = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return time.process_time() + c.ru_utime + c.ru_stime
+
+    start, start_cpu = time.perf_counter(), cpu()
     fn()
-    return time.perf_counter() - start
+    return time.perf_counter() - start, cpu() - start_cpu
 
 
 def run_shard(src: Path, out: Path, **kw) -> None:
@@ -111,13 +118,13 @@ def bare_pillow_loop(files: list[Path], size: int, quality: int, *, draft: bool 
         img.save(buf, "JPEG", quality=quality)
 
 
-def medians(repeats: int, *fns) -> list[float]:
-    """Median time of each function, running them in turn `repeats` times (noise hits all alike)."""
-    times: list[list[float]] = [[] for _ in fns]
+def medians(repeats: int, *fns) -> list[tuple[float, float]]:
+    """Median (wall, CPU) seconds of each function, run in turn `repeats` times (noise hits all alike)."""
+    times: list[list[tuple[float, float]]] = [[] for _ in fns]
     for _ in range(repeats):
         for t, fn in zip(times, fns):
             t.append(timed(fn))
-    return [statistics.median(t) for t in times]
+    return [(statistics.median(w for w, _ in t), statistics.median(c for _, c in t)) for t in times]
 
 
 def main() -> None:
@@ -141,22 +148,22 @@ def main() -> None:
         out = work / "out"
         run_shard(src, out)  # warm-up: imports, Pillow plugins, page cache
         run_tar(src, out)
-        t_tar, t_sync, t_shard, t_nohash = medians(
-            args.repeats, lambda: run_tar(src, out), lambda: run_tar(src, out, durable=True),
-            lambda: run_shard(src, out), lambda: run_shard_without_hashing(src, out))
-        print("| pass-through | time (s) | MB/s | speed vs tar |\n| --- | --- | --- | --- |")
-        for name, t in [("GNU tar -cf (baseline)", t_tar), ("GNU tar -cf + sync -f", t_sync),
-                        ("**vitpipe shard**", t_shard),
-                        ("vitpipe shard with sha256 stubbed out (diagnostic only)", t_nohash)]:
-            print(f"| {name} | {t:.2f} | {mb / t:.0f} | {t_tar / t:.2f} |")
-        t_check = timed(lambda: run_shard(src, out, decode_check=True))
-        print(f"| vitpipe shard --decode-check (1 run) | {t_check:.2f} | {mb / t_check:.0f} | "
-              f"{t_tar / t_check:.2f} |\n")
+        runs = medians(args.repeats, lambda: run_tar(src, out), lambda: run_tar(src, out, durable=True),
+                       lambda: run_shard(src, out), lambda: run_shard_without_hashing(src, out),
+                       lambda: run_shard(src, out, decode_check=True))
+        names = ["GNU tar -cf (baseline)", "GNU tar -cf + sync -f", "**vitpipe shard**",
+                 "vitpipe shard, sha256 stubbed out (diagnostic only)", "vitpipe shard --decode-check"]
+        (t_tar, c_tar) = runs[0]
+        print("| pass-through | wall (s) | CPU (s) | MB/s | speed vs tar | CPU vs tar |")
+        print("| --- | --- | --- | --- | --- | --- |")
+        for name, (t, c) in zip(names, runs):
+            print(f"| {name} | {t:.2f} | {c:.2f} | {mb / t:.0f} | {t_tar / t:.2f} | {c / c_tar:.2f} |")
+        print()
 
         print(f"| resize+re-encode (jpg q90, shorter side {args.size}) | workers | img/s | "
               f"img/s per worker | per worker vs bare loop |\n| --- | --- | --- | --- | --- |")
         for w in args.workers:
-            t_bare, t_draft, t_sh = medians(
+            (t_bare, _), (t_draft, _), (t_sh, _) = medians(
                 args.repeats, lambda: bare_pillow_loop(files, args.size, 90),
                 lambda: bare_pillow_loop(files, args.size, 90, draft=True),
                 lambda: run_shard(src, out, encode="jpg", quality=90, resize="shorter", size=args.size, workers=w))

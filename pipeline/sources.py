@@ -292,8 +292,10 @@ def list_manifest(uri: str, *, path_column: str | None = None, label_column: str
                              "detail": f"row {i} has an empty {pcol!r} column"})
             continue
         path = _resolve(str(path), base)
-        name = str(row[kcol]) if kcol and not _missing(row[kcol]) else (
-            path.split("://", 1)[1] if _is_url(path) else os.path.relpath(path, base)).rsplit(".", 1)[0]
+        if kcol and not _missing(row[kcol]):
+            name = str(row[kcol])
+        else:
+            name = os.path.splitext(path.split("://", 1)[1] if _is_url(path) else os.path.relpath(path, base))[0]
         label = None if lcol is None or _missing(row[lcol]) else str(_json_value(row[lcol]))
         split = None if scol is None else str(row[scol])
         extra = {c: _json_value(row[c]) for c in extra_cols}
