@@ -595,3 +595,26 @@ def test_dask_executor_gives_identical_shards(digits_dir, tmp_path):
             Client(cluster) as client:
         shard(ShardConfig(out=str(b), **cfg), executor=client.get_executor())
     assert _shard_bytes(a) == _shard_bytes(b)
+
+
+def test_cli_config_file_and_overrides(digits_dir, tmp_path, capsys):
+    """`vitpipe shard --config FILE` with a command-line override: CLI > file > defaults, and the
+    resolved config lands next to the output."""
+    import yaml
+
+    from vitpipe.cli import main
+
+    out = tmp_path / "out"
+    cfg_file = tmp_path / "shard.yaml"
+    cfg_file.write_text(yaml.safe_dump({"src": str(tmp_path / "elsewhere"), "max_samples_per_shard": 100,
+                                        "val_ratio": 0.5, "max_shard_size": "50MB"}))
+    argv = ["shard", str(digits_dir), str(out), "--config", str(cfg_file), "--max-samples-per-shard", "700"]
+    assert main(argv) == 0
+    assert "sharded 1797 images" in capsys.readouterr().out
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["src"] == str(digits_dir)
+    assert (saved["max_samples_per_shard"], saved["val_ratio"], saved["max_shard_size"]) == (700, 0.5, 50_000_000)
+    index = load_index(str(out))
+    assert max(s["num_samples"] for v in index["splits"].values() for s in v["shards"]) == 700
+    assert 0.45 < index["splits"]["val"]["num_samples"] / 1797 < 0.55
+    assert main(["verify", str(out)]) == 0
