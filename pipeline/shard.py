@@ -534,7 +534,9 @@ def shard(cfg: ShardConfig, *, executor: cf.Executor | None = None) -> dict:
     """Shard `cfg.src` into `cfg.out` (resuming an earlier run of the same config); returns stats.
 
     `executor` (e.g. `dask.distributed.Client.get_executor()`) runs the shard writers instead of a
-    local process pool; OUT must then be a filesystem the executor's workers share.
+    local process pool; OUT must then be a filesystem the executor's workers share. With
+    `workers > 1` the pool starts processes by forkserver, so a script calling this needs the
+    usual `if __name__ == "__main__":` guard.
     """
     start = time.perf_counter()
     if "://" in cfg.out and not cfg.out.startswith("file://"):
