@@ -470,8 +470,10 @@ class _DataReport:
 def _data_loader(dataset: IterableDataset, num_workers: int) -> DataLoader:
     # Persistent workers keep the (forked or spawned) processes across epochs; they read the epoch
     # and start step from the dataset's shared-memory `control` tensor at every new iterator.
+    # Its own generator: the DataLoader draws a base seed per iterator, which would otherwise come
+    # from (and shift) the training process's global RNG. The streams seed themselves per batch.
     return DataLoader(dataset, batch_size=None, num_workers=num_workers, persistent_workers=num_workers > 0,
-                      pin_memory=torch.cuda.is_available())
+                      pin_memory=torch.cuda.is_available(), generator=torch.Generator().manual_seed(0))
 
 
 def _split_info(index: dict, split: str) -> list[_Shard]:

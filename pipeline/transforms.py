@@ -93,7 +93,9 @@ def decode_image(data: bytes, *, mode: str, min_side: int | None = None) -> Imag
 
 def train_min_side(aug: AugmentConfig, image_size: int) -> int:
     """The smallest source side at which the smallest random crop still has `image_size` pixels."""
-    return math.ceil(image_size / math.sqrt(aug.crop_scale[0] * min(aug.crop_ratio[0], 1.0)))
+    # a crop of area a and aspect r has shorter side sqrt(a * min(r, 1/r))
+    squarest = min(aug.crop_ratio[0], 1.0 / aug.crop_ratio[1], 1.0)
+    return math.ceil(image_size / math.sqrt(aug.crop_scale[0] * squarest))
 
 
 def train_transform(aug: AugmentConfig, image_size: int) -> v2.Compose:

@@ -124,6 +124,15 @@ def test_same_seed_same_batches_other_seed_or_epoch_differs(three_shards):
     assert not torch.equal(next(iter(b))[0], xa)
 
 
+def test_loading_in_process_leaves_the_training_rng_alone(three_shards):
+    loader = make_train_loader(_cfg(three_shards, num_workers=0, augment={"mixup_alpha": 0.5}))
+    torch.manual_seed(0)
+    want = torch.rand(3)
+    torch.manual_seed(0)
+    next(iter(loader))
+    assert torch.equal(torch.rand(3), want)
+
+
 def test_plain_loop_without_set_epoch_moves_to_the_next_epoch(three_shards):
     loader = make_train_loader(_cfg(three_shards, num_workers=0), return_keys=True)
     first = _epoch(loader)[0]

@@ -80,6 +80,8 @@ def test_decode_image_uses_jpeg_draft_but_keeps_enough_pixels():
 def test_train_min_side_leaves_the_smallest_crop_at_full_resolution():
     aug = AugmentConfig(crop_scale=(0.25, 1.0), crop_ratio=(1.0, 1.0))
     assert train_min_side(aug, 32) == 64
+    wide = AugmentConfig(crop_scale=(1.0, 1.0), crop_ratio=(2.0, 4.0))  # crops at most 1/2 as tall as wide
+    assert train_min_side(wide, 32) == 64
 
 
 def test_normalize_batch_matches_the_formula():
