@@ -64,12 +64,19 @@ def build_deployments(*, pretrain_config: str | None = None, pretrain_dataset: s
                       finetune_config: str | None = None, evaluate_config: str | None = None,
                       pretrain_cron: str | None = DEFAULT_PRETRAIN_CRON, dataset_glob: str = "*",
                       tracking_uri: str | None = None, experiment: str | None = None,
-                      nproc: int = 1, launcher: str = "local", tags: list[str] | None = None) -> list:
-    """The RunnerDeployments of every flow (not yet sent to a server)."""
+                      nproc: int = 1, launcher: str = "local", tags: list[str] | None = None,
+                      register_as: str | None = None) -> list:
+    """The RunnerDeployments of every flow (not yet sent to a server).
+
+    Triggered fine-tunes are evaluated and registered as `candidate` of `register_as`
+    (default: the pipeline's model, so a better one becomes the next `champion`).
+    """
     from prefect.deployments.runner import EntrypointType
 
     from flows.pipeline import pipeline_flow
-    from flows.stages import evaluate_flow, finetune_flow, pretrain_flow, shard_flow
+    from flows.stages import REGISTERED_MODEL, evaluate_flow, finetune_flow, pretrain_flow, shard_flow
+
+    register_as = register_as or REGISTERED_MODEL
 
     common: dict[str, Any] = {k: v for k, v in {"tracking_uri": tracking_uri, "experiment": experiment}.items()
                               if v is not None}
@@ -85,7 +92,8 @@ def build_deployments(*, pretrain_config: str | None = None, pretrain_dataset: s
         make(pretrain_flow, "pretrain",
              {**training, "config": _absolute(pretrain_config), "dataset": pretrain_dataset},
              cron=pretrain_cron),
-        make(finetune_flow, FINETUNE_DEPLOYMENT, {**training, "config": _absolute(finetune_config)},
+        make(finetune_flow, FINETUNE_DEPLOYMENT,
+             {**training, "config": _absolute(finetune_config), "register_as": register_as},
              triggers=[dataset_ready_trigger(dataset_glob)]),
         make(evaluate_flow, "evaluate", {**common, "config": _absolute(evaluate_config)}),
         make(pipeline_flow, "pipeline", {**common, "nproc": nproc, "launcher": launcher}),

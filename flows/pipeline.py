@@ -79,7 +79,8 @@ def pipeline_flow(pretrain_src: str, finetune_src: str, workdir: str = "vitpipe-
                            overrides=finetune_overrides, init=pre["export"], out=str(work / "finetune"),
                            nproc=nproc, launcher=launcher, **runs)
         ev = evaluate_flow(model=ft["export"], dataset=ft_data["path"], config=evaluate_config,
-                           overrides=evaluate_overrides, out=str(work / "evaluate"), **runs)
+                           overrides={"data": ft["data_config"], **(evaluate_overrides or {})},
+                           out=str(work / "evaluate"), **runs)
         records = {"pretrain": pre, "finetune": ft, "evaluate": ev}
         if register_as:
             ft["registered"] = register_task(ft["export"], register_as, ft["mlflow_run_id"], ev, uri)

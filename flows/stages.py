@@ -18,6 +18,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import math
 import os
 import re
 import signal
@@ -288,27 +289,40 @@ def launcher_argv(stage: str, config_path: Path, nproc: int, launcher: str = "lo
     return [sys.executable, "-m", "vitpipe.cli", "launch", "--backend", launcher, *flags, "--", *stage_argv]
 
 
-def stream_process(argv: list[str], *, env: dict[str, str], log, tail_lines: int = 60) -> tuple[int, list[str]]:
-    """Run `argv`, sending each output line (tqdm's carriage-return updates too) to `log`.
+def stream_process(argv: list[str], *, env: dict[str, str], log, tail_lines: int = 60,
+                   progress_every: float = 10.0) -> tuple[int, list[str]]:
+    """Run `argv`, sending its output to `log` line by line; returns (exit status, last lines).
 
-    Returns (exit status, last `tail_lines` lines). The child gets its own process group so that
-    cancelling the flow run (or an exception here) takes down every rank it started.
+    Progress-bar updates (lines ended by a carriage return) are forwarded at most once every
+    `progress_every` seconds: a bar redrawn ten times a second would otherwise flood the flow
+    run's log. The child gets its own process group so that cancelling the flow run (or an
+    exception here) takes down every rank it started.
     """
     tail: deque[str] = deque(maxlen=tail_lines)
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
                             start_new_session=True)
-    pending = b""
+    pending, last_progress = b"", -math.inf
+
+    def emit(raw: bytes, is_progress: bool) -> None:
+        nonlocal last_progress
+        line = raw.decode(errors="replace").rstrip()
+        if not line:
+            return
+        if is_progress:
+            now = time.monotonic()
+            if now - last_progress < progress_every:
+                return
+            last_progress = now
+        tail.append(line)
+        log(line)
+
     try:
         while chunk := proc.stdout.read1(1 << 16):
-            *lines, pending = re.split(rb"[\r\n]", pending + chunk)
-            for raw in lines:
-                line = raw.decode(errors="replace").rstrip()
-                if line:
-                    tail.append(line)
-                    log(line)
-        if pending.strip():
-            tail.append(pending.decode(errors="replace").rstrip())
-            log(tail[-1])
+            parts = re.split(rb"(\r\n|\r|\n)", pending + chunk)
+            pending = parts.pop()
+            for raw, end in zip(parts[::2], parts[1::2]):
+                emit(raw, is_progress=end == b"\r")
+        emit(pending, is_progress=False)
         return proc.wait(), list(tail)
     finally:
         # Stop it gently first: torchrun stops its ranks on SIGINT, and `vitpipe launch --backend
@@ -381,7 +395,9 @@ def train_stage(stage: str, cfg: StageConfig, *, nproc: int, launcher: Launcher,
     logger.info("%s finished: %s", stage, ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())
                                                    if k.startswith(("val/", "train/loss"))))
     return {"mlflow_run_id": stage_run_id, "metrics": metrics, "out": str(out), "dataset": str(shards),
-            "export": results.get("export", str(out / "export")), "url": url}
+            "export": results.get("export", str(out / "export")), "url": url,
+            # how the stage read its images: evaluating its model must read them the same way
+            "data_config": cfg.data.model_dump(mode="json")}
 
 
 def _read_json(path: Path) -> dict:
@@ -451,7 +467,7 @@ def finetune_flow(dataset: str | None = None, dataset_name: str | None = None, c
         record["evaluation"] = evaluate_flow(model=record["export"], dataset=record["dataset"],
                                              out=str(Path(record["out"]) / "evaluation"), tracking_uri=uri,
                                              experiment=experiment, parent_run_id=parent_run_id,
-                                             overrides=evaluate_overrides)
+                                             overrides={"data": record["data_config"], **(evaluate_overrides or {})})
         record["registered"] = register_task(record["export"], register_as, record["mlflow_run_id"],
                                              record["evaluation"], uri)
     return record

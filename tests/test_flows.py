@@ -109,12 +109,18 @@ def test_retries_only_transient_failures():
 # The launcher subprocess
 
 
-def test_stream_process_forwards_lines_and_progress_updates():
-    script = "import sys;print('a');sys.stdout.write('10%\\r50%\\r100%\\n');print('b', flush=True);sys.exit(3)"
+def test_stream_process_forwards_lines_and_throttles_progress_bars():
+    # what tqdm writes: each redraw starts with a carriage return, the final state ends the line
+    script = ("import sys;print('a');sys.stdout.write('\\r10%\\r50%\\r100%\\n');print('b', flush=True);"
+              "sys.exit(3)")
     lines: list[str] = []
-    rc, tail = stream_process([sys.executable, "-c", script], env=dict(os.environ), log=lines.append)
+    rc, tail = stream_process([sys.executable, "-c", script], env=dict(os.environ), log=lines.append,
+                              progress_every=0)
     assert rc == 3
     assert lines == ["a", "10%", "50%", "100%", "b"] and tail == lines
+    lines.clear()
+    stream_process([sys.executable, "-c", script], env=dict(os.environ), log=lines.append, progress_every=600)
+    assert lines == ["a", "10%", "100%", "b"]  # 50% came too soon after 10%; the final state always shows
 
 
 def test_stream_process_kills_the_whole_process_group(tmp_path):
