@@ -139,10 +139,20 @@ def _tar_member_bytes(name_len: int, size: int) -> int:
     return blocks
 
 
+def _json_len_bound(text: str | None) -> int:
+    """Bytes of `text` as a JSON string, or more; plain printable ASCII (the common case) skips json."""
+    if text is None:
+        return 4
+    if text.isascii() and text.isprintable() and '"' not in text and "\\" not in text:
+        return len(text) + 2
+    return len(json.dumps(text))  # \uXXXX escapes are never shorter than the UTF-8 bytes written
+
+
 def _sample_bytes_bound(item: SourceItem) -> int:
     """Upper bound of one pass-through sample's tar bytes (image + cls + json members)."""
-    meta = len(json.dumps({"source": item.uri, "label": item.label, "extra": item.extra}))
-    json_bound = meta + 200  # width, height, format, sha256 and keys: well under 200 bytes
+    extra = len(json.dumps(item.extra)) if item.extra else 2
+    # + width, height, format, sha256 and the keys: well under 200 bytes
+    json_bound = _json_len_bound(item.uri) + _json_len_bound(item.label) + extra + 200
     key_len = len(item.key) + 6  # ".tiff" is the longest extension
     return (_tar_member_bytes(key_len, item.size) + _tar_member_bytes(key_len, 20)
             + _tar_member_bytes(key_len, json_bound))
@@ -159,11 +169,28 @@ def split_of(key: str, val_ratio: float) -> str:
 
 
 def plan_shards(source: Source, cfg: ShardConfig) -> list[ShardTask]:
-    """Cut the sorted items into shards per split; depends only on the source and config."""
-    by_split: dict[str, list[SourceItem]] = {}
+    """Cut the sorted items into shards per split; depends only on the source and config.
+
+    Files that cannot fit in a shard of --max-shard-size (with their tar headers and metadata)
+    move from `source.items` to `source.rejected` as `too_large`: no shard could hold them within
+    the cap, and a multi-GB '.jpg' is not an image a training set wants read into memory.
+    """
+    by_split: dict[str, list[tuple[SourceItem, int]]] = {}
+    keep = []
     for item in source.items:
+        bound = _sample_bytes_bound(item)
+        if bound + _TAR_END_BOUND > cfg.max_shard_size:
+            source.rejected.append({"source": item.uri, "reason": "too_large",
+                                    "detail": f"{item.size} bytes: with its tar headers and metadata it does "
+                                              f"not fit in --max-shard-size {cfg.max_shard_size}"})
+            continue
+        keep.append(item)
         split = item.split if cfg.split_by == "source" else split_of(item.key, cfg.val_ratio)
-        by_split.setdefault(split, []).append(item)
+        by_split.setdefault(split, []).append((item, bound))
+    if not keep:
+        raise UserError(f"every image in {source.uri!r} is bigger than --max-shard-size {cfg.max_shard_size} "
+                        f"bytes; raise it, e.g. --max-shard-size 1GB")
+    source.items = keep
     bad = sorted(s for s in by_split if not re.fullmatch(r"[A-Za-z0-9_]+", s))
     if bad:
         raise UserError(f"split names {bad} from the source cannot name shard files; use letters, digits "
@@ -177,14 +204,12 @@ def plan_shards(source: Source, cfg: ShardConfig) -> list[ShardTask]:
             for i, group in enumerate(_cut(by_split[split], cfg.max_samples_per_shard, cfg.max_shard_size))]
 
 
-def _cut(items: list[SourceItem], max_samples: int, max_bytes: int) -> list[list[SourceItem]]:
-    """Consecutive groups of at most `max_samples` items and `max_bytes` (bound) each; an item
-    larger than `max_bytes` on its own still gets a shard, alone."""
+def _cut(items: list[tuple[SourceItem, int]], max_samples: int, max_bytes: int) -> list[list[SourceItem]]:
+    """Consecutive groups of at most `max_samples` items and `max_bytes` (by their byte bounds)."""
     groups: list[list[SourceItem]] = []
     current: list[SourceItem] = []
     size = _TAR_END_BOUND
-    for item in items:
-        b = _sample_bytes_bound(item)
+    for item, b in items:
         if current and (len(current) >= max_samples or size + b > max_bytes):
             groups.append(current)
             current, size = [], _TAR_END_BOUND
@@ -202,8 +227,10 @@ def plan_fingerprint(cfg: ShardConfig, tasks: list[ShardTask]) -> str:
     h.update(json.dumps(cfg.model_dump(mode="json", exclude={"workers", "overwrite", "out"}),
                         sort_keys=True).encode())
     for t in tasks:
-        h.update(json.dumps([t.name, t.class_ids, [[i.key, i.uri, i.size, i.label, i.extra]
-                                                   for i in t.items]], sort_keys=True).encode())
+        h.update(json.dumps([t.name, t.class_ids]).encode())
+        # One line per item, fields NUL-separated (no field holds a NUL): cheap for millions of items.
+        h.update("".join(f"{i.key}\0{i.uri}\0{i.size}\0{i.label}\0"
+                         f"{json.dumps(i.extra, sort_keys=True) if i.extra else ''}\n" for i in t.items).encode())
     return h.hexdigest()
 
 
@@ -546,30 +573,12 @@ def shard(cfg: ShardConfig, *, executor: cf.Executor | None = None) -> dict:
     cfg = cfg.model_copy(update={"out": str(out)})
     source = list_source(cfg.src, path_column=cfg.path_column, label_column=cfg.label_column,
                          split_from_source=cfg.split_by == "source")
-    _reject_too_large(source, cfg.max_shard_size)
     tasks = plan_shards(source, cfg)
     fingerprint = plan_fingerprint(cfg, tasks)
     with _exclusive(out):
         _prepare_out(out, fingerprint, cfg.overwrite)
         save_config(cfg, out / "config.yaml")
         return _write_all(cfg, out, source, tasks, fingerprint, executor, start)
-
-
-def _reject_too_large(source: Source, max_shard_size: int) -> None:
-    """Move files bigger than a whole shard to the failures: no shard could hold them within the
-    cap, and a multi-GB '.jpg' is not an image a training set wants read into memory."""
-    keep = []
-    for item in source.items:
-        if _sample_bytes_bound(item) + _TAR_END_BOUND > max_shard_size:
-            source.rejected.append({"source": item.uri, "reason": "too_large",
-                                    "detail": f"{item.size} bytes: with its tar headers and metadata it does "
-                                              f"not fit in --max-shard-size {max_shard_size}"})
-        else:
-            keep.append(item)
-    if not keep:
-        raise UserError(f"every image in {source.uri!r} is bigger than --max-shard-size {max_shard_size} bytes; "
-                        f"raise it, e.g. --max-shard-size 1GB")
-    source.items = keep
 
 
 @contextlib.contextmanager
