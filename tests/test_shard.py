@@ -618,3 +618,23 @@ def test_cli_config_file_and_overrides(digits_dir, tmp_path, capsys):
     assert max(s["num_samples"] for v in index["splits"].values() for s in v["shards"]) == 700
     assert 0.45 < index["splits"]["val"]["num_samples"] / 1797 < 0.55
     assert main(["verify", str(out)]) == 0
+
+
+def test_byte_cap_holds_with_unicode_and_quoted_metadata(digits_dir, tmp_path):
+    """The planner's byte bound covers JSON escaping of paths, labels and extra columns."""
+    import pandas as pd
+
+    files = sorted(digits_dir.rglob("*.png"))[:120]
+    pd.DataFrame({"path": [str(p) for p in files],
+                  "label": [f"ziffer «{p.parent.name}» \"q\"" for p in files],
+                  "caption": [f"handgeschriebene Ziffer {p.stem} " + "— 手書き \\ \t" * 300 for p in files]}
+                 ).to_csv(tmp_path / "m.csv", index=False)
+    cap = 60_000  # ~5 samples of ~9 KB (mostly the caption) per shard
+    out = tmp_path / "out"
+    shard(ShardConfig(src=str(tmp_path / "m.csv"), out=str(out), max_shard_size=cap, val_ratio=0.0))
+    index = load_index(str(out))
+    assert index["totals"]["num_samples"] == 120 and index["totals"]["num_failures"] == 0
+    sizes = [p.stat().st_size for p in out.glob("*.tar")]
+    assert len(sizes) > 15 and max(sizes) <= cap
+    sample = _read_samples(index, "train")[0]
+    assert json.loads(sample["json"])["extra"]["caption"].endswith("手書き \\ \t")
