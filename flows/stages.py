@@ -179,6 +179,8 @@ def shard_task(cfg_json: dict, key: str) -> dict:
         # it. A shard set written by hand keeps the shard stage's refusal to delete it.
         logger.info("source or config changed since %s was sharded; re-sharding it", out)
         cfg = cfg.model_copy(update={"overwrite": True})
+    if cfg.overwrite:
+        (out / CACHE_KEY_FILE).unlink(missing_ok=True)  # the shard stage deletes only its own files
     stats = shard(cfg)
     (out / CACHE_KEY_FILE).write_text(json.dumps({"key": key}))
     return {"skipped": False, "stats": stats}

@@ -223,3 +223,9 @@ def test_new_dataset_triggers_a_finetune_that_a_worker_completes(use_server, tmp
     assert [d.dataset.name for d in ft.inputs.dataset_inputs] == ["faces-new"]
     assert ft.info.status == "FINISHED" and "train/loss" in ft.data.metrics
     assert (shards.parent / "faces-new-finetune" / "export").is_dir()
+    # ...and evaluated and registered as the new candidate. The champion stays: it has no
+    # evaluation on this split to compare against.
+    candidate = client.get_model_version_by_alias("vitpipe-vit", "candidate")
+    assert str(candidate.version) == "2" and candidate.run_id == ft.info.run_id
+    assert candidate.tags["vitpipe.eval.split"].startswith("val:")
+    assert str(client.get_model_version_by_alias("vitpipe-vit", "champion").version) == "1"
