@@ -60,6 +60,18 @@ def test_first_host(nodelist, host):
     assert first_host(nodelist) == host
 
 
+def test_single_process_group_then_a_launch_from_the_same_process():
+    import torch
+
+    from vit.distributed import init_process_group
+
+    init_process_group(World(), torch.device("cpu"))
+    assert torch.distributed.is_initialized() and torch.distributed.get_world_size() == 1
+    # Its RANK/WORLD_SIZE=1/MASTER_PORT stay in the environment (DeepSpeed reads them) and are
+    # inherited by child processes: those must still see themselves as a fresh single process.
+    assert not is_worker() and World.from_env().source == "single"
+
+
 def test_backend_follows_device():
     import torch
 
@@ -96,7 +108,8 @@ def test_launcher_command_lines(tmp_path):
         launcher_argv(_launch_args(["--hostfile", "missing"]), worker)
     with pytest.raises(UserError, match="--node-rank 2"):
         launcher_argv(_launch_args(["--nnodes", "2", "--node-rank", "2"]), worker)
-    assert is_worker({"RANK": "0"}) and not is_worker({}) and is_worker({"SLURM_PROCID": "1", "SLURM_NTASKS": "2"})
+    assert is_worker({"RANK": "0", "WORLD_SIZE": "2"}) and not is_worker({}) and not is_worker(
+        {"RANK": "0", "WORLD_SIZE": "1"}) and is_worker({"SLURM_PROCID": "1", "SLURM_NTASKS": "2"})
 
 
 @pytest.mark.slow

@@ -148,3 +148,20 @@ def test_linear_probe_run_changes_only_the_head(pretrained, digits_shards, tmp_p
     changed = {k for k in after if not torch.equal(before[k], after[k])}
     assert changed == {"head.weight", "head.bias"}
     assert res["final_loss"] < res["first_loss"]
+
+
+def test_cli_help_and_one_line_error(tmp_path, digits_shards):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    help_text = subprocess.run([sys.executable, "-m", "vitpipe.cli", "finetune", "--help"], env=env,
+                               capture_output=True, text=True, timeout=300).stdout
+    for option in ("--init", "--mode", "--layer-decay", "--nproc", "--hostfile", "--no-resume", "--data.image-size"):
+        assert option in help_text, option
+    proc = subprocess.run([sys.executable, "-m", "vitpipe.cli", "finetune", "--data.shards", str(digits_shards),
+                           "--init", str(tmp_path / "nope"), "--out", str(tmp_path / "ft")], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"init='{tmp_path / 'nope'}' does not exist" in proc.stderr

@@ -52,7 +52,9 @@ class World:
     def from_env(cls, env: Mapping[str, str] | None = None) -> World:
         """Read the job layout from torchrun / DeepSpeed launcher / Slurm variables; none = one process."""
         env = os.environ if env is None else env
-        if "RANK" in env and "WORLD_SIZE" in env:
+        # WORLD_SIZE=1 is a job of one: its variables may be left over from an earlier in-process
+        # run (they are inherited by subprocesses), so a fresh single-process setup is used instead.
+        if "RANK" in env and "WORLD_SIZE" in env and env["WORLD_SIZE"] != "1":
             world_size = _int(env, "WORLD_SIZE")
             local_world_size = _int(env, "LOCAL_WORLD_SIZE", _int(env, "LOCAL_SIZE", world_size))
             rank = _int(env, "RANK")
@@ -144,9 +146,10 @@ def init_process_group(world: World, device: torch.device, *, timeout_s: float =
     """
     if torch.distributed.is_initialized():
         return
-    if not world.is_distributed and world.source == "single":
+    single = not world.is_distributed and world.source == "single"
+    if single:
         world = dataclasses.replace(world, master_port=free_port())
-    world.export_env()
+    world.export_env()  # DeepSpeed's engine reads LOCAL_RANK and friends from the environment
     if device.type == "cuda":
         torch.cuda.set_device(device)
     import deepspeed  # deferred: importing DeepSpeed costs seconds, single-process tools never need it

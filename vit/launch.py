@@ -48,9 +48,10 @@ def add_launch_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def is_worker(env=None) -> bool:
-    """True inside a process started by torchrun, the DeepSpeed launcher or srun (with >1 task)."""
-    env = os.environ if env is None else env
-    return "RANK" in env or ("SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1)
+    """True inside a process of a multi-process job (torchrun, the DeepSpeed launcher, srun)."""
+    from vit.distributed import World
+
+    return World.from_env(os.environ if env is None else env).is_distributed
 
 
 def wants_launcher(args: argparse.Namespace) -> bool:

@@ -77,7 +77,7 @@ class Model:
 class _Log:
     """Running sums between two log lines (local to this rank until reduced)."""
 
-    loss_sum: float = 0.0
+    loss_sum: float | torch.Tensor = 0.0
     count: int = 0
     steps: int = 0
     t0: float = field(default_factory=time.perf_counter)
@@ -141,6 +141,7 @@ def run_training(cfg: _TrainingConfig, *, stage: str, build: Callable[[Any], Mod
 
     if world.is_main:
         save_config(cfg, out / "config.yaml")
+        (out / "ds_config.json").write_text(json.dumps(ds, indent=2) + "\n")  # what DeepSpeed was given
     params = {**flatten(cfg.model_dump(mode="json")), **{f"derived.{k}": v for k, v in {
         "world_size": world.world_size, "global_batch": global_batch, "total_steps": total_steps,
         "precision": precision, "num_params": sum(p.numel() for p in module.parameters()),
@@ -169,6 +170,7 @@ def run_training(cfg: _TrainingConfig, *, stage: str, build: Callable[[Any], Mod
             if plot:
                 tracker.log_artifact(plot)
             tracker.log_artifact(out / "config.yaml")
+            tracker.log_artifact(out / "ds_config.json")
         dist.barrier()
         results.update(export=str(export_dir), checkpoint_dir=str(ckpt_root), run_id=tracker.run_id,
                        tracking_uri=resolve_uri(cfg.tracking) if tracker.active else None,
@@ -213,14 +215,14 @@ def _loop(cfg: _TrainingConfig, *, engine, objective, train_loader, eval_loader,
             loss, _ = objective(engine, images, targets)
             engine.backward(loss)
             engine.step()  # DeepSpeed applies the optimizer only at the accumulation boundary
-            log.loss_sum += loss.item()
+            log.loss_sum += loss.detach().float()  # stays on the device: no host sync per step
             log.count += 1
         step += 1
         log.steps += 1
         bar.update(1)
 
         if step % t_cfg.log_every == 0 or step == total_steps:
-            loss_sum, count = dist.all_reduce_sum([log.loss_sum, log.count], device)
+            loss_sum, count = dist.all_reduce_sum([float(log.loss_sum), log.count], device)
             elapsed = time.perf_counter() - log.t0
             ips = log.steps * global_batch / max(elapsed, 1e-9)
             mean_loss = loss_sum / max(count, 1)
