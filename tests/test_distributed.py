@@ -104,6 +104,8 @@ def test_launcher_command_lines(tmp_path):
     assert ds[1:3] == ["-m", "deepspeed.launcher.runner"] and "--no_local_rank" in ds
     assert ds[ds.index("--hostfile") + 1] == str(hostfile) and ds[-len(worker) - 2:] == ["--module", "vitpipe.cli",
                                                                                           *worker]
+    local_ds = launcher_argv(_launch_args(["--launcher", "deepspeed", "--nproc", "3"]), worker)
+    assert local_ds[local_ds.index("--num_gpus") + 1] == "3" and "--hostfile" not in local_ds
     with pytest.raises(UserError, match="--hostfile 'missing' does not exist"):
         launcher_argv(_launch_args(["--hostfile", "missing"]), worker)
     with pytest.raises(UserError, match="--node-rank 2"):
@@ -137,3 +139,29 @@ def test_two_nodes_on_localhost(digits_shards, tmp_path):
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["world_size"] == 2 and results["step"] == 6
     assert (tmp_path / "run" / "export" / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_deepspeed_launcher_on_this_machine(digits_shards, tmp_path):
+    """`--launcher deepspeed --nproc 2`: DeepSpeed's own launcher and its environment variables.
+
+    (A --hostfile run needs passwordless ssh to every host, which this machine does not have; its
+    command line is checked in test_launcher_command_lines.)
+    """
+    import json
+
+    from vit.distributed import free_port
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "vitpipe.cli", "pretrain", "--data.shards", str(digits_shards),
+                           "--data.image-size", "16", "--data.batch-size", "16", "--data.num-workers", "0",
+                           "--model.preset", "micro/4", "--train.steps", "4", "--train.eval-every", "0",
+                           "--checkpoint.every-steps", "0", "--deepspeed.zero-stage", "2", "--no-tracking.enabled",
+                           "--out", str(tmp_path / "run"), "--launcher", "deepspeed", "--nproc", "2",
+                           "--master-port", str(free_port())],
+                          env=env, capture_output=True, text=True, timeout=540)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "deepspeed.launcher.runner" in proc.stderr
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["world_size"] == 2 and results["step"] == 4

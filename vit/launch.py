@@ -10,6 +10,7 @@ same command and reads its rank from the environment (vit.distributed.World).
     node r of N, static  vitpipe pretrain run.yaml --nproc 8 --nnodes N --node-rank r --master-addr HOST
     elastic rendezvous   vitpipe pretrain run.yaml --nproc 8 --nnodes N --rdzv-endpoint HOST:29400
     DeepSpeed launcher   vitpipe pretrain run.yaml --hostfile hosts.txt              (ssh/pdsh to each host)
+                         vitpipe pretrain run.yaml --launcher deepspeed --nproc 4    (this machine)
     Slurm                srun vitpipe pretrain run.yaml                              (one task per GPU)
 """
 
@@ -83,14 +84,15 @@ def launcher_argv(args: argparse.Namespace, worker_argv: list[str], *, module: s
     if launcher == "auto":
         launcher = "deepspeed" if args.hostfile else "torchrun"
     if launcher == "deepspeed":
-        if not args.hostfile:
-            raise UserError("--launcher deepspeed needs --hostfile FILE ('host slots=N' per line)")
-        if not Path(args.hostfile).is_file():
-            raise UserError(f"--hostfile {args.hostfile!r} does not exist")
-        return [sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", args.hostfile,
-                "--master_addr", args.master_addr, "--master_port", str(args.master_port),
-                # our workers read LOCAL_RANK from the environment, not a --local_rank argument
-                "--no_local_rank", "--module", module, *worker_argv]
+        cmd = [sys.executable, "-m", "deepspeed.launcher.runner"]
+        if args.hostfile:  # every host of the file, reached over ssh/pdsh
+            if not Path(args.hostfile).is_file():
+                raise UserError(f"--hostfile {args.hostfile!r} does not exist")
+            cmd += ["--hostfile", args.hostfile, "--master_addr", args.master_addr]
+        else:  # this machine only; on a CPU "gpus" are simply processes
+            cmd += ["--num_nodes", "1", "--num_gpus", str(args.nproc)]
+        # our workers read LOCAL_RANK from the environment, not a --local_rank argument
+        return cmd + ["--master_port", str(args.master_port), "--no_local_rank", "--module", module, *worker_argv]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(args.nproc),
            "--max-restarts", str(args.max_restarts)]
     if args.rdzv_endpoint:
