@@ -58,9 +58,10 @@ SIZES: dict[str, DemoSize] = {
                      pretrain={"train.epochs": 4},
                      finetune={"train.epochs": 60, "optim.lr": 3e-3}),
     "small": DemoSize(shapes_per_class=24, digits_limit=300, image_size=16,
-                      pretrain={"train.steps": 6, "schedule.warmup_steps": 1, "data.image_size": 16,
-                                "data.batch_size": 32},
-                      finetune={"train.steps": 6, "schedule.warmup_steps": 1, "data.batch_size": 32}),
+                      pretrain={"train.steps": 6, "train.log_every": 2, "schedule.warmup_steps": 1,
+                                "data.image_size": 16, "data.batch_size": 32},
+                      finetune={"train.steps": 6, "train.log_every": 2, "schedule.warmup_steps": 1,
+                                "data.batch_size": 32}),
 }
 
 # Settings of this demo run whatever the recipe says: the demo's own tracking store and no
