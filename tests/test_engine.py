@@ -116,3 +116,26 @@ def test_engine_trains_on_cpu_with_scheduled_lr():
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.3, losses
     assert engine.get_global_grad_norm() is not None
+
+
+@pytest.mark.slow
+def test_compiled_engine_trains_and_keeps_plain_parameter_names():
+    """train.compile: DeepSpeed compiles the forward; names stay those of the model, so export loads."""
+    from vit.distributed import World, init_process_group
+
+    init_process_group(World(), CPU)
+    torch.manual_seed(0)
+    model = create_model("micro/4", num_classes=4, image_size=16)
+    names = set(model.state_dict())
+    cfg = _cfg(zero_stage=0)
+    engine = create_engine(model, build_optimizer(param_groups(model, cfg.optim), cfg.optim, CPU),
+                           ds_config(cfg, device=CPU), compile=True)
+    x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 4, (8,))
+    losses = []
+    for _ in range(4):
+        loss = torch.nn.functional.cross_entropy(engine(x), y)
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.item())
+    assert engine.is_compiled and losses[-1] < losses[0]
+    assert set(engine.module.state_dict()) == names
