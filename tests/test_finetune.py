@@ -125,7 +125,7 @@ def test_full_finetune_at_higher_resolution(pretrained, digits_shards, tmp_path,
 
     r, _ = pretrained
     cfg = _cfg(digits_shards, tmp_path, r["export"], data={"image_size": 24}, layer_decay=0.7,
-               deepspeed={"zero_stage": 1}, tracking={"uri": mlflow_uri, "system_metrics": False})
+               deepspeed={"zero_stage": 1, "grad_accum": 2}, tracking={"uri": mlflow_uri, "system_metrics": False})
     res = finetune(cfg)
     assert res["stage"] == "finetune" and res["step"] == 8 and res["val/samples"] == 170
     model = load_pretrained(res["export"])
@@ -135,6 +135,7 @@ def test_full_finetune_at_higher_resolution(pretrained, digits_shards, tmp_path,
     run = MlflowClient(mlflow_uri).get_run(res["run_id"])
     assert run.data.params["init.source"] == r["export"] and run.data.params["layer_decay"] == "0.7"
     assert run.data.tags["vitpipe.stage"] == "finetune" and run.info.status == "FINISHED"
+    assert run.data.params["derived.global_batch"] == "64"  # 32 per micro-batch x 2 accumulated x 1 rank
 
 
 @pytest.mark.slow

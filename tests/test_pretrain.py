@@ -70,7 +70,8 @@ def test_pretrain_in_process_then_extend(digits_shards, tmp_path, mlflow_uri):
     from vit.weights import load_pretrained
 
     out = tmp_path / "run"
-    cfg = PretrainConfig(**_config(digits_shards, out, mlflow_uri, train={"steps": 12, "eval_every": 0},
+    cfg = PretrainConfig(**_config(digits_shards, out, mlflow_uri,
+                                   train={"steps": 12, "eval_every": 0, "activation_checkpointing": True},
                                    checkpoint={"every_steps": 5}, deepspeed={"zero_stage": 0}))
     r = pretrain(cfg)
     assert r["step"] == 12 and r["world_size"] == 1 and r["resumed_from"] is None
