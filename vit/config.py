@@ -103,7 +103,7 @@ class TrainSection(StageConfig):
 
 
 
-class _TrainingConfig(StageConfig):
+class TrainingConfig(StageConfig):
     """Sections shared by every stage that trains (the engine reads only these)."""
 
     model: ModelSection = Field(default_factory=ModelSection)
@@ -117,13 +117,13 @@ class _TrainingConfig(StageConfig):
     out: str = Field("runs/train", description="output directory: export, resolved config, checkpoints")
 
 
-class PretrainConfig(_TrainingConfig):
+class PretrainConfig(TrainingConfig):
     """`vitpipe pretrain`: supervised pretraining on a sharded, labelled collection."""
 
     out: str = Field("runs/pretrain", description="output directory: export, resolved config, checkpoints")
 
 
-class FinetuneConfig(_TrainingConfig):
+class FinetuneConfig(TrainingConfig):
     """`vitpipe finetune`: adapt a pretrained ViT to a new labelled dataset."""
 
     init: str = Field(..., description="starting weights: export dir, timm checkpoint file, runs:/ID/PATH or "
@@ -140,7 +140,7 @@ class FinetuneConfig(_TrainingConfig):
 # Command line of the training stages
 
 
-def add_stage_arguments(parser, cls: type[_TrainingConfig]) -> None:
+def add_stage_arguments(parser, cls: type[TrainingConfig]) -> None:
     """`CONFIG` positional + one option per field + launch options + `--no-resume`."""
     from vit.launch import add_launch_arguments
     from vitpipe.config import add_config_arguments
@@ -153,7 +153,7 @@ def add_stage_arguments(parser, cls: type[_TrainingConfig]) -> None:
     add_launch_arguments(parser)
 
 
-def stage_config_from_args(cls: type[_TrainingConfig], args) -> _TrainingConfig:
+def stage_config_from_args(cls: type[TrainingConfig], args) -> TrainingConfig:
     """Resolve the config of `vitpipe pretrain|finetune` from parsed arguments (file < options)."""
     from vitpipe.config import ConfigError, config_from_args
 

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vit.config import DeepSpeedSection, OptimSection, ScheduleSection, _TrainingConfig
+from vit.config import DeepSpeedSection, OptimSection, ScheduleSection, TrainingConfig
 from vitpipe.errors import UserError
 
 # Keys the typed config owns; setting them through `extra` would silently disagree with it.
@@ -53,7 +53,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
-def ds_config(cfg: _TrainingConfig, *, device: torch.device) -> dict[str, Any]:
+def ds_config(cfg: TrainingConfig, *, device: torch.device) -> dict[str, Any]:
     """The DeepSpeed JSON config of a run; call before building anything so bad keys fail early."""
     ds: DeepSpeedSection = cfg.deepspeed
     precision = resolve_precision(ds.precision, device)

@@ -22,7 +22,7 @@ from torch import nn
 
 from vit import distributed as dist
 from vit.checkpoint import CheckpointManager, export_checkpoint, tag_for
-from vit.config import _TrainingConfig
+from vit.config import TrainingConfig
 from vit.engine import build_optimizer, create_engine, ds_config, lr_at, resolve_precision, set_lr
 from vit.objectives import build_objective
 from vit.tracking import Tracker, flatten, git_commit, resolve_uri, tracked
@@ -88,7 +88,7 @@ def _say(world: dist.World, msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
 
-def run_training(cfg: _TrainingConfig, *, stage: str, build: Callable[[Any], Model]) -> dict[str, Any]:
+def run_training(cfg: TrainingConfig, *, stage: str, build: Callable[[Any], Model]) -> dict[str, Any]:
     """Train `build(train_loader)` as configured; every rank calls it. Returns the results dict."""
     from pipeline.loader import make_eval_loader, make_train_loader
 
@@ -182,7 +182,7 @@ def run_training(cfg: _TrainingConfig, *, stage: str, build: Callable[[Any], Mod
     return results
 
 
-def _loop(cfg: _TrainingConfig, *, engine, objective, train_loader, eval_loader, world: dist.World,
+def _loop(cfg: TrainingConfig, *, engine, objective, train_loader, eval_loader, world: dist.World,
           device: torch.device, ckpt: CheckpointManager, tracker: Tracker, built: Model, step: int, epoch: int,
           history: list, total_steps: int, steps_per_epoch: int, global_batch: int, peak: float | None,
           stage: str, resumed_from: str | None) -> dict[str, Any]:
