@@ -37,7 +37,7 @@ def test_fraction_keeps_the_held_out_split_and_every_class(tmp_path):
 def test_digits_finetuned_from_shapes_reach_97_percent(tmp_path):
     from vit.recipes.acceptance import run
 
-    report = run(tmp_path, part="full")
+    report = run(tmp_path, part="full", with_scratch=False)
     full = report["full"]
     assert full["num_val"] == 180 and full["train_samples"] == 1617
     assert full["top1"] >= 0.97, full
