@@ -31,9 +31,6 @@ from vitpipe.errors import UserError
 EXPERIMENT = "vitpipe-demo"
 
 
-RECIPES = Path(__file__).resolve().parent.parent / "vit" / "recipes"
-
-
 @dataclass(frozen=True)
 class DemoSize:
     """How big the demo's data and training are; `full` is the advertised run, `small` a smoke test.
@@ -56,7 +53,7 @@ SIZES: dict[str, DemoSize] = {
     # process start-up (DeepSpeed, torchrun, Prefect's server) and bookkeeping.
     "full": DemoSize(shapes_per_class=300, digits_limit=None, image_size=32,
                      pretrain={"train.epochs": 4},
-                     finetune={"train.epochs": 60, "optim.lr": 3e-3}),
+                     finetune={"train.epochs": 60, "optim.lr": 3e-3, "layer_decay": 0.9}),
     "small": DemoSize(shapes_per_class=24, digits_limit=300, image_size=16,
                       pretrain={"train.steps": 6, "train.log_every": 2, "schedule.warmup_steps": 1,
                                 "data.image_size": 16, "data.batch_size": 32},
@@ -74,10 +71,13 @@ def training_overrides(size: DemoSize, stage: str) -> dict[str, Any]:
 
 
 def recipe(name: str) -> str:
-    """Path of a training recipe shipped in vit/recipes."""
-    path = RECIPES / name
+    """Path of a training recipe shipped in vit/recipes (package data, so found where vit is installed)."""
+    import importlib.util
+
+    recipes = Path(importlib.util.find_spec("vit").origin).parent / "recipes"
+    path = recipes / name
     if not path.is_file():
-        raise UserError(f"recipe {name!r} is missing from {RECIPES}; reinstall vitpipe")
+        raise UserError(f"recipe {name!r} is missing from {recipes}; reinstall vitpipe")
     return str(path)
 
 

@@ -162,6 +162,10 @@ def run_cli(args: argparse.Namespace) -> int:
         except ValueError:
             raise UserError(f"--pretrain-cron {cron!r} is not a cron expression; "
                             "e.g. '0 2 * * *' (02:00 daily) or 'none'") from None
+    if cron is not None and not args.pretrain_config:
+        # a schedule without a config would fail every night; deploy pretraining on demand only
+        print("vitpipe deploy: no --pretrain-config, so pretraining is deployed without its schedule")
+        cron = None
     ids = deploy(args.work_pool, pretrain_config=args.pretrain_config, pretrain_dataset=args.pretrain_dataset,
                  finetune_config=args.finetune_config, evaluate_config=args.evaluate_config,
                  pretrain_cron=cron, dataset_glob=args.dataset_glob, tracking_uri=args.tracking_uri,
