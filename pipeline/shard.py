@@ -66,6 +66,10 @@ class ShardConfig(StageConfig):
         "hash", description="'hash': train/val by a hash of each key; 'source': splits from SRC/<split>/ "
                             "folders or the manifest's 'split' column")
     max_samples_per_shard: int = Field(10_000, gt=0, description="most samples in one shard")
+    sample_order: Literal["shuffled", "sorted"] = Field(
+        "shuffled", description="order of samples within a split: 'shuffled' by a hash of the key, so "
+                                "every shard mixes classes (a training stream's shuffle buffer is finite); "
+                                "'sorted' by key. Both are deterministic")
     max_shard_size: ByteSize = Field("1GB", validate_default=True,
                                      description="most bytes in one shard, with a unit (512MB, 1GiB); "
                                                  "with --encode it bounds the source bytes planned per shard")
@@ -168,6 +172,11 @@ def split_of(key: str, val_ratio: float) -> str:
     return "val" if h / 2**64 < val_ratio else "train"
 
 
+def _order_key(key: str) -> bytes:
+    # Salted so the order within 'val' is not correlated with the split hash above.
+    return hashlib.sha256(b"order:" + key.encode()).digest()
+
+
 def plan_shards(source: Source, cfg: ShardConfig) -> list[ShardTask]:
     """Cut the sorted items into shards per split; depends only on the source and config.
 
@@ -198,6 +207,9 @@ def plan_shards(source: Source, cfg: ShardConfig) -> list[ShardTask]:
     class_ids = {name: i for i, name in enumerate(source.classes)}
     options = EncodeOptions(cfg.encode, cfg.quality, cfg.resize, cfg.size, cfg.decode_check,
                             cfg.max_image_pixels)
+    if cfg.sample_order == "shuffled":
+        for group in by_split.values():
+            group.sort(key=lambda pair: _order_key(pair[0].key))
     order = [s for s in SPLITS_BY_HASH if s in by_split] + sorted(s for s in by_split if s not in SPLITS_BY_HASH)
     return [ShardTask(f"{split}-{i:06d}.tar", split, tuple(group), class_ids, cfg.out, options)
             for split in order

@@ -19,7 +19,7 @@ import webdataset as wds
 from PIL import Image
 
 from pipeline.index import load_index, shard_urls
-from pipeline.shard import ShardConfig, shard, split_of
+from pipeline.shard import ShardConfig, _order_key, shard, split_of
 from pipeline.verify import verify
 from vitpipe.config import ConfigError
 from vitpipe.errors import UserError
@@ -86,8 +86,9 @@ def test_shards_listed_by_gnu_tar_with_fixed_headers(digits_shards):
     for line in listing:
         mode, owner, _size, date, _time, member = line.split()
         assert (mode, owner, date) == ("-rw-r--r--", "0/0", "1970-01-01"), line
-    keys = [line.split()[-1].split(".")[0] for line in listing]
-    assert keys == sorted(keys)  # sorted keys: a deterministic order
+    keys = [line.split()[-1].split(".")[0] for line in listing[::3]]
+    assert keys == sorted(keys, key=_order_key)  # shuffled by a hash of the key: deterministic
+    assert keys != sorted(keys)
     assert [line.split()[-1].split(".")[1] for line in listing[:3]] == ["png", "cls", "json"]
 
 
@@ -638,3 +639,24 @@ def test_byte_cap_holds_with_unicode_and_quoted_metadata(digits_dir, tmp_path):
     assert len(sizes) > 15 and max(sizes) <= cap
     sample = _read_samples(index, "train")[0]
     assert json.loads(sample["json"])["extra"]["caption"].endswith("手書き \\ \t")
+
+
+def test_every_shard_mixes_classes_by_default(digits_shards):
+    """Class-ordered shards starve a finite shuffle buffer of whole classes for many steps."""
+    index = load_index(str(digits_shards))
+    for entry in index["splits"]["train"]["shards"]:
+        with tarfile.open(digits_shards / entry["name"]) as tar:
+            classes = {tar.extractfile(m).read() for m in tar.getmembers() if m.name.endswith(".cls")}
+        assert len(classes) == 10, (entry["name"], classes)
+
+
+def test_sorted_sample_order_keeps_keys_sorted(digits_dir, tmp_path):
+    files = sorted(digits_dir.rglob("*.png"))[:60]
+    src = tmp_path / "src"
+    for f in files:
+        (src / f.parent.name).mkdir(parents=True, exist_ok=True)
+        (src / f.parent.name / f.name).write_bytes(f.read_bytes())
+    shard(ShardConfig(src=str(src), out=str(tmp_path / "out"), val_ratio=0.0, sample_order="sorted"))
+    with tarfile.open(tmp_path / "out" / "train-000000.tar") as tar:
+        keys = [m.name.split(".")[0] for m in tar.getmembers() if m.name.endswith(".cls")]
+    assert len(keys) == 60 and keys == sorted(keys)
