@@ -29,7 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from vit.config import PretrainConfig  # noqa: E402
 from vit.distributed import World, device_for, init_process_group  # noqa: E402
-from vit.engine import build_optimizer, create_engine, ds_config, param_groups, resolve_precision  # noqa: E402
+from vit.engine import (build_optimizer, create_engine, ds_config, input_dtype, param_groups,  # noqa: E402
+                        resolve_precision)
 from vit.model import create_model  # noqa: E402
 from vit.train import peak_flops  # noqa: E402
 
@@ -48,7 +49,7 @@ class PlainLoop:
         self.model = model.to(device).train()
         self.opt = build_optimizer(param_groups(self.model, cfg.optim), cfg.optim, device)
         self.clip = cfg.deepspeed.grad_clip
-        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        self.dtype = {"bf16": torch.bfloat16, "bf16_full": torch.bfloat16, "fp16": torch.float16}.get(precision)
         self.device = device
 
     def step(self, x, y) -> None:
@@ -69,7 +70,7 @@ class DeepSpeedLoop:
         model = model.to(device)
         opt = build_optimizer(param_groups(model, cfg.optim), cfg.optim, device)
         self.engine = create_engine(model, opt, ds_config(cfg, device=device))
-        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        self.dtype = input_dtype(precision)  # bf16 autocasts inside the engine; bf16_full/fp16 want half inputs
 
     def step(self, x, y) -> None:
         x = x if self.dtype is None else x.to(self.dtype)
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--image-size", type=int, default=None, help="[default: the preset's]")
     p.add_argument("--batch", type=int, default=None, help="images per step [default: 32 on CPU, 128 on GPU]")
     p.add_argument("--zero-stage", type=int, nargs="+", default=[0], help="ZeRO stages to time against plain")
-    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "bf16_full", "fp16", "fp32"])
     p.add_argument("--steps", type=int, default=5, help="timed steps per round")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per loop first")
     p.add_argument("--rounds", type=int, default=4, help="alternating rounds; the median round counts")

@@ -32,7 +32,36 @@ def test_precision_choice():
     assert resolve_precision("bf16", CPU) == "bf16"
     with pytest.raises(UserError, match="fp16 needs a GPU"):
         resolve_precision("fp16", CPU)
-    assert ds_config(_cfg(precision="bf16"), device=CPU)["bf16"] == {"enabled": True}
+    bf16 = ds_config(_cfg(precision="bf16"), device=CPU)
+    assert bf16["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"} and not bf16["bf16"]["enabled"]
+    full = ds_config(_cfg(precision="bf16_full"), device=CPU)
+    assert full["bf16"] == {"enabled": True} and not full["torch_autocast"]["enabled"]
+
+
+@pytest.mark.parametrize("precision,weight_dtype", [("bf16", torch.float32), ("bf16_full", torch.bfloat16)])
+def test_bf16_modes_train_on_cpu(precision, weight_dtype):
+    """bf16 = autocast over fp32 weights (bf16 matmuls); bf16_full = bf16 weights fed bf16 inputs."""
+    from vit.distributed import World, init_process_group
+    from vit.engine import input_dtype
+
+    init_process_group(World(), CPU)
+    torch.manual_seed(0)
+    model = create_model("micro/4", num_classes=4, image_size=16)
+    cfg = _cfg(zero_stage=0, precision=precision)
+    engine = create_engine(model, build_optimizer(param_groups(model, cfg.optim), cfg.optim, CPU),
+                           ds_config(cfg, device=CPU))
+    set_lr(engine, 2e-3)
+    x, y = torch.randn(8, 3, 16, 16).to(input_dtype(precision)), torch.randint(0, 4, (8,))
+    losses = []
+    for _ in range(10):
+        logits = engine(x)
+        assert logits.dtype == torch.bfloat16  # the forward really ran in bf16
+        loss = torch.nn.functional.cross_entropy(logits.float(), y)
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.item())
+    assert engine.module.head.weight.dtype == weight_dtype
+    assert losses[-1] < losses[0] - 0.2, losses
 
 
 def test_extra_keys_merged_and_validated():

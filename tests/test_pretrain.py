@@ -4,6 +4,7 @@ MLflow, and killed with SIGKILL mid-run then relaunched (resume with a matching 
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -12,10 +13,12 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from vit.config import PretrainConfig
 from vit.pretrain import pretrain
+from vit.weights import load_pretrained
 from vitpipe.errors import UserError
 
 # Small and quick on a CPU: 16x16 digits, the micro model, gentle crops, no flips (digits have handedness).
@@ -193,3 +196,15 @@ def test_sigkill_one_rank_then_relaunch_resumes_with_matching_loss(two_rank_run,
     client = MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name("vitpipe").experiment_id])
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"  # the relaunch reopened the job's run
+
+
+@pytest.mark.parametrize("precision", ["bf16", "bf16_full"])
+def test_bf16_pretraining_runs_the_whole_loop(precision, digits_shards, tmp_path):
+    """The loop feeds each precision's engine the inputs it needs (fp32 under autocast, bf16 for bf16 weights)."""
+    out = tmp_path / precision
+    result = pretrain(PretrainConfig(**_config(digits_shards, out, deepspeed={"precision": precision},
+                                               train={"steps": 6, "eval_every": 6, "log_every": 3},
+                                               checkpoint={"every_steps": 0})))
+    assert result["step"] == 6 and math.isfinite(result["final_loss"]) and result["val/samples"] > 0
+    model = load_pretrained(result["export"])
+    assert next(model.parameters()).dtype == torch.float32  # exports are fp32 whatever the training precision

@@ -59,8 +59,11 @@ class DeepSpeedSection(StageConfig):
 
     zero_stage: int = Field(0, ge=0, le=3,
                             description="0 = DDP-like; 1/2 shard optimizer state/grads; 3 also shards weights")
-    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
-        "auto", description="auto = bf16 on GPUs that support it, fp32 on CPU")
+    precision: Literal["auto", "bf16", "bf16_full", "fp16", "fp32"] = Field(
+        "auto", description="auto = bf16 on GPUs that support it, fp32 on CPU. bf16: bf16 autocast compute "
+                            "with fp32 weights and optimizer (DeepSpeed torch_autocast; the fastest on an H200, "
+                            "see docs/benchmarks.md); bf16_full: bf16 weights, fp32 master copy in the optimizer "
+                            "(DeepSpeed bf16: less memory for very large models); fp16: loss-scaled, GPU only")
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step (global batch = batch*ranks*this)")
     grad_clip: float = Field(1.0, ge=0, description="clip the global grad norm to this; 0 = no clipping")
     extra: dict[str, Any] = Field(default_factory=dict,

@@ -23,7 +23,7 @@ from torch import nn
 from vit import distributed as dist
 from vit.checkpoint import CheckpointManager, export_checkpoint, tag_for
 from vit.config import TrainingConfig
-from vit.engine import build_optimizer, create_engine, ds_config, lr_at, resolve_precision, set_lr
+from vit.engine import build_optimizer, create_engine, ds_config, input_dtype, lr_at, resolve_precision, set_lr
 from vit.objectives import build_objective
 from vit.tracking import Tracker, flatten, git_commit, resolve_uri, tracked
 from vitpipe.config import save_config
@@ -190,6 +190,7 @@ def _loop(cfg: TrainingConfig, *, engine, objective, train_loader, eval_loader, 
 
     t_cfg = cfg.train
     accum = cfg.deepspeed.grad_accum
+    in_dtype = input_dtype(resolve_precision(cfg.deepspeed.precision, device))
     start_step = step
     first_loss = history[0][1] if history else None
     last = {"train/loss": None}
@@ -210,7 +211,7 @@ def _loop(cfg: TrainingConfig, *, engine, objective, train_loader, eval_loader, 
                 train_loader.set_epoch(epoch)
                 batches = iter(train_loader)
                 images, targets = next(batches)
-            images = images.to(device, non_blocking=True)
+            images = images.to(device, dtype=in_dtype, non_blocking=True)
             targets = targets.to(device, non_blocking=True)
             loss, _ = objective(engine, images, targets)
             engine.backward(loss)
@@ -241,7 +242,7 @@ def _loop(cfg: TrainingConfig, *, engine, objective, train_loader, eval_loader, 
             log = _Log()
 
         if t_cfg.eval_every and step % t_cfg.eval_every == 0 and step < total_steps:
-            val = evaluate(engine, eval_loader, device)
+            val = evaluate(engine, eval_loader, device, dtype=in_dtype)
             tracker.log_metrics(val, step)
             engine.train()
         save_now = step == total_steps or (cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0)
@@ -251,7 +252,7 @@ def _loop(cfg: TrainingConfig, *, engine, objective, train_loader, eval_loader, 
                     "config": cfg.model_dump(mode="json")}
             ckpt.save(engine, step=step, meta=meta, rank_state={"loader": train_loader.state_dict()})
     bar.close()
-    val = evaluate(engine, eval_loader, device)
+    val = evaluate(engine, eval_loader, device, dtype=in_dtype)
     tracker.log_metrics(val, step)
     trained = step - start_step
     seconds = time.perf_counter() - t_start
@@ -262,14 +263,14 @@ def _loop(cfg: TrainingConfig, *, engine, objective, train_loader, eval_loader, 
 
 
 @torch.no_grad()
-def evaluate(engine, eval_loader, device: torch.device) -> dict[str, float]:
+def evaluate(engine, eval_loader, device: torch.device, *, dtype: torch.dtype | None = None) -> dict[str, float]:
     """Top-1 and loss on the whole split, every sample counted once over all ranks."""
     if eval_loader is None:
         return {}
     engine.eval()
     loss_sum, correct, count = 0.0, 0, 0
     for images, targets, _keys in eval_loader:
-        images, targets = images.to(device), targets.to(device)
+        images, targets = images.to(device, dtype=dtype), targets.to(device)
         logits = engine(images).float()
         loss_sum += torch.nn.functional.cross_entropy(logits, targets, reduction="sum").item()
         correct += (logits.argmax(-1) == targets).sum().item()
