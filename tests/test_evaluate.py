@@ -204,3 +204,24 @@ def test_two_ranks_count_every_val_sample_once(digits_shards):
         assert got[rank]["num_samples"] == loader.num_samples
         assert got[rank]["confusion_matrix"]["counts"] == ref["confusion_matrix"]["counts"]
         assert got[rank]["loss"] == pytest.approx(ref["loss"], rel=1e-5)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_vitpipe_evaluate_nproc_2_equals_one_process(digits_shards, export_dir, tmp_path):
+    import subprocess
+    import sys
+
+    common = ["--model", str(export_dir), "--data.shards", str(digits_shards), "--data.channels", "1",
+              "--data.mean", "[0.5]", "--data.std", "[0.5]", "--data.num-workers", "0", "--no-tracking.enabled"]
+    (tmp_path / "eval.yaml").write_text(f"out: {tmp_path / 'two'}\n")
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "vitpipe.cli", "evaluate", str(tmp_path / "eval.yaml"), *common,
+                           "--nproc", "2"], capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "launching:" in proc.stderr  # really went through the launcher
+    assert vitpipe(["evaluate", *common, "--out", str(tmp_path / "one")]) == 0
+    two = json.loads((tmp_path / "two" / "results.json").read_text())
+    one = json.loads((tmp_path / "one" / "results.json").read_text())
+    assert two["num_samples"] == one["num_samples"] == make_eval_loader(_data(digits_shards), "val").num_samples
+    assert two["per_class"] == one["per_class"] and two["top1"] == one["top1"]  # same counts, same floats

@@ -3,6 +3,7 @@
     vitpipe evaluate --model runs/digits/export --data.shards shards/digits --split val
     vitpipe evaluate --model models:/digits-vit@candidate --data.shards shards/digits
     vitpipe evaluate --model runs/pretrain/export --data.shards shards/digits --knn.enabled  # backbone only
+    vitpipe evaluate eval.yaml --nproc 4      # 4 ranks (torchrun), each sample still counted once
 
 From a training loop, call `evaluate_model(model, loader, class_names=..., device=...)` on every
 rank, then `log_evaluation(results)` on rank 0 to log into the stage's own MLflow run. Results:
@@ -338,11 +339,23 @@ def summary_line(results: dict[str, Any]) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from vit.launch import add_launch_arguments
+
+    parser.add_argument("config_file", nargs="?", default=None, metavar="CONFIG",
+                        help="YAML file with any of the options below (same as --config)")
     add_config_arguments(parser, EvaluateConfig)
+    add_launch_arguments(parser)
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    cfg = config_from_args(EvaluateConfig, args)
+    from vit.launch import maybe_relaunch
+
+    if args.config_file:
+        if args.config and args.config != args.config_file:
+            raise UserError(f"two config files given ({args.config_file!r} and --config {args.config!r}); pass one")
+        args.config = args.config_file
+    cfg = config_from_args(EvaluateConfig, args)  # a bad option fails here, before any process starts
+    maybe_relaunch(args)  # --nproc N: every sample still counts once, split over N ranks
     results = evaluate(cfg)
     if _rank() == 0:
         print(summary_line(results))
