@@ -356,7 +356,12 @@ def run_cli(args: argparse.Namespace) -> int:
         args.config = args.config_file
     cfg = config_from_args(EvaluateConfig, args)  # a bad option fails here, before any process starts
     maybe_relaunch(args)  # --nproc N: every sample still counts once, split over N ranks
-    results = evaluate(cfg)
-    if _rank() == 0:
-        print(summary_line(results))
+    from vit.distributed import destroy_process_group
+
+    try:
+        results = evaluate(cfg)
+        if _rank() == 0:
+            print(summary_line(results))
+    finally:
+        destroy_process_group()
     return 0
