@@ -20,8 +20,8 @@ from prefect import flow, task
 from prefect.testing.utilities import prefect_test_harness
 
 from flows import tracking
-from flows.stages import (CACHE_KEY_FILE, LauncherError, is_transient, launch_task, shard_cache_key,
-                          shard_flow, source_listing_digest, stream_process, RETRIES)
+from flows.stages import (CACHE_KEY_FILE, RETRIES, LauncherError, is_transient, launch_task, launcher_argv,
+                          shard_cache_key, shard_flow, source_listing_digest, stream_process)
 from vitpipe.errors import UserError
 
 
@@ -146,6 +146,18 @@ def test_stream_process_kills_the_whole_process_group(tmp_path):
     else:
         os.kill(grandchild, 9)
         pytest.fail("the launcher's child survived the flow run being stopped")
+
+
+def test_slurm_launcher_is_the_cluster_submission_of_the_same_stage_command(tmp_path):
+    # The real `vitpipe launch` in --dry-run: it prints the sbatch command it would submit.
+    # (tests/test_slurm.py runs pretrain_flow(launcher="slurm") on a real Slurm cluster.)
+    argv = launcher_argv("pretrain", tmp_path / "cfg.yaml", 2, "slurm", {"nodes": 2, "slurm.partition": "cpu"})
+    argv.insert(argv.index("launch") + 1, "--dry-run")
+    out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+    assert "sbatch " in out and "--nodes=2" in out and "--partition=cpu" in out
+    assert "VITPIPE_PROCS_PER_NODE=2" in out and out.rstrip().endswith(f"pretrain --config {tmp_path / 'cfg.yaml'}")
+    local = launcher_argv("pretrain", tmp_path / "cfg.yaml", 2)
+    assert local[1:] == ["-m", "vitpipe.cli", "pretrain", "--config", str(tmp_path / "cfg.yaml"), "--nproc", "2"]
 
 
 def test_launch_task_fails_the_flow_with_the_launcher_error_and_no_retry(tmp_path):
