@@ -145,8 +145,8 @@ def _is_this_machine(host: str) -> bool:
 def deepspeed_launch(cfg: LaunchConfig, command: list[str]) -> Launch:
     """DeepSpeed's launcher: pdsh/ssh to the first `nodes` hosts of the hostfile, `nproc_per_node` ranks each.
 
-    Built here rather than by vit.launch.launcher_argv, which always passes --master_addr
-    (127.0.0.1 unless told, wrong for remote hosts) and uses every host and slot of the file.
+    Built here rather than by vit.launch.launcher_argv, which uses every host and slot of the file
+    (`vitpipe pretrain --hostfile`); this one selects the hosts and GPUs a launch profile asks for.
     """
     ds = cfg.deepspeed
     argv = [sys.executable, "-m", "deepspeed.launcher.runner"]

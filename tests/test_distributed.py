@@ -106,6 +106,10 @@ def test_launcher_command_lines(tmp_path):
                                                                                           *worker]
     local_ds = launcher_argv(_launch_args(["--launcher", "deepspeed", "--nproc", "3"]), worker)
     assert local_ds[local_ds.index("--num_gpus") + 1] == "3" and "--hostfile" not in local_ds
+    # node 0 is the file's first host, not this machine: DeepSpeed's runner picks it when no address is given
+    assert "--master_addr" not in ds
+    pinned = launcher_argv(_launch_args(["--hostfile", str(hostfile), "--master-addr", "10.1.2.3"]), worker)
+    assert pinned[pinned.index("--master_addr") + 1] == "10.1.2.3"
     with pytest.raises(UserError, match="--hostfile 'missing' does not exist"):
         launcher_argv(_launch_args(["--hostfile", "missing"]), worker)
     with pytest.raises(UserError, match="--node-rank 2"):

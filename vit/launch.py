@@ -35,7 +35,8 @@ def add_launch_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--nproc", type=int, default=1, help="processes per node, e.g. the number of GPUs [default: 1]")
     g.add_argument("--nnodes", type=int, default=1, help="number of nodes [default: 1]")
     g.add_argument("--node-rank", type=int, default=0, help="index of this node, 0..nnodes-1 (static rendezvous)")
-    g.add_argument("--master-addr", default="127.0.0.1", help="address of node 0 (static rendezvous)")
+    g.add_argument("--master-addr", default=None,
+                   help="address of node 0 [default: 127.0.0.1; with --hostfile, the file's first host]")
     g.add_argument("--master-port", type=int, default=29500, help="port on node 0 (static rendezvous)")
     g.add_argument("--rdzv-endpoint", default=None,
                    help="HOST:PORT of a torchrun c10d rendezvous: nodes join in any order, no node ranks")
@@ -88,7 +89,9 @@ def launcher_argv(args: argparse.Namespace, worker_argv: list[str], *, module: s
         if args.hostfile:  # every host of the file, reached over ssh/pdsh
             if not Path(args.hostfile).is_file():
                 raise UserError(f"--hostfile {args.hostfile!r} does not exist")
-            cmd += ["--hostfile", args.hostfile, "--master_addr", args.master_addr]
+            cmd += ["--hostfile", args.hostfile]
+            if args.master_addr:  # else DeepSpeed's runner takes the first host of the file, as node 0 is
+                cmd += ["--master_addr", args.master_addr]
         else:  # this machine only; on a CPU "gpus" are simply processes
             cmd += ["--num_nodes", "1", "--num_gpus", str(args.nproc)]
         # our workers read LOCAL_RANK from the environment, not a --local_rank argument
@@ -100,7 +103,7 @@ def launcher_argv(args: argparse.Namespace, worker_argv: list[str], *, module: s
                 "--rdzv-id", args.rdzv_id]
     elif args.nnodes > 1:
         cmd += ["--nnodes", str(args.nnodes), "--node-rank", str(args.node_rank),
-                "--master-addr", args.master_addr, "--master-port", str(args.master_port)]
+                "--master-addr", args.master_addr or "127.0.0.1", "--master-port", str(args.master_port)]
     else:
         cmd += ["--standalone"]  # picks a free port: several local jobs never collide
     return cmd + ["-m", module, *worker_argv]
