@@ -125,8 +125,8 @@ def deploy(work_pool: str = DEFAULT_POOL, **kwargs: Any) -> dict[str, str]:
     """Create the work pool if needed and register every deployment; returns {'flow/deployment': id}."""
     from prefect import deploy as prefect_deploy
 
+    deployments = build_deployments(**kwargs)  # bad paths fail here, before a server is contacted
     ensure_process_pool(work_pool)
-    deployments = build_deployments(**kwargs)
     ids = prefect_deploy(*deployments, work_pool_name=work_pool, print_next_steps_message=False)
     return {f"{d.flow_name}/{d.name}": str(i) for d, i in zip(deployments, ids)}
 
