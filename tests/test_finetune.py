@@ -136,6 +136,10 @@ def test_full_finetune_at_higher_resolution(pretrained, digits_shards, tmp_path,
     assert run.data.params["init.source"] == r["export"] and run.data.params["layer_decay"] == "0.7"
     assert run.data.tags["vitpipe.stage"] == "finetune" and run.info.status == "FINISHED"
     assert run.data.params["derived.global_batch"] == "64"  # 32 per micro-batch x 2 accumulated x 1 rank
+    # the evaluation stage's full report lands in the fine-tuning run itself
+    assert {"val/macro_f1", "val/top5", "val/top1"} <= set(run.data.metrics) and "val/macro_f1" in res
+    logged = {a.path for a in MlflowClient(mlflow_uri).list_artifacts(res["run_id"], "evaluation/val")}
+    assert {"evaluation/val/confusion_matrix.png", "evaluation/val/results.json"} <= logged, logged
 
 
 @pytest.mark.slow

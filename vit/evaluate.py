@@ -123,11 +123,13 @@ def evaluate_model(model: torch.nn.Module, loader: Iterable, *, class_names: Seq
                leave=False)
     try:
         for images, targets, *_ in loader:
-            if targets.numel() == 0:  # a rank's tail batches may be empty so that all ranks step together
-                continue
+            # A rank's tail batches may be empty so that all ranks step together. The forward still runs:
+            # under ZeRO-3 every forward gathers weights collectively, so skipping one would hang the others.
             images = images.to(device, dtype=dtype if images.is_floating_point() else None, non_blocking=True)
             with autocast:
                 logits = model(images)
+            if targets.numel() == 0:
+                continue
             metrics.update(logits, targets)
             bar.update(int(targets.shape[0]) * max(world_size, 1))
     finally:

@@ -171,7 +171,10 @@ def run_training(cfg: TrainingConfig, *, stage: str, build: Callable[[Any], Mode
                 tracker.log_artifact(plot)
             tracker.log_artifact(out / "config.yaml")
             tracker.log_artifact(out / "ds_config.json")
+        evaluation = _final_evaluation(cfg, module, eval_loader, train_loader.class_names, world, device, out,
+                                       tracker, results["step"])
         dist.barrier()
+        results.update(evaluation)
         results.update(export=str(export_dir), checkpoint_dir=str(ckpt_root), run_id=tracker.run_id,
                        tracking_uri=resolve_uri(cfg.tracking) if tracker.active else None,
                        world_size=world.world_size, stage=stage)
@@ -260,6 +263,29 @@ def _loop(cfg: TrainingConfig, *, engine, objective, train_loader, eval_loader, 
             "first_loss": first_loss, "final_loss": last.get("train/loss"),
             "images_per_s": last.get("train/images_per_s"), "mfu": last.get("train/mfu"),
             "resumed_from": resumed_from, **val, "history": history}
+
+
+def _final_evaluation(cfg: TrainingConfig, module: nn.Module, eval_loader, class_names: list[str],
+                      world: dist.World, device: torch.device, out: Path, tracker: Tracker,
+                      step: int) -> dict[str, Any]:
+    """The evaluation stage's full report on the val split, logged into this training run.
+
+    Per-class precision/recall/F1, top-5 and the confusion matrix (PNG + JSON) land in
+    OUT/evaluation and in the run's artifacts under evaluation/<split>, next to the loss curve.
+    """
+    if eval_loader is None:
+        return {}
+    from vit.evaluate import evaluate_model, scalar_metrics
+
+    split = cfg.data.val_split
+    full = evaluate_model(module, eval_loader, class_names=class_names, device=device,
+                          world_size=world.world_size, out_dir=out / "evaluation", split=split, progress=False)
+    if world.is_main:
+        tracker.log_metrics(scalar_metrics(full, f"{split}/"), step)
+        for path in (full.get("artifacts") or {}).values():
+            tracker.log_artifact(path, f"evaluation/{split}")
+    return {f"{split}/{k}": v for k, v in scalar_metrics(full).items()
+            if k in ("top5", "macro_f1")}
 
 
 @torch.no_grad()
