@@ -169,3 +169,26 @@ def test_deepspeed_launcher_on_this_machine(digits_shards, tmp_path):
     assert "deepspeed.launcher.runner" in proc.stderr
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["world_size"] == 2 and results["step"] == 4
+
+
+def test_engine_builds_again_after_the_process_group_is_recreated():
+    """Stages run one after another in one process (flows, notebooks): the second engine must not
+    reuse DeepSpeed's cached sub-groups of the destroyed group ('Group ... is not registered')."""
+    import torch
+
+    from vit.config import PretrainConfig
+    from vit.distributed import World, destroy_process_group, init_process_group
+    from vit.engine import build_optimizer, create_engine, ds_config, param_groups
+    from vit.model import create_model
+
+    cpu = torch.device("cpu")
+    cfg = PretrainConfig(data={"shards": "s", "batch_size": 4})
+    for _ in range(2):
+        init_process_group(World(), cpu)
+        model = create_model("micro/4", num_classes=3, image_size=16)
+        engine = create_engine(model, build_optimizer(param_groups(model, cfg.optim), cfg.optim, cpu),
+                               ds_config(cfg, device=cpu))
+        loss = engine(torch.randn(4, 3, 16, 16)).sum()
+        engine.backward(loss)
+        engine.step()
+        destroy_process_group()

@@ -154,6 +154,7 @@ def init_process_group(world: World, device: torch.device, *, timeout_s: float =
         torch.cuda.set_device(device)
     import deepspeed  # deferred: importing DeepSpeed costs seconds, single-process tools never need it
 
+    _forget_deepspeed_groups()
     deepspeed.init_distributed(dist_backend=backend_for(device), auto_mpi_discovery=False,
                                timeout=datetime.timedelta(seconds=timeout_s))
 
@@ -189,5 +190,26 @@ def broadcast_object(obj, src: int = 0):
 
 
 def destroy_process_group() -> None:
+    """Leave the process group (a later `init_process_group` in this process starts a fresh one)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+    _forget_deepspeed_groups()
+
+
+def _forget_deepspeed_groups() -> None:
+    """Drop the sub-groups DeepSpeed caches at module level: they die with the process group.
+
+    Without this, a second engine built in the same process after the group was re-created (the
+    flows and tests run stages one after another) fails in DeepSpeed's broadcast with
+    'Group ... is not registered'.
+    """
+    import sys
+
+    groups = sys.modules.get("deepspeed.utils.groups")
+    if groups is None:
+        return
+    groups._WORLD_GROUP = None
+    groups._ZERO_PARAM_INTRA_PARALLEL_GROUP = None
+    for name in ("_EXPERT_PARALLEL_GROUP", "_EXPERT_PARALLEL_GROUP_RANKS", "_EXPERT_DATA_PARALLEL_GROUP",
+                 "_EXPERT_DATA_PARALLEL_GROUP_RANKS", "_ALL_TO_ALL_GROUP"):
+        getattr(groups, name).clear()
