@@ -15,6 +15,7 @@ def tracking(mlflow_uri):
 
     previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(mlflow_uri)
+    mlflow.set_experiment("registry")  # the fluent API keeps an active experiment id across stores
     yield mlflow_uri
     while mlflow.active_run():
         mlflow.end_run()

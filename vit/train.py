@@ -281,7 +281,10 @@ def _final_evaluation(cfg: TrainingConfig, module: nn.Module, eval_loader, class
     full = evaluate_model(module, eval_loader, class_names=class_names, device=device,
                           world_size=world.world_size, out_dir=out / "evaluation", split=split, progress=False)
     if world.is_main:
-        tracker.log_metrics(scalar_metrics(full, f"{split}/"), step)
+        # top-1 and loss at this step are already in the run's history (the loop's own final eval)
+        extra = {k: v for k, v in scalar_metrics(full, f"{split}/").items()
+                 if k not in (f"{split}/top1", f"{split}/loss", f"{split}/samples")}
+        tracker.log_metrics(extra, step)
         for path in (full.get("artifacts") or {}).values():
             tracker.log_artifact(path, f"evaluation/{split}")
     return {f"{split}/{k}": v for k, v in scalar_metrics(full).items()
