@@ -35,19 +35,10 @@ def _client(uri: str):
 
 
 def experiment_id(uri: str, name: str) -> str:
-    """Id of experiment `name`, created on first use."""
-    client = _client(uri)
-    exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    try:
-        return client.create_experiment(name)
-    except Exception:
-        # Two flows racing to create it: the loser reads the winner's.
-        exp = client.get_experiment_by_name(name)
-        if exp is None:
-            raise
-        return exp.experiment_id
+    """Id of experiment `name`, created on first use (the training stages' own helper)."""
+    from vit.tracking import experiment_id as _experiment_id
+
+    return _experiment_id(uri, name)
 
 
 def prefect_tags() -> dict[str, str]:

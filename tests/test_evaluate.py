@@ -102,7 +102,10 @@ def test_log_evaluation_into_the_callers_run(digits_shards, tmp_path, mlflow_uri
 def test_vitpipe_evaluate_writes_and_logs_one_run(digits_shards, export_dir, tmp_path, mlflow_uri, capsys):
     from mlflow import MlflowClient
 
+    import mlflow
+
     out = tmp_path / "eval"
+    uri_before = mlflow.get_tracking_uri()
     rc = vitpipe(["evaluate", "--model", str(export_dir), "--data.shards", str(digits_shards),
                   "--data.channels", "1", "--data.mean", "[0.5]", "--data.std", "[0.5]",
                   "--data.num-workers", "0", "--knn.enabled", "--knn.k", "[5]",
@@ -110,6 +113,7 @@ def test_vitpipe_evaluate_writes_and_logs_one_run(digits_shards, export_dir, tmp
     assert rc == 0
     summary = capsys.readouterr().out
     assert "evaluate: split val" in summary and "top1" in summary and "knn_top1_k5" in summary
+    assert mlflow.get_tracking_uri() == uri_before  # a later stage in this process keeps its own store
     res = json.loads((out / "results.json").read_text())
     assert res["num_samples"] == make_eval_loader(_data(digits_shards), "val").num_samples
     assert 0.0 <= res["knn_top1_k5"] <= 1.0 and res["knn_memory_size"] > 1000

@@ -313,7 +313,7 @@ def _log_stage_run(cfg: EvaluateConfig, results: dict[str, Any]) -> None:
     """One MLflow run for a stand-alone evaluation (resumes MLFLOW_RUN_ID when a flow made it)."""
     import mlflow
 
-    from vit.tracking import resolve_uri
+    from vit.tracking import experiment_id, resolve_uri
 
     # The process-wide URI is borrowed for the run and given back: a caller that runs stages one
     # after another in one process (flows, notebooks) keeps its own tracking store and experiment.
@@ -321,8 +321,8 @@ def _log_stage_run(cfg: EvaluateConfig, results: dict[str, Any]) -> None:
     previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(uri)
     try:
-        experiment_id = None if os.environ.get("MLFLOW_RUN_ID") else _experiment_id(uri, cfg.tracking.experiment)
-        with mlflow.start_run(experiment_id=experiment_id,
+        exp_id = None if os.environ.get("MLFLOW_RUN_ID") else experiment_id(uri, cfg.tracking.experiment)
+        with mlflow.start_run(experiment_id=exp_id,
                               run_name=cfg.tracking.run_name or f"evaluate-{results['split']}") as run:
             mlflow.set_tags({"vitpipe.stage": "evaluate", "vitpipe.eval.split": results["split_id"]})
             mlflow.log_params({"model": cfg.model, "data.shards": cfg.data.shards, "split": results["split"]})
@@ -331,21 +331,6 @@ def _log_stage_run(cfg: EvaluateConfig, results: dict[str, Any]) -> None:
             results["mlflow_run_id"] = run.info.run_id
     finally:
         mlflow.set_tracking_uri(previous)
-
-
-def _experiment_id(uri: str, name: str) -> str:
-    """The id of experiment `name` in the store at `uri`, created when missing."""
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
-    client = MlflowClient(uri)
-    found = client.get_experiment_by_name(name)
-    if found is not None:
-        return found.experiment_id
-    try:
-        return client.create_experiment(name)
-    except MlflowException:  # another process created it in between
-        return client.get_experiment_by_name(name).experiment_id
 
 
 def summary_line(results: dict[str, Any]) -> str:

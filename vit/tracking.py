@@ -43,6 +43,24 @@ def check_reachable(uri: str, timeout_s: float = CONNECT_TIMEOUT_S) -> str | Non
     return None
 
 
+def experiment_id(uri: str, name: str) -> str:
+    """The id of experiment `name` in the store at `uri`, created on first use."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return client.create_experiment(name)
+    except Exception:
+        # Two processes racing to create it: the loser reads the winner's.
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """{'optim': {'lr': 1}} -> {'optim.lr': 1}: the resolved config as MLflow params."""
     out: dict[str, Any] = {}
@@ -114,8 +132,7 @@ class Tracker:
             except Exception as e:  # the run was deleted or the store changed: start a new one
                 warn(f"MLflow run {reuse} is gone ({e}); starting a new run")
         if run_id is None:
-            exp = client.get_experiment_by_name(section.experiment)
-            exp_id = exp.experiment_id if exp else client.create_experiment(section.experiment)
+            exp_id = experiment_id(uri, section.experiment)
             run_id = client.create_run(exp_id, run_name=section.run_name).info.run_id
         tracker = cls(run_id, uri)
         if fresh:  # params are write-once in MLflow: a reopened run keeps those of its first launch
