@@ -503,7 +503,7 @@ def evaluate_flow(model: str | None = None, dataset: str | None = None, split: s
                          {"model": model, "data.shards": dataset, "split": split, "out": out,
                           "tracking.uri": uri, "tracking.experiment": experiment})
     shards = _shards_dir(cfg.data.shards)
-    run_name = cfg.tracking.run_name or f"evaluate-{shards.name}-{cfg.split}"
+    run_name = cfg.tracking.run_name or f"evaluate-{shards.name}-{cfg.split or cfg.data.val_split}"
     cfg.tracking.run_name = run_name
     with tracking.stage_run(uri, experiment, run_name, parent_run_id=parent_run_id, stage="evaluate") as run_id:
         tracking.log_dataset_input(uri, run_id, shards, name=shards.name, context="evaluation")
