@@ -18,6 +18,31 @@ def _cfg(**deepspeed) -> PretrainConfig:
     return PretrainConfig(data={"shards": "s", "batch_size": 8}, deepspeed=deepspeed)
 
 
+def _micro_engine(cfg: PretrainConfig, *, layer_decay: float = 1.0, compile: bool = False):
+    """A real DeepSpeed engine (one gloo rank) around a seeded micro ViT for 16x16 inputs, 4 classes."""
+    from vit.distributed import World, init_process_group
+
+    init_process_group(World(), CPU)
+    torch.manual_seed(0)
+    model = create_model("micro/4", num_classes=4, image_size=16)
+    groups = param_groups(model, cfg.optim, layer_decay=layer_decay)
+    return create_engine(model, build_optimizer(groups, cfg.optim, CPU), ds_config(cfg, device=CPU),
+                         compile=compile)
+
+
+def _train(engine, steps: int, dtype: torch.dtype | None = None) -> list[float]:
+    """Losses of `steps` optimizer steps on one fixed batch."""
+    x, y = torch.randn(8, 3, 16, 16).to(dtype), torch.randint(0, 4, (8,))
+    losses = []
+    for _ in range(steps):
+        logits = engine(x)
+        loss = torch.nn.functional.cross_entropy(logits.float(), y)
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.item())
+    return losses
+
+
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_ds_config_from_typed_config(stage):
     ds = ds_config(_cfg(zero_stage=stage, grad_accum=4, grad_clip=0.5), device=CPU)
@@ -41,25 +66,12 @@ def test_precision_choice():
 @pytest.mark.parametrize("precision,weight_dtype", [("bf16", torch.float32), ("bf16_full", torch.bfloat16)])
 def test_bf16_modes_train_on_cpu(precision, weight_dtype):
     """bf16 = autocast over fp32 weights (bf16 matmuls); bf16_full = bf16 weights fed bf16 inputs."""
-    from vit.distributed import World, init_process_group
     from vit.engine import input_dtype
 
-    init_process_group(World(), CPU)
-    torch.manual_seed(0)
-    model = create_model("micro/4", num_classes=4, image_size=16)
-    cfg = _cfg(zero_stage=0, precision=precision)
-    engine = create_engine(model, build_optimizer(param_groups(model, cfg.optim), cfg.optim, CPU),
-                           ds_config(cfg, device=CPU))
+    engine = _micro_engine(_cfg(zero_stage=0, precision=precision))
     set_lr(engine, 2e-3)
-    x, y = torch.randn(8, 3, 16, 16).to(input_dtype(precision)), torch.randint(0, 4, (8,))
-    losses = []
-    for _ in range(10):
-        logits = engine(x)
-        assert logits.dtype == torch.bfloat16  # the forward really ran in bf16
-        loss = torch.nn.functional.cross_entropy(logits.float(), y)
-        engine.backward(loss)
-        engine.step()
-        losses.append(loss.item())
+    assert engine(torch.randn(2, 3, 16, 16).to(input_dtype(precision))).dtype == torch.bfloat16  # ran in bf16
+    losses = _train(engine, 10, input_dtype(precision))
     assert engine.module.head.weight.dtype == weight_dtype
     assert losses[-1] < losses[0] - 0.2, losses
 
@@ -125,24 +137,11 @@ def test_lr_schedule_shape(decay):
 
 def test_engine_trains_on_cpu_with_scheduled_lr():
     """A real DeepSpeed engine (ZeRO-2, one gloo rank): loss falls on a fixed batch; set_lr reaches AdamW."""
-    from vit.distributed import World, init_process_group
-
-    init_process_group(World(), CPU)
-    torch.manual_seed(0)
-    model = create_model("micro/4", num_classes=4, image_size=16)
-    cfg = _cfg(zero_stage=2)
-    groups = param_groups(model, cfg.optim, layer_decay=0.5)
-    engine = create_engine(model, build_optimizer(groups, cfg.optim, CPU), ds_config(cfg, device=CPU))
+    engine = _micro_engine(_cfg(zero_stage=2), layer_decay=0.5)
     set_lr(engine, 2e-3)
     assert sorted({g["lr"] for g in engine.optimizer.param_groups})[-1] == pytest.approx(2e-3)
     assert min(g["lr"] for g in engine.optimizer.param_groups) == pytest.approx(2e-3 * 0.5 ** 5)
-    x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 4, (8,))
-    losses = []
-    for _ in range(15):
-        loss = torch.nn.functional.cross_entropy(engine(x), y)
-        engine.backward(loss)
-        engine.step()
-        losses.append(loss.item())
+    losses = _train(engine, 15)
     assert losses[-1] < losses[0] - 0.3, losses
     assert engine.get_global_grad_norm() is not None
 
@@ -150,21 +149,8 @@ def test_engine_trains_on_cpu_with_scheduled_lr():
 @pytest.mark.slow
 def test_compiled_engine_trains_and_keeps_plain_parameter_names():
     """train.compile: DeepSpeed compiles the forward; names stay those of the model, so export loads."""
-    from vit.distributed import World, init_process_group
-
-    init_process_group(World(), CPU)
-    torch.manual_seed(0)
-    model = create_model("micro/4", num_classes=4, image_size=16)
-    names = set(model.state_dict())
-    cfg = _cfg(zero_stage=0)
-    engine = create_engine(model, build_optimizer(param_groups(model, cfg.optim), cfg.optim, CPU),
-                           ds_config(cfg, device=CPU), compile=True)
-    x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 4, (8,))
-    losses = []
-    for _ in range(4):
-        loss = torch.nn.functional.cross_entropy(engine(x), y)
-        engine.backward(loss)
-        engine.step()
-        losses.append(loss.item())
+    names = set(create_model("micro/4", num_classes=4, image_size=16).state_dict())
+    engine = _micro_engine(_cfg(zero_stage=0), compile=True)
+    losses = _train(engine, 4)
     assert engine.is_compiled and losses[-1] < losses[0]
     assert set(engine.module.state_dict()) == names
