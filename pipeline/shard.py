@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as cf
 import contextlib
+import ctypes
 import fcntl
 import hashlib
 import json
@@ -28,6 +29,7 @@ import multiprocessing
 import os
 import queue
 import re
+import select
 import shutil
 import sys
 import tarfile
@@ -257,6 +259,9 @@ def _header_template() -> bytes:
 
 
 _HEADER = _header_template()  # the fixed fields: mode 644, uid/gid 0, mtime 0, no user names
+# Checksum of the template with an empty name, size field zeros and the checksum field as spaces:
+# a header's checksum is this plus the byte sums of its name and size fields.
+_HEADER_SUM = sum(_HEADER[100:124]) + sum(_HEADER[136:148]) + 8 * 32 + sum(_HEADER[156:])
 
 
 def tar_header(name: str, size: int) -> bytes:
@@ -267,12 +272,10 @@ def tar_header(name: str, size: int) -> bytes:
         info = tarfile.TarInfo(name)
         info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = size, 0, 0o644, 0, 0, "", ""
         return info.tobuf(tarfile.GNU_FORMAT)
-    h = bytearray(_HEADER)
-    h[0:100] = raw.ljust(100, b"\0")
-    h[124:136] = b"%011o\0" % size
-    h[148:156] = b"        "  # the checksum is computed with its own field as spaces
-    h[148:155] = b"%06o\0" % sum(h)
-    return bytes(h)
+    size_field = b"%011o\0" % size
+    checksum = b"%06o\0 " % (_HEADER_SUM + sum(raw) + sum(size_field))
+    return b"".join((raw, bytes(100 - len(raw)), _HEADER[100:124], size_field, _HEADER[136:148],
+                     checksum, _HEADER[156:]))
 
 
 class ShardTarWriter:
@@ -280,44 +283,64 @@ class ShardTarWriter:
 
     Use as a context manager; `add([(name, data), ...])` per sample, then `close()` (end blocks,
     padding to a 10 KiB record, as tarfile and GNU tar do); `sha256` and `num_bytes` then describe
-    the whole file. Hashing and writing run on a background thread (both release the GIL), so
-    they overlap with reading and checking the next samples.
+    the whole file. Samples are gathered into chunks of about `chunk_bytes`, which a background
+    thread writes and hashes (both release the GIL) while the caller reads the next samples; one
+    hand-over per sample would cost more than the copy. With `writeback_every` (bytes), that
+    thread also asks the kernel to start writing the file to disk every so often (without waiting,
+    as RocksDB's bytes_per_sync does), so the caller's final fsync has little left to wait for.
     """
 
-    def __init__(self, f, *, depth: int = 64):
+    def __init__(self, f, *, chunk_bytes: int = 1 << 20, writeback_every: int | None = None, depth: int = 8):
         self._f = f
         self.sha256 = hashlib.sha256()
         self.num_bytes = 0
+        self._chunk: list[bytes] = []
+        self._chunk_size = 0
+        self._chunk_bytes = chunk_bytes
+        self._writeback_every = writeback_every
         self._queue: queue.Queue[bytes | None] = queue.Queue(depth)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._drain, name="shard-sink", daemon=True)
         self._thread.start()
 
     def _drain(self) -> None:
+        unsynced = 0
         while (chunk := self._queue.get()) is not None:
             if self._error is None:
                 try:
                     self._f.write(chunk)
                     self.sha256.update(chunk)
+                    unsynced += len(chunk)
+                    if self._writeback_every and unsynced >= self._writeback_every:
+                        self._f.flush()
+                        start_writeback(self._f.fileno())
+                        unsynced = 0
                 except BaseException as e:  # noqa: BLE001 - re-raised in the writing thread
                     self._error = e
 
-    def _write(self, data: bytes) -> None:
+    def _flush_chunk(self) -> None:
         if self._error is not None:
             raise self._error
-        self.num_bytes += len(data)
-        self._queue.put(data)
+        if self._chunk:
+            self._queue.put(b"".join(self._chunk))
+            self._chunk, self._chunk_size = [], 0
 
     def add(self, members: list[tuple[str, bytes]]) -> None:
-        """Append one sample's members with a single write: per-call overhead is what costs."""
-        parts = []
+        """Append one sample's members (name, bytes), in order."""
         for name, data in members:
-            parts += (tar_header(name, len(data)), data, bytes(-len(data) % 512))
-        self._write(b"".join(parts))
+            header, pad = tar_header(name, len(data)), -len(data) % 512
+            self._chunk += (header, data, bytes(pad))
+            n = len(header) + len(data) + pad
+            self._chunk_size += n
+            self.num_bytes += n
+        if self._chunk_size >= self._chunk_bytes:
+            self._flush_chunk()
 
     def close(self) -> None:
         end = 1024 + -(self.num_bytes + 1024) % tarfile.RECORDSIZE
-        self._write(bytes(end))
+        self._chunk.append(bytes(end))
+        self.num_bytes += end
+        self._flush_chunk()
         self._stop()
         if self._error is not None:
             raise self._error
@@ -334,11 +357,42 @@ class ShardTarWriter:
         self._stop()
 
 
-def read_bytes(uri: str, *, attempts: int = 3) -> bytes:
-    """Read a local path or fsspec URL; remote reads are retried (transient network errors)."""
+def _sync_file_range():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    return fn
+
+
+_SYNC_FILE_RANGE = _sync_file_range()
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def start_writeback(fd: int) -> None:
+    """Start writing a file's dirty pages to disk without waiting (Linux `sync_file_range`); a
+    no-op elsewhere. Durability still comes from the fsync at the end; this only spreads the
+    disk writes over the run, so that fsync does not stall it."""
+    if _SYNC_FILE_RANGE is not None:
+        _SYNC_FILE_RANGE(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)  # an error only means no head start
+
+
+def read_bytes(uri: str, *, size: int = 0, attempts: int = 3) -> bytes:
+    """Read a local path or fsspec URL; remote reads are retried (transient network errors).
+    `size`: the expected size of a local file, read with one system call when it is right."""
     if "://" not in uri or uri.startswith("file://"):
-        with open(uri[len("file://"):] if uri.startswith("file://") else uri, "rb") as f:
-            return f.read()
+        fd = os.open(uri[len("file://"):] if uri.startswith("file://") else uri, os.O_RDONLY)
+        try:
+            data = os.read(fd, size + 1) if size else b""
+            if not size or len(data) > size:  # unknown size, or the file grew since it was listed
+                data += b"".join(iter(lambda: os.read(fd, 1 << 20), b""))
+            return data
+        finally:
+            os.close(fd)
     for attempt in range(attempts):
         try:
             with fsspec.open(uri, "rb") as f:
@@ -352,23 +406,9 @@ def read_bytes(uri: str, *, attempts: int = 3) -> bytes:
     raise AssertionError("unreachable")
 
 
-def _fetch(uri: str) -> tuple[bytes, str]:
-    data = read_bytes(uri)
+def _fetch(item: SourceItem) -> tuple[bytes, str]:
+    data = read_bytes(item.uri, size=item.size)
     return data, hashlib.sha256(data).hexdigest()
-
-
-def _prefetched(items: Iterable[SourceItem], *, remote: bool) -> Iterator[tuple[SourceItem, cf.Future]]:
-    """Yield (item, future of (bytes, sha256)) in order, reading a bounded window ahead on threads:
-    file reads and hashing release the GIL, and remote reads are mostly waiting."""
-    threads = 16 if remote else 4
-    with cf.ThreadPoolExecutor(threads, thread_name_prefix="shard-read") as pool:
-        window: deque = deque()
-        for item in items:
-            window.append((item, pool.submit(_fetch, item.uri)))
-            if len(window) >= 2 * threads:
-                yield window.popleft()
-        while window:
-            yield window.popleft()
 
 
 def encode_sample(item: SourceItem, data: bytes, digest: str, class_ids: dict[str, int],
@@ -386,39 +426,111 @@ def encode_sample(item: SourceItem, data: bytes, digest: str, class_ids: dict[st
     members = [(f"{item.key}.{ext}", payload)]
     if item.label is not None:
         members.append((f"{item.key}.cls", str(class_ids[item.label]).encode()))
-    members.append((f"{item.key}.json", json.dumps(meta, ensure_ascii=False).encode()))
+    members.append((f"{item.key}.json", _JSON.encode(meta).encode()))
     return members
 
 
-def write_shard(task: ShardTask, progress: Callable[[int, int], None] | None = None) -> ShardResult:
+_JSON = json.JSONEncoder(ensure_ascii=False)  # json.dumps(..., ensure_ascii=False) builds one per call
+
+
+# One sample, ready for the tar: its members, or the failure record of a skipped input.
+Sample = list[tuple[str, bytes]] | dict
+
+
+def _sample(item: SourceItem, fetch: Callable[[], tuple[bytes, str]], class_ids: dict[str, int],
+            opt: EncodeOptions) -> Sample:
+    try:
+        try:
+            data, digest = fetch()
+        except Exception as e:  # noqa: BLE001 - any read error means "skip and report"
+            raise BadImage("unreadable", f"{type(e).__name__}: {e}") from None
+        try:
+            return encode_sample(item, data, digest, class_ids, opt)
+        except BadImage:
+            raise
+        except Exception as e:  # noqa: BLE001 - odd files trip decoders in odd ways
+            raise BadImage("corrupt", f"{type(e).__name__}: {e}") from None
+    except BadImage as e:
+        return {"source": item.uri, "reason": e.reason, "detail": e.detail}
+
+
+# Local files are read in the calling thread while reads are fast (page cache, local SSD): reader
+# threads would only fight over the GIL. When the first PROBE_FILES reads of a shard average more
+# than SLOW_READ_S each (a network filesystem, a disk seeking), reads move to threads that keep
+# READ_THREADS files in flight; remote URLs always use them.
+PROBE_FILES = 32
+SLOW_READ_S = 0.0005
+READ_THREADS = {"local": 8, "remote": 16}
+
+
+def iter_samples(items: Iterable[SourceItem], class_ids: dict[str, int], opt: EncodeOptions,
+                 *, threads: bool | None = None) -> Iterator[tuple[SourceItem, Sample]]:
+    """(item, sample) for each item, in order. `threads`: force (True) or forbid (False) reading
+    on threads; None decides as described above."""
+    items = list(items)
+    remote = any("://" in it.uri and not it.uri.startswith("file://") for it in items)
+    if threads is None and not remote:
+        probe, waited = items[:PROBE_FILES], 0.0
+        for item in probe:
+            start = time.perf_counter()
+            try:
+                fetched = _fetch(item)
+            except Exception as e:  # noqa: BLE001 - reported by _sample, with the reason
+                error = e
+
+                def fetched_or_raise(e=error):
+                    raise e
+                waited += time.perf_counter() - start
+                yield item, _sample(item, fetched_or_raise, class_ids, opt)
+                continue
+            waited += time.perf_counter() - start
+            yield item, _sample(item, lambda f=fetched: f, class_ids, opt)
+        items = items[len(probe):]
+        threads = bool(probe) and waited / len(probe) > SLOW_READ_S
+    if not (threads or remote):
+        for item in items:
+            yield item, _sample(item, lambda item=item: _fetch(item), class_ids, opt)
+        return
+    n = READ_THREADS["remote" if remote else "local"]
+    with cf.ThreadPoolExecutor(n, thread_name_prefix="shard-read") as pool:
+        window: deque = deque()
+        for item in items:
+            window.append((item, pool.submit(_fetch, item)))
+            if len(window) >= 2 * n:
+                item, fut = window.popleft()
+                yield item, _sample(item, fut.result, class_ids, opt)
+        while window:
+            item, fut = window.popleft()
+            yield item, _sample(item, fut.result, class_ids, opt)
+
+
+def encode_chunk(items: tuple[SourceItem, ...], class_ids: dict[str, int], opt: EncodeOptions) -> list[Sample]:
+    """Samples of a run of items, for a pool worker (re-encoding is CPU-bound, so a shard's
+    items are spread over the pool and the parent writes the shard in order)."""
+    return [s for _, s in iter_samples(items, class_ids, opt)]
+
+
+def write_shard(task: ShardTask, progress: Callable[[int, int], None] | None = None,
+                samples: Iterable[tuple[SourceItem, Sample]] | None = None) -> ShardResult:
     """Write one shard atomically (tmp + fsync + rename) and its receipt; skip bad inputs.
 
-    `progress(samples_done, failures)` is called per input when running in-process.
+    `progress(samples_done, failures)` is called per input when running in-process. `samples`:
+    the task's samples made elsewhere (a pool encoding them), in order; by default made here.
     """
     out = Path(task.out_dir)
     final = out / task.name
     tmp = out / f"{task.name}{TMP_MARK}{os.getpid()}"
     failures: list[dict] = []
     n = 0
-    remote = any("://" in it.uri and not it.uri.startswith("file://") for it in task.items)
+    if samples is None:
+        samples = iter_samples(task.items, task.class_ids, task.options)
     try:
-        with open(tmp, "wb") as f, ShardTarWriter(f) as writer:
-            for item, fetched in _prefetched(task.items, remote=remote):
-                try:
-                    try:
-                        data, digest = fetched.result()
-                    except Exception as e:  # noqa: BLE001 - any read error means "skip and report"
-                        raise BadImage("unreadable", f"{type(e).__name__}: {e}") from None
-                    try:
-                        members = encode_sample(item, data, digest, task.class_ids, task.options)
-                    except BadImage:
-                        raise
-                    except Exception as e:  # noqa: BLE001 - odd files trip decoders in odd ways
-                        raise BadImage("corrupt", f"{type(e).__name__}: {e}") from None
-                except BadImage as e:
-                    failures.append({"source": item.uri, "reason": e.reason, "detail": e.detail})
+        with open(tmp, "wb") as f, ShardTarWriter(f, writeback_every=4 << 20) as writer:
+            for _, sample in samples:
+                if isinstance(sample, dict):
+                    failures.append(sample)
                 else:
-                    writer.add(members)
+                    writer.add(sample)
                     n += 1
                 if progress:
                     progress(1, len(failures))
@@ -496,7 +608,13 @@ def _receipt(out: Path, task: ShardTask) -> ShardResult | None:
 def _run_tasks(tasks: list[ShardTask], workers: int, executor: cf.Executor | None,
                bar: tqdm, failures: int, shards: int) -> dict[str, ShardResult]:
     """Run write_shard over tasks: in-process, on a process pool, or on a given executor.
-    `failures` and `shards`: counts so far (listing, resumed shards), shown on the progress bar."""
+    `failures` and `shards`: counts so far (listing, resumed shards), shown on the progress bar.
+
+    With our own pool, pass-through writes whole shards in the workers (reading and hashing the
+    bytes is the work; shipping them to the parent would double it), while re-encoding spreads
+    each shard's samples over the workers in chunks and writes the shards here, in order: it is
+    CPU-bound and shrinks the data, and every worker stays busy even when there are fewer shards
+    than workers."""
     results: dict[str, ShardResult] = {}
 
     def shard_done(r: ShardResult) -> None:
@@ -505,33 +623,39 @@ def _run_tasks(tasks: list[ShardTask], workers: int, executor: cf.Executor | Non
         results[r.name] = r
         bar.set_postfix(failures=failures, shards=shards + len(results), refresh=False)
 
+    def ticker() -> Callable[[int, int], None]:
+        base, shown = failures, failures
+
+        def tick(k: int, f: int) -> None:
+            nonlocal shown
+            bar.update(k)
+            if base + f != shown:  # set_postfix per sample would cost more than tar's work
+                shown = base + f
+                bar.set_postfix(failures=shown, shards=shards + len(results), refresh=False)
+        return tick
+
     if executor is None and workers == 1:
         for t in tasks:
-            base, shown = failures, failures
+            shard_done(write_shard(t, ticker()))
+        return results
 
-            def tick(k: int, f: int) -> None:
-                nonlocal shown
-                bar.update(k)
-                if base + f != shown:  # set_postfix per sample would cost more than tar's work
-                    shown = base + f
-                    bar.set_postfix(failures=shown, shards=shards + len(results), refresh=False)
-
-            shard_done(write_shard(t, tick))
+    if executor is None and tasks and tasks[0].options.encode != "none":
+        pool = _process_pool(workers, initializer=_worker_init, initargs=(os.getpid(), None))
+        try:
+            for t, samples in _pooled_samples(pool, tasks, workers):
+                shard_done(write_shard(t, ticker(), samples))
+        finally:
+            pool.shutdown(cancel_futures=True)
         return results
 
     # Our own pool reports per-sample progress through a queue (batched by time); a foreign
     # executor (Dask) may run on other hosts, so there the bar moves once per finished shard.
     own_pool = executor is None
-    ctx = multiprocessing.get_context("forkserver")
-    # forkserver, not fork: the parent has threads (tqdm's monitor, fsspec's event loop), and a
-    # fork taken while one of them holds a lock can hang the child.
-    pool = executor or cf.ProcessPoolExecutor(workers, mp_context=ctx)
-    manager = ctx.Manager() if own_pool else None
-    reports = manager.Queue() if manager else None
+    reports = multiprocessing.get_context("forkserver").SimpleQueue() if own_pool else None
+    pool = executor or _process_pool(workers, initializer=_worker_init, initargs=(os.getpid(), reports))
     reported: dict[str, int] = {}
     try:
-        futures = {pool.submit(write_shard, t, _QueueProgress(reports, t.name) if reports else None): t
-                   for t in tasks}
+        futures = {pool.submit(write_shard, t, _QueueProgress(t.name) if own_pool else None): t for t in tasks}
         pending = set(futures)
         while pending:
             finished, pending = cf.wait(pending, timeout=0.2, return_when=cf.FIRST_COMPLETED)
@@ -548,25 +672,86 @@ def _run_tasks(tasks: list[ShardTask], workers: int, executor: cf.Executor | Non
     finally:
         if own_pool:
             pool.shutdown(cancel_futures=True)
-        if manager is not None:
-            manager.shutdown()
     return results
+
+
+def _process_pool(workers: int, **kwargs) -> cf.ProcessPoolExecutor:
+    # forkserver, not fork: the parent has threads (tqdm's monitor, fsspec's event loop), and a
+    # fork taken while one of them holds a lock can hang the child. The server imports this module
+    # once, so each worker starts without paying for the imports (unless a forkserver was already
+    # running in this process, e.g. started by a DataLoader: then they import it themselves).
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload([__name__])
+    return cf.ProcessPoolExecutor(workers, mp_context=ctx, **kwargs)
+
+
+ENCODE_CHUNK = 16  # samples per pool task when re-encoding: enough to hide the hand-over
+
+
+def _pooled_samples(pool: cf.Executor, tasks: list[ShardTask], workers: int
+                    ) -> Iterator[tuple[ShardTask, Iterator[tuple[SourceItem, Sample]]]]:
+    """(task, its samples in order) per task, encoded on the pool in chunks of ENCODE_CHUNK items.
+    Chunks are submitted across shard boundaries, 4 per worker ahead of the writer, so the pool
+    does not idle while a shard is closed. Each task's samples must be consumed before the next."""
+    chunks = ((t, t.items[i:i + ENCODE_CHUNK]) for t in tasks for i in range(0, len(t.items), ENCODE_CHUNK))
+    inflight: deque[cf.Future] = deque()
+
+    def top_up() -> None:
+        while len(inflight) < 4 * workers and (nxt := next(chunks, None)) is not None:
+            t, items = nxt
+            inflight.append(pool.submit(encode_chunk, items, t.class_ids, t.options))
+
+    def samples(t: ShardTask) -> Iterator[tuple[SourceItem, Sample]]:
+        for i in range(0, len(t.items), ENCODE_CHUNK):
+            top_up()
+            yield from zip(t.items[i:i + ENCODE_CHUNK], inflight.popleft().result())
+
+    for t in tasks:
+        yield t, samples(t)
+
+
+_reports = None  # in pool workers: the parent's progress queue
+
+
+def _worker_init(parent: int, reports) -> None:
+    global _reports
+    _reports = reports
+    threading.Thread(target=_exit_with, args=(parent,), name="parent-watch", daemon=True).start()
+
+
+def _exit_with(pid: int) -> None:
+    """End this pool worker when process `pid` ends. Workers are children of the forkserver, not
+    of the stage's process, so when that is killed (SIGKILL, OOM) nothing else would stop them:
+    they would wait for work forever. A half-written shard stays under its temporary name."""
+    try:
+        fd = os.pidfd_open(pid)
+    except (AttributeError, OSError):  # not Linux >= 5.3: poll instead
+        while True:
+            time.sleep(1.0)
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                os._exit(1)
+            except PermissionError:
+                pass
+    select.select([fd], [], [])  # readable once the process has exited
+    os._exit(1)
 
 
 class _QueueProgress:
     """Picklable progress callback for pool workers: sends (shard, samples done, failures) to the
     parent at most every 0.5 s (a queue message per sample would cost more than the sample)."""
 
-    def __init__(self, reports, name: str):
-        self.reports, self.name = reports, name
+    def __init__(self, name: str):
+        self.name = name
         self.done, self.last = 0, 0.0
 
     def __call__(self, k: int, failures: int) -> None:
         self.done += k
         now = time.monotonic()
-        if now - self.last >= 0.5:
+        if now - self.last >= 0.5 and _reports is not None:
             self.last = now
-            self.reports.put((self.name, self.done, failures))
+            _reports.put((self.name, self.done, failures))
 
 
 def shard(cfg: ShardConfig, *, executor: cf.Executor | None = None) -> dict:

@@ -75,9 +75,14 @@ def sort_labels(labels) -> list[str]:
     return names
 
 
+_PLAIN_KEY = re.compile(r"[A-Za-z0-9_-]+(?:/[A-Za-z0-9_-]+)*")
+
+
 def _key_from(text: str) -> str:
     # Keys keep '/' (webdataset splits the extension at the first '.' of the basename only) and
     # replace everything else that is not a plain name character, dots included.
+    if _PLAIN_KEY.fullmatch(text):  # the common case, already a key: one match instead of two subs
+        return text
     text = text.strip("/")
     key = re.sub(r"[^A-Za-z0-9_/-]+", "_", text)
     key = re.sub(r"/+", "/", key).strip("/")

@@ -274,6 +274,72 @@ def test_one_and_two_workers_give_identical_shards(digits_dir, tmp_path, monkeyp
     assert i1["splits"] == i2["splits"] and i1["config"]["workers"] == 1 and i2["config"]["workers"] == 2
 
 
+@pytest.mark.multiprocess
+def test_reencoding_on_two_workers_matches_one_with_the_same_failures(messy_dir, tmp_path, monkeypatch):
+    """Re-encoding spreads each shard's samples over the pool (here: 3 shards, 2 workers) and the
+    parent writes them in order: the same bytes and the same failure list as one process."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    src, expected = messy_dir
+    outs = []
+    for workers in (1, 2):
+        out = tmp_path / f"w{workers}"
+        stats = shard(ShardConfig(src=str(src), out=str(out), encode="jpg", resize="shorter", size=12,
+                                  val_ratio=0.2, max_samples_per_shard=30, workers=workers))
+        assert stats["num_failures"] == len(expected) and stats["num_shards"] >= 3
+        outs.append(out)
+    assert _shard_bytes(outs[0]) == _shard_bytes(outs[1])
+    assert (outs[0] / "failures.jsonl").read_text() == (outs[1] / "failures.jsonl").read_text()
+    assert verify(str(outs[1])) == []
+
+
+def test_threaded_reads_give_the_same_shards(messy_dir, tmp_path, monkeypatch):
+    """Slow storage moves reads onto threads (decided per shard from the first reads): forcing
+    that path, and forcing it for every file, changes nothing in the output."""
+    import pipeline.shard as stage
+
+    src, expected = messy_dir
+    cfg = dict(src=str(src), val_ratio=0.2, max_samples_per_shard=40)
+    shard(ShardConfig(out=str(tmp_path / "direct"), **cfg))
+    monkeypatch.setattr(stage, "SLOW_READ_S", -1.0)  # every read counts as slow
+    shard(ShardConfig(out=str(tmp_path / "threads"), **cfg))
+    monkeypatch.setattr(stage, "PROBE_FILES", 0)      # threads from the first file
+    shard(ShardConfig(out=str(tmp_path / "all-threads"), **cfg))
+    direct = _shard_bytes(tmp_path / "direct")
+    assert _shard_bytes(tmp_path / "threads") == direct == _shard_bytes(tmp_path / "all-threads")
+    for name in ("threads", "all-threads"):
+        assert (tmp_path / name / "failures.jsonl").read_text() == (tmp_path / "direct" / "failures.jsonl").read_text()
+
+
+def test_samples_read_on_threads_once_reads_are_slow(tmp_path, monkeypatch):
+    """The probe: fast reads stay on the calling thread, slow ones move to reader threads."""
+    import threading
+
+    import pipeline.shard as stage
+    from pipeline.packaged_data import write_digits
+    from pipeline.sources import list_source
+
+    write_digits(tmp_path / "src", size=8, limit=60)
+    source = list_source(str(tmp_path / "src"))
+    items, class_ids = source.items, {name: i for i, name in enumerate(source.classes)}
+    opt = stage.EncodeOptions("none", 90, "none", 0, False, 10**8)
+    seen: list[str] = []
+    real_fetch = stage._fetch
+
+    def fetch(item):
+        seen.append(threading.current_thread().name)
+        return real_fetch(item)
+
+    monkeypatch.setattr(stage, "_fetch", fetch)
+    samples = list(stage.iter_samples(items, class_ids, opt, threads=False))
+    assert len(samples) == 60 and all(isinstance(s, list) for _, s in samples)
+    assert set(seen) == {threading.current_thread().name}
+    seen.clear()
+    monkeypatch.setattr(stage, "SLOW_READ_S", -1.0)
+    assert [s for _, s in stage.iter_samples(items, class_ids, opt)] == [s for _, s in samples]
+    assert seen[:stage.PROBE_FILES] == [threading.current_thread().name] * stage.PROBE_FILES
+    assert all(name.startswith("shard-read") for name in seen[stage.PROBE_FILES:])
+
+
 def test_thread_executor_gives_identical_shards(digits_dir, tmp_path):
     """`executor=` is how a Dask client plugs in; any Executor must give the same bytes."""
     from concurrent.futures import ThreadPoolExecutor
@@ -322,12 +388,43 @@ def _copies_of_photo(root: Path, n: int) -> Path:
     return src
 
 
+def _descendants(pid: int) -> set[int]:
+    """Live processes below `pid` (from /proc), e.g. a process pool's forkserver and workers."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def _running(pids: set[int]) -> list[int]:
+    """Those of `pids` still running (an exited one may linger as a zombie until reaped)."""
+    alive = []
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z":
+            alive.append(pid)
+    return alive
+
+
 @pytest.mark.slow
 @pytest.mark.multiprocess
-def test_kill_9_then_rerun_is_byte_identical_to_a_clean_run(tmp_path):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_kill_9_then_rerun_is_byte_identical_to_a_clean_run(tmp_path, workers):
     src = _copies_of_photo(tmp_path, 90)
     # PNG re-encoding of 512x512 photos is slow enough to kill the run part-way.
-    opts = ["--encode", "png", "--max-samples-per-shard", "5", "--val-ratio", "0.2"]
+    opts = ["--encode", "png", "--max-samples-per-shard", "5", "--val-ratio", "0.2", "--workers", str(workers)]
     clean, killed = tmp_path / "clean", tmp_path / "killed"
     cmd = [sys.executable, "-m", "vitpipe.cli", "shard", str(src)]
     subprocess.run(cmd + [str(clean)] + opts, check=True, capture_output=True, cwd=REPO)
@@ -340,8 +437,14 @@ def test_kill_9_then_rerun_is_byte_identical_to_a_clean_run(tmp_path):
     while len(list(killed.glob("*.tar"))) < 3 and time.monotonic() < deadline:
         time.sleep(0.01)
     assert proc.poll() is None, "the run finished before it could be killed; give it more work"
+    pool = _descendants(proc.pid)
+    assert len(pool) >= (3 if workers > 1 else 0)  # forkserver + 2 workers
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
+    deadline = time.monotonic() + 30  # the pool's processes notice and end too
+    while _running(pool) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _running(pool)
     assert not (killed / "index.json").exists()
     partial = _shard_bytes(killed)
     assert 3 <= len(partial) < len(expected)
