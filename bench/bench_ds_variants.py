@@ -1,7 +1,10 @@
 """Where DeepSpeed's step overhead goes: the plain loop against variants of the generated config.
 
-One rank, ZeRO-0, bf16 (DeepSpeed torch_autocast over fp32 weights). Each variant changes one key of
-`vit.engine.ds_config`; the loops alternate in rounds as in bench_pretrain.py. Prints ms/step and
+One rank, ZeRO-0, bf16 (DeepSpeed torch_autocast over fp32 weights). "ds" is vitpipe's step as
+`vitpipe pretrain` runs it (vitpipe clips the gradients itself at ZeRO-0); each other variant changes
+one thing: DeepSpeed clipping instead ("ds-deepspeed-clip", what vitpipe did before), no clipping
+at all, fp32 gradient communication, bigger buckets. The loops alternate in rounds as in
+bench_pretrain.py. Prints ms/step and
 the ratio to the plain PyTorch loop:
 
     python bench/bench_ds_variants.py                          # ViT-B/16 at 224, batch 128 (GPU)
@@ -23,41 +26,52 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_pretrain import PlainLoop, _cfg, time_rounds  # noqa: E402
 from vit.distributed import World, device_for, init_process_group  # noqa: E402
-from vit.engine import build_optimizer, create_engine, ds_config, param_groups  # noqa: E402
+from vit.engine import Stepper, build_optimizer, create_engine, ds_config, param_groups  # noqa: E402
 from vit.model import create_model  # noqa: E402
 
 
-def _no_lower_precision_comm(c: dict) -> None:
+def _no_lower_precision_comm(c: dict) -> bool:
     c["torch_autocast"]["lower_precision_safe_modules"] = []
+    return True
 
 
-def _no_clipping(c: dict) -> None:
+def _deepspeed_clipping(c: dict) -> bool:
+    c["gradient_clipping"] = 1.0  # the config's grad_clip, applied by DeepSpeed instead of vitpipe
+    return False
+
+
+def _no_clipping(c: dict) -> bool:
     c["gradient_clipping"] = 0.0
+    return False
 
 
-def _big_buckets(c: dict) -> None:
+def _big_buckets(c: dict) -> bool:
     c["zero_optimization"].update(reduce_bucket_size=int(5e8), allgather_bucket_size=int(5e8))
+    return True
 
 
-VARIANTS = {"ds": lambda c: None, "ds-fp32-comm": _no_lower_precision_comm, "ds-no-clip": _no_clipping,
-            "ds-big-buckets": _big_buckets}
+# name -> change to the generated config; returns whether vitpipe's own clipping (Stepper) stays on.
+VARIANTS = {"ds": lambda c: True, "ds-deepspeed-clip": _deepspeed_clipping, "ds-no-clip": _no_clipping,
+            "ds-fp32-comm": _no_lower_precision_comm, "ds-big-buckets": _big_buckets}
 
 
 class VariantLoop:
-    """vitpipe's engine with one change to its DeepSpeed config."""
+    """vitpipe's engine and step (vit.engine.Stepper) with one change to its DeepSpeed config."""
 
     def __init__(self, name: str, model, batch: int, device):
         self.name = name
         cfg = _cfg(batch, 0, "bf16")
+        assert cfg.deepspeed.grad_clip == 1.0
         model = model.to(device)
         config = ds_config(cfg, device=device)
-        VARIANTS[name](config)
+        own_clip = VARIANTS[name](config)
         self.engine = create_engine(model, build_optimizer(param_groups(model, cfg.optim), cfg.optim, device), config)
+        self.stepper = Stepper(self.engine, cfg, device)
+        self.stepper.own = self.stepper.own and own_clip
 
     def step(self, x, y) -> None:
         loss = F.cross_entropy(self.engine(x).float(), y)
-        self.engine.backward(loss)
-        self.engine.step()
+        self.stepper.backward_step(loss, boundary=True)
 
 
 def main() -> None:

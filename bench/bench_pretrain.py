@@ -8,8 +8,9 @@ where the GPU's peak is known (vit.train.GPU_PEAK_FLOPS); the last stdout line i
     python bench/bench_pretrain.py                                         # CPU: ti/4, 32px, fp32
     python bench/bench_pretrain.py --preset b/16 --batch 128 --zero-stage 0 1 2   # GPU: bf16 by default
 
-On the GPU the plain loop uses bf16 autocast with fp32 weights (the usual PyTorch recipe) and
-DeepSpeed its bf16 mode (bf16 weights, fp32 master copy in the optimizer), each as users run them.
+On the GPU the plain loop uses bf16 autocast with fp32 weights (the usual PyTorch recipe), and so
+does DeepSpeed with `precision: bf16` (its torch_autocast mode); `--precision bf16_full` times
+DeepSpeed's bf16 weights with an fp32 master copy instead.
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from vit.config import PretrainConfig  # noqa: E402
 from vit.distributed import World, device_for, init_process_group  # noqa: E402
-from vit.engine import (build_optimizer, create_engine, ds_config, input_dtype, param_groups,  # noqa: E402
-                        resolve_precision)
+from vit.engine import (Stepper, build_optimizer, create_engine, ds_config, input_dtype,  # noqa: E402
+                        param_groups, resolve_precision)
 from vit.model import create_model  # noqa: E402
 from vit.train import peak_flops  # noqa: E402
 
@@ -70,13 +71,14 @@ class DeepSpeedLoop:
         model = model.to(device)
         opt = build_optimizer(param_groups(model, cfg.optim), cfg.optim, device)
         self.engine = create_engine(model, opt, ds_config(cfg, device=device))
+        # vitpipe's clipping where it clips itself (ZeRO-0, fp32 weights), as `vitpipe pretrain` steps
+        self.stepper = Stepper(self.engine, cfg, device)
         self.dtype = input_dtype(precision)  # bf16 autocasts inside the engine; bf16_full/fp16 want half inputs
 
     def step(self, x, y) -> None:
         x = x if self.dtype is None else x.to(self.dtype)
         loss = F.cross_entropy(self.engine(x).float(), y)
-        self.engine.backward(loss)
-        self.engine.step()
+        self.stepper.backward_step(loss, boundary=True)
 
 
 def time_rounds(loops, x, y, *, steps: int, warmup: int, rounds: int, device) -> dict[str, list[float]]:

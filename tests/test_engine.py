@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from vit.config import OptimSection, PretrainConfig, ScheduleSection
-from vit.engine import (build_optimizer, create_engine, ds_config, layer_id, lr_at, merge_extra, param_groups,
-                        resolve_precision, set_lr)
+from vit.engine import (Stepper, build_optimizer, clips_itself, create_engine, ds_config, layer_id, lr_at,
+                        merge_extra, param_groups, resolve_precision, set_lr)
 from vit.model import create_model
 from vitpipe.errors import UserError
 
@@ -48,7 +48,9 @@ def test_ds_config_from_typed_config(stage):
     ds = ds_config(_cfg(zero_stage=stage, grad_accum=4, grad_clip=0.5), device=CPU)
     assert ds["zero_optimization"] == {"stage": stage}
     assert ds["train_micro_batch_size_per_gpu"] == 8 and ds["gradient_accumulation_steps"] == 4
-    assert ds["gradient_clipping"] == 0.5
+    # ZeRO-0 with fp32 weights: vitpipe clips between backward and step (Stepper), DeepSpeed must not.
+    assert ds["gradient_clipping"] == (0.0 if stage == 0 else 0.5)
+    assert clips_itself(stage, "fp32") == (stage == 0)
     assert not ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]  # auto -> fp32 on the CPU
 
 
@@ -144,6 +146,52 @@ def test_engine_trains_on_cpu_with_scheduled_lr():
     losses = _train(engine, 15)
     assert losses[-1] < losses[0] - 0.3, losses
     assert engine.get_global_grad_norm() is not None
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_own_clipping_at_zero0_matches_deepspeeds(precision):
+    """At ZeRO-0 with fp32 weights vitpipe clips with torch's clip_grad_norm_ between backward and
+    step (DeepSpeed's clipping turned off): the same weights as DeepSpeed clipping, step for step,
+    with a clip low enough to act on every step, and the norm is reported (DeepSpeed reports none)."""
+    cfg = _cfg(zero_stage=0, precision=precision, grad_clip=0.05, grad_accum=2)
+    theirs_config = ds_config(cfg, device=CPU) | {"gradient_clipping": 0.05}
+    assert ds_config(cfg, device=CPU)["gradient_clipping"] == 0.0
+    ours = _micro_engine(cfg)
+    torch.manual_seed(0)
+    model = create_model("micro/4", num_classes=4, image_size=16)
+    theirs = create_engine(model, build_optimizer(param_groups(model, cfg.optim), cfg.optim, CPU), theirs_config)
+    assert all(torch.equal(a, b) for a, b in zip(ours.module.parameters(), theirs.module.parameters()))
+    for engine in (ours, theirs):
+        set_lr(engine, 1e-3)
+
+    stepper = Stepper(ours, cfg, CPU)
+    assert stepper.own and Stepper(theirs, _cfg(zero_stage=1), CPU).own is False
+    torch.manual_seed(1)
+    for step in range(4):
+        for micro in range(2):
+            x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 4, (8,))
+            for engine in (ours, theirs):
+                loss = torch.nn.functional.cross_entropy(engine(x).float(), y)
+                if engine is ours:
+                    stepper.backward_step(loss, boundary=micro == 1)
+                else:
+                    engine.backward(loss)
+                    engine.step()
+        norm = stepper.grad_norm()
+        assert norm is not None and norm > 0.05  # so the clip acted on this step
+    assert theirs.get_global_grad_norm() is None
+    for a, b in zip(ours.module.parameters(), theirs.module.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_grad_norm_measured_without_clipping_only_when_asked():
+    engine = _micro_engine(_cfg(zero_stage=0, grad_clip=0.0))
+    stepper = Stepper(engine, _cfg(zero_stage=0, grad_clip=0.0), CPU)
+    x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 4, (8,))
+    stepper.backward_step(torch.nn.functional.cross_entropy(engine(x), y), boundary=True)
+    assert stepper.grad_norm() is None
+    stepper.backward_step(torch.nn.functional.cross_entropy(engine(x), y), boundary=True, measure=True)
+    assert stepper.grad_norm() > 0
 
 
 @pytest.mark.slow

@@ -23,7 +23,8 @@ from torch import nn
 from vit import distributed as dist
 from vit.checkpoint import CheckpointManager, export_checkpoint, tag_for
 from vit.config import TrainingConfig
-from vit.engine import build_optimizer, create_engine, ds_config, input_dtype, lr_at, resolve_precision, set_lr
+from vit.engine import (Stepper, build_optimizer, create_engine, ds_config, input_dtype, lr_at, resolve_precision,
+                        set_lr)
 from vit.objectives import build_objective
 from vit.tracking import Tracker, flatten, git_commit, resolve_uri, tracked
 from vitpipe.config import save_config
@@ -203,10 +204,11 @@ def _loop(cfg: TrainingConfig, *, engine, objective, train_loader, eval_loader, 
     bar = tqdm(total=total_steps, initial=step, disable=not world.is_main, unit="step", dynamic_ncols=True,
                desc=stage, file=sys.stderr)
     batches = iter(train_loader)
+    stepper = Stepper(engine, cfg, device)
     engine.train()
     while step < total_steps:
         set_lr(engine, lr_at(step, total_steps=total_steps, peak=cfg.optim.lr, schedule=cfg.schedule))
-        for _ in range(accum):
+        for micro in range(accum):
             try:
                 images, targets = next(batches)
             except StopIteration:
@@ -217,8 +219,9 @@ def _loop(cfg: TrainingConfig, *, engine, objective, train_loader, eval_loader, 
             images = images.to(device, dtype=in_dtype, non_blocking=True)
             targets = targets.to(device, non_blocking=True)
             loss, _ = objective(engine, images, targets)
-            engine.backward(loss)
-            engine.step()  # DeepSpeed applies the optimizer only at the accumulation boundary
+            # DeepSpeed applies the optimizer only at the accumulation boundary
+            logged = (step + 1) % t_cfg.log_every == 0 or step + 1 == total_steps
+            stepper.backward_step(loss, boundary=micro == accum - 1, measure=logged)
             log.loss_sum += loss.detach().float()  # stays on the device: no host sync per step
             log.count += 1
         step += 1
@@ -233,7 +236,7 @@ def _loop(cfg: TrainingConfig, *, engine, objective, train_loader, eval_loader, 
             first_loss = mean_loss if first_loss is None else first_loss
             metrics = {"train/loss": mean_loss, "train/lr": engine.optimizer.param_groups[-1]["lr"],
                        "train/images_per_s": ips, "train/epoch": step / steps_per_epoch}
-            grad_norm = engine.get_global_grad_norm()
+            grad_norm = stepper.grad_norm()
             if grad_norm is not None:
                 metrics["train/grad_norm"] = float(grad_norm)
             if peak:
