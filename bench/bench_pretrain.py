@@ -7,6 +7,7 @@ where the GPU's peak is known (vit.train.GPU_PEAK_FLOPS); the last stdout line i
 
     python bench/bench_pretrain.py                                         # CPU: ti/4, 32px, fp32
     python bench/bench_pretrain.py --preset b/16 --batch 128 --zero-stage 0 1 2   # GPU: bf16 by default
+    python bench/bench_pretrain.py --preset b/16 --batch 256 --compile            # GPU: MFU, compiled
 
 On the GPU the plain loop uses bf16 autocast with fp32 weights (the usual PyTorch recipe), and so
 does DeepSpeed with `precision: bf16` (its torch_autocast mode); `--precision bf16_full` times
@@ -49,6 +50,8 @@ class PlainLoop:
     def __init__(self, model, cfg: PretrainConfig, device, precision: str):
         self.model = model.to(device).train()
         self.opt = build_optimizer(param_groups(self.model, cfg.optim), cfg.optim, device)
+        if cfg.train.compile:
+            self.model = torch.compile(self.model)
         self.clip = cfg.deepspeed.grad_clip
         self.dtype = {"bf16": torch.bfloat16, "bf16_full": torch.bfloat16, "fp16": torch.float16}.get(precision)
         self.device = device
@@ -70,7 +73,7 @@ class DeepSpeedLoop:
         self.name = f"deepspeed-zero{cfg.deepspeed.zero_stage}"
         model = model.to(device)
         opt = build_optimizer(param_groups(model, cfg.optim), cfg.optim, device)
-        self.engine = create_engine(model, opt, ds_config(cfg, device=device))
+        self.engine = create_engine(model, opt, ds_config(cfg, device=device), compile=cfg.train.compile)
         # vitpipe's clipping where it clips itself (ZeRO-0, fp32 weights), as `vitpipe pretrain` steps
         self.stepper = Stepper(self.engine, cfg, device)
         self.dtype = input_dtype(precision)  # bf16 autocasts inside the engine; bf16_full/fp16 want half inputs
@@ -109,6 +112,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--steps", type=int, default=5, help="timed steps per round")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per loop first")
     p.add_argument("--rounds", type=int, default=4, help="alternating rounds; the median round counts")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile both loops (train.compile for DeepSpeed); compiling happens in the warm-up")
     args = p.parse_args(argv)
 
     world = World()
@@ -128,16 +133,17 @@ def main(argv: list[str] | None = None) -> dict:
     size = base.cfg.image_size
     x = torch.randn(batch, base.cfg.in_chans, size, size, device=device)
     y = torch.randint(0, base.cfg.num_classes, (batch,), device=device)
-    loops = [PlainLoop(copy.deepcopy(base), _cfg(batch, 0, precision), device, precision)]
+    loops = [PlainLoop(copy.deepcopy(base), _cfg(batch, 0, precision, args.compile), device, precision)]
     for stage in args.zero_stage:
-        loops.append(DeepSpeedLoop(copy.deepcopy(base), _cfg(batch, stage, precision), device, precision))
+        loops.append(DeepSpeedLoop(copy.deepcopy(base), _cfg(batch, stage, precision, args.compile), device, precision))
     times = time_rounds(loops, x, y, steps=args.steps, warmup=args.warmup, rounds=args.rounds, device=device)
 
     flops = base.flops_per_image(training=True)
     peak = peak_flops(device, precision)
     plain = statistics.median(times["plain"])
     result = {"device": torch.cuda.get_device_name(device) if gpu else "cpu", "preset": preset,
-              "image_size": size, "batch": batch, "precision": precision, "rounds": args.rounds,
+              "image_size": size, "batch": batch, "precision": precision, "compile": args.compile,
+              "rounds": args.rounds,
               "steps_per_round": args.steps, "loops": {}}
     for name, ts in times.items():
         t = statistics.median(ts)
@@ -155,8 +161,8 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
-def _cfg(batch: int, stage: int, precision: str) -> PretrainConfig:
-    return PretrainConfig(data={"shards": "synthetic", "batch_size": batch},
+def _cfg(batch: int, stage: int, precision: str, compile: bool = False) -> PretrainConfig:
+    return PretrainConfig(data={"shards": "synthetic", "batch_size": batch}, train={"compile": compile},
                           deepspeed={"zero_stage": stage, "precision": precision})
 
 
