@@ -8,7 +8,7 @@ the last stdout line is one JSON object with every result.
     python bench/gpu_check.py                                   # the GPU run (defaults)
     python bench/gpu_check.py --device cpu --dtype fp32 --preset micro/4 --batch 4 --steps 2 --no-compile
 
-MFU = flops_per_image(training=True) * images/s / peak dense bf16 FLOP/s of the GPU (table below).
+MFU = flops_per_image(training=True) * images/s / peak dense bf16 FLOP/s of the GPU (vit.train).
 timm is optional: without it only our model is timed.
 """
 
@@ -23,21 +23,17 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 from bench_model import DTYPES, build_models, make_batch, summarize, time_interleaved, train_step  # noqa: E402
-
-# Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s from NVIDIA's data sheets; first match wins.
-PEAK_BF16_TFLOPS = [
-    ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0),  # "NVIDIA H100 80GB HBM3" is the SXM part
-    ("H200", 989.0), ("B200", 2250.0), ("A100", 312.0), ("L40S", 362.0),
-]
+from vit.train import peak_flops as device_peak_flops  # noqa: E402
 
 
 def peak_flops(device: str, dtype: str) -> float | None:
-    """Peak FLOP/s of this device for bf16/fp16 matmuls, or None where unknown (CPU, fp32, other GPUs)."""
+    """Peak dense FLOP/s of this device for bf16/fp16 matmuls (vit.train.GPU_PEAK_FLOPS, the table
+    `vitpipe pretrain` logs MFU with), or None where unknown (CPU, fp32, GPUs not in the table)."""
     if not device.startswith("cuda") or dtype == "fp32":
         return None
-    name = torch.cuda.get_device_name(torch.device(device))
-    return next((tflops * 1e12 for key, tflops in PEAK_BF16_TFLOPS if key in name), None)
+    return device_peak_flops(torch.device(device), "bf16")
 
 
 def log(message: str) -> None:

@@ -32,6 +32,7 @@ from vitpipe.errors import UserError
 
 # Dense peak FLOP/s per device (bf16/fp16, fp32 via TF32) by GPU name, for MFU. Unknown = no MFU.
 GPU_PEAK_FLOPS: dict[str, tuple[float, float]] = {
+    "B200": (2250e12, 1100e12),
     "H200": (989e12, 494e12),
     "H100 SXM": (989e12, 494e12),
     "H100 80GB HBM3": (989e12, 494e12),
