@@ -2,7 +2,7 @@
 # Install the Debian packages that some tests use as real services. Best effort: without root or
 # apt the tests that need them skip with a reason naming the missing package.
 set -u
-PKGS="slurm-wlm munge chromium chromium-driver"
+PKGS="slurm-wlm munge chromium chromium-driver openssh-server openssh-client pdsh"
 missing=""
 for p in $PKGS; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
 [ -z "$missing" ] && exit 0

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from ssh_hosts import ssh_hosts  # noqa: F401  (pytest fixture)
 from vit.distributed import World, backend_for, first_host
 from vit.launch import add_launch_arguments, is_worker, launcher_argv, strip_launch_options
 from vitpipe.errors import UserError
@@ -147,12 +148,42 @@ def test_two_nodes_on_localhost(digits_shards, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-def test_deepspeed_launcher_on_this_machine(digits_shards, tmp_path):
-    """`--launcher deepspeed --nproc 2`: DeepSpeed's own launcher and its environment variables.
+def test_hostfile_launch_over_ssh_to_two_hosts(digits_shards, tmp_path, ssh_hosts):
+    """`--hostfile`: DeepSpeed's multi-node runner checks ssh, then starts one launcher per host with
+    pdsh over ssh (a real sshd on 127.0.0.1; the hosts '127.0.0.1' and 'localhost' are two nodes of
+    one slot each), and the two ranks train together; the MLflow URI reaches the remote ranks."""
+    import json
 
-    (A --hostfile run needs passwordless ssh to every host, which this machine does not have; its
-    command line is checked in test_launcher_command_lines.)
-    """
+    from mlflow import MlflowClient
+
+    from vit.distributed import free_port
+
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("127.0.0.1 slots=1\nlocalhost slots=1\n")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = ssh_hosts.env({**os.environ, "OMP_NUM_THREADS": "1", "MLFLOW_TRACKING_URI": uri})
+    env.pop("RANK", None)
+    proc = subprocess.run([sys.executable, "-m", "vitpipe.cli", "pretrain", "--data.shards", str(digits_shards),
+                           "--data.image-size", "16", "--data.batch-size", "16", "--data.num-workers", "0",
+                           "--model.preset", "micro/4", "--train.steps", "4", "--train.eval-every", "0",
+                           "--train.log-every", "2", "--checkpoint.every-steps", "0", "--deepspeed.zero-stage", "1",
+                           "--out", str(tmp_path / "run"), "--hostfile", str(hostfile),
+                           "--master-addr", "127.0.0.1", "--master-port", str(free_port())],
+                          env=env, capture_output=True, text=True, timeout=540, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "deepspeed.launcher.runner" in proc.stderr
+    assert "pdsh" in proc.stdout + proc.stderr, (proc.stdout + proc.stderr)[-3000:]
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["world_size"] == 2 and results["step"] == 4
+    run = MlflowClient(uri).get_run(results["run_id"])
+    assert run.info.status == "FINISHED" and run.data.tags["vitpipe.world_size"] == "2"
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_deepspeed_launcher_on_this_machine(digits_shards, tmp_path):
+    """`--launcher deepspeed --nproc 2`: DeepSpeed's own launcher and its environment variables
+    (with --hostfile, over ssh: test_hostfile_launch_over_ssh_to_two_hosts)."""
     import json
 
     from vit.distributed import free_port
