@@ -642,8 +642,9 @@ def _run_tasks(tasks: list[ShardTask], workers: int, executor: cf.Executor | Non
     if executor is None and tasks and tasks[0].options.encode != "none":
         pool = _process_pool(workers, initializer=_worker_init, initargs=(os.getpid(), None))
         try:
-            for t, samples in _pooled_samples(pool, tasks, workers):
-                shard_done(write_shard(t, ticker(), samples))
+            with _explain_dead_workers(workers):
+                for t, samples in _pooled_samples(pool, tasks, workers):
+                    shard_done(write_shard(t, ticker(), samples))
         finally:
             pool.shutdown(cancel_futures=True)
         return results
@@ -665,7 +666,8 @@ def _run_tasks(tasks: list[ShardTask], workers: int, executor: cf.Executor | Non
                 reported[name] = done
             for fut in finished:
                 t = futures[fut]
-                r = fut.result()
+                with _explain_dead_workers(workers):
+                    r = fut.result()
                 bar.update(len(t.items) - reported.get(t.name, 0))
                 reported[t.name] = len(t.items)
                 shard_done(r)
@@ -673,6 +675,18 @@ def _run_tasks(tasks: list[ShardTask], workers: int, executor: cf.Executor | Non
         if own_pool:
             pool.shutdown(cancel_futures=True)
     return results
+
+
+@contextlib.contextmanager
+def _explain_dead_workers(workers: int):
+    """A pool process killed from outside (most often by the kernel for memory) breaks the pool;
+    say what that means instead of a bare BrokenProcessPool traceback."""
+    try:
+        yield
+    except cf.process.BrokenProcessPool as e:
+        raise UserError(f"a --workers process died before finishing its work ({e}); most often the system "
+                        f"killed it for memory. Re-run the same command to resume from the finished shards, "
+                        f"with fewer --workers than {workers} if memory is short") from e
 
 
 def _process_pool(workers: int, **kwargs) -> cf.ProcessPoolExecutor:

@@ -142,17 +142,30 @@ def test_backbone_without_head_gets_knn_only(digits_shards, tmp_path):
     assert set(res["artifacts"]) == {"results"}
 
 
+def _named(names: list[str]):
+    model = _model()
+    model.class_names = names
+    return model
+
+
+DIGITS = [str(i) for i in range(10)]
+
+
 @pytest.mark.parametrize("args, message", [
     (["--split", "test"], "split 'test' is not in"),
     (["--model", "does/not/exist"], "does/not/exist: no such file or folder"),
     (["--model", "BACKBONE"], "has no classifier head"),
     (["--model", "FIVE"], "predicts 5 classes but"),
+    (["--model", "LETTERS"], "was trained on other classes than"),
+    (["--model", "SHUFFLED"], "0: model '1' vs data '0'"),
     (["--data.shards", ""], "data.shards is empty"),
 ])
 def test_bad_input_is_one_clear_line(args, message, digits_shards, export_dir, tmp_path, capsys):
     from vit.weights import save_pretrained
 
-    models = {"BACKBONE": save_pretrained(_model(0), tmp_path / "b"), "FIVE": save_pretrained(_model(5), tmp_path / "f")}
+    models = {"BACKBONE": save_pretrained(_model(0), tmp_path / "b"), "FIVE": save_pretrained(_model(5), tmp_path / "f"),
+              "LETTERS": save_pretrained(_named(list("abcdefghij")), tmp_path / "l"),
+              "SHUFFLED": save_pretrained(_named(DIGITS[1:] + DIGITS[:1]), tmp_path / "s")}
     base = {"--model": str(export_dir), "--data.shards": str(digits_shards), "--out": str(tmp_path / "o"),
             "--data.channels": "1", "--data.mean": "[0.5]", "--data.std": "[0.5]", "--data.num-workers": "0",
             "--no-tracking.enabled": None}
@@ -162,6 +175,21 @@ def test_bad_input_is_one_clear_line(args, message, digits_shards, export_dir, t
     assert vitpipe(argv) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_recorded_class_names_are_checked_against_the_data(digits_shards, tmp_path, capsys):
+    """An export that names its classes is scored only on data with the same classes in the same
+    order; --no-check-classes accepts other names (e.g. renamed folders)."""
+    from vit.weights import save_pretrained
+
+    base = ["evaluate", "--data.shards", str(digits_shards), "--data.channels", "1", "--data.mean", "[0.5]",
+            "--data.std", "[0.5]", "--data.num-workers", "0", "--no-tracking.enabled"]
+    same = save_pretrained(_named(DIGITS), tmp_path / "same")
+    assert vitpipe(base + ["--model", str(same), "--out", str(tmp_path / "o1")]) == 0
+    renamed = save_pretrained(_named([f"digit {d}" for d in DIGITS]), tmp_path / "renamed")
+    assert vitpipe(base + ["--model", str(renamed), "--out", str(tmp_path / "o2")]) == 2
+    assert "--no-check-classes" in capsys.readouterr().err
+    assert vitpipe(base + ["--model", str(renamed), "--out", str(tmp_path / "o3"), "--no-check-classes"]) == 0
 
 
 def test_unlabelled_shards_are_refused(tmp_path, export_dir, capsys):

@@ -81,6 +81,7 @@ def test_pretrain_in_process_then_extend(digits_shards, tmp_path, mlflow_uri):
     assert 0.0 <= r["val/top1"] <= 1.0 and r["val/samples"] == 170  # every val sample once
     model = load_pretrained(r["export"])
     assert model.cfg.num_classes == 10 and model.cfg.image_size == 16 and model.cfg.global_pool == "avg"
+    assert model.class_names == [str(i) for i in range(10)]  # the index's classes, in head order
     assert yaml.safe_load((out / "config.yaml").read_text())["optim"]["lr"] == 3e-3
     assert json.loads((out / "results.json").read_text())["run_id"] == r["run_id"]
 

@@ -459,6 +459,39 @@ def test_kill_9_then_rerun_is_byte_identical_to_a_clean_run(tmp_path, workers):
     assert verify(str(killed)) == []
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_a_killed_pool_worker_is_explained_and_the_rerun_resumes(tmp_path):
+    """The kernel's OOM killer takes a --workers process: a clear error (not a BrokenProcessPool
+    traceback), finished shards kept, and the same command finishes the job with identical bytes."""
+    src = _copies_of_photo(tmp_path, 90)
+    opts = ["--encode", "png", "--max-samples-per-shard", "5", "--val-ratio", "0.2", "--workers", "2"]
+    cmd = [sys.executable, "-m", "vitpipe.cli", "shard", str(src)]
+    subprocess.run(cmd + [str(tmp_path / "clean")] + opts, check=True, capture_output=True, cwd=REPO)
+    out = tmp_path / "out"
+    proc = subprocess.Popen(cmd + [str(out)] + opts, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=REPO)
+    deadline = time.monotonic() + 120
+    workers: list[int] = []
+    while len(list(out.glob("*.tar"))) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    for pid in _descendants(proc.pid):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"forkserver" in cmdline:
+            workers += [p for p in _descendants(pid)]
+    assert proc.poll() is None and workers, "the run finished before a worker could be killed"
+    os.kill(workers[0], signal.SIGKILL)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and "a --workers process died" in err and "Traceback" not in err, err[-3000:]
+    assert not (out / "index.json").exists() and list(out.glob("*.tar"))
+
+    subprocess.run(cmd + [str(out)] + opts, check=True, capture_output=True, cwd=REPO)
+    assert _shard_bytes(out) == _shard_bytes(tmp_path / "clean")
+
+
 def test_out_holding_another_dataset_needs_overwrite(digits_dir, tmp_path):
     out = tmp_path / "out"
     shard(ShardConfig(src=str(digits_dir), out=str(out), max_samples_per_shard=500))

@@ -154,6 +154,28 @@ def test_save_and_load_round_trip(tmp_path):
         assert torch.equal(loaded(x), expected) and loaded.cfg == model.cfg
 
 
+def test_class_names_travel_with_the_export_until_the_head_changes(tmp_path):
+    from vit.weights import read_class_names
+    from vitpipe.errors import UserError
+
+    model = randomized(VisionTransformer(SMALL))
+    names = [f"class-{i}" for i in range(SMALL.num_classes)]
+    model.class_names = names
+    out = save_pretrained(model, tmp_path / "export")
+    assert json.loads((out / "config.json").read_text())["class_names"] == names
+    assert read_class_names(out) == names and load_pretrained(out).class_names == names
+    (out / "config.json").unlink()  # also in the safetensors header
+    assert load_pretrained(out / "model.safetensors").class_names == names
+    # a new head (fine-tuning on other classes) has no names until it is trained and exported again
+    assert load_pretrained(out, num_classes=SMALL.num_classes + 1).class_names is None
+    model.reset_classifier(SMALL.num_classes)
+    assert model.class_names is None
+    assert read_class_names(save_pretrained(model, tmp_path / "unnamed")) is None
+    model.class_names = names[:-1]
+    with pytest.raises(UserError, match="class_names has .* names for a head of"):
+        save_pretrained(model, tmp_path / "bad")
+
+
 def test_load_at_a_new_resolution_resamples_pos_embed(tmp_path):
     model = randomized(VisionTransformer(SMALL))
     save_pretrained(model, tmp_path)
