@@ -212,12 +212,15 @@ def consolidated_state_dict(root: str | Path, tag: str, *, zero_stage: int, pref
 
 
 def export_checkpoint(root: str | Path, tag: str, out_dir: str | Path, *, model_config: dict[str, Any],
-                      zero_stage: int, prefix: str = "") -> Path:
-    """Write the artifact fine-tuning loads (safetensors + config.json) from a complete checkpoint."""
+                      zero_stage: int, prefix: str = "", class_names: list[str] | None = None) -> Path:
+    """Write the artifact fine-tuning loads (safetensors + config.json) from a complete checkpoint;
+    `class_names`: the head's classes in output order, recorded in config.json."""
     from vit.model import ViTConfig, VisionTransformer
     from vit.weights import save_pretrained
 
     state = consolidated_state_dict(root, tag, zero_stage=zero_stage, prefix=prefix)
     model = VisionTransformer(ViTConfig.from_dict(model_config))
     model.load_state_dict(state, strict=True)
+    if class_names is not None and len(class_names) == model.cfg.num_classes:
+        model.class_names = list(class_names)
     return Path(save_pretrained(model, out_dir))

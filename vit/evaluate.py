@@ -62,6 +62,9 @@ class EvaluateConfig(StageConfig):
     data: DataConfig = Field(default_factory=DataConfig, description="the shard set and how to read it")
     split: str | None = Field(None, description="split to evaluate on; empty = data.val_split")
     out: str = Field("runs/evaluate", description="folder for results.json, config.yaml and the confusion matrix")
+    check_classes: bool = Field(True, description="refuse a model whose export records other class names (or "
+                                                  "another order) than the data's; turn off when only the "
+                                                  "names differ")
     knn: KnnConfig = Field(default_factory=KnnConfig)
     tracking: TrackingSection = Field(default_factory=TrackingSection)
 
@@ -255,6 +258,17 @@ def _model_num_classes(model: torch.nn.Module) -> int | None:
     return getattr(model, "num_classes", None) if n is None else n
 
 
+def check_class_names(model_names: list[str] | None, data_names: list[str], *, model: str, data: str) -> None:
+    """Refuse to score a head trained on other classes (or the same ones in another order): its
+    output k would be compared with the data's class k. Unknown model names pass (timm files)."""
+    if model_names is None or list(model_names) == list(data_names):
+        return
+    diff = [f"{i}: model {m!r} vs data {d!r}" for i, (m, d) in enumerate(zip(model_names, data_names)) if m != d]
+    raise UserError(f"--model {model} was trained on other classes than {data} has ({'; '.join(diff[:3])}"
+                    f"{'; ...' if len(diff) > 3 else ''}); evaluate it on data with its classes, fine-tune it on "
+                    f"this dataset first (vitpipe finetune), or pass --no-check-classes if only the names differ")
+
+
 def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     """Run the evaluate stage on every rank: load, evaluate the split (and k-NN), write and log results."""
     from pipeline.loader import make_eval_loader
@@ -286,6 +300,8 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
         raise UserError(f"--model {cfg.model} predicts {model_classes} classes but {cfg.data.shards} has "
                         f"{len(class_names)}; fine-tune it on this dataset first (vitpipe finetune), or "
                         f"measure its features only with --knn.enabled")
+    if model_classes and cfg.check_classes:
+        check_class_names(getattr(model, "class_names", None), class_names, model=cfg.model, data=cfg.data.shards)
     out = Path(cfg.out)
     if world.is_main:
         save_config(cfg, out / "config.yaml")

@@ -270,6 +270,9 @@ class VisionTransformer(nn.Module):
         self.head_drop = nn.Dropout(cfg.head_drop_rate)
         self.head: nn.Module = nn.Identity()
         self._build_head(cfg.num_classes, cfg.representation_size)
+        # Names of the head's classes in output order, where known (set by training before export,
+        # read back from an export): lets evaluation refuse data whose classes differ.
+        self.class_names: list[str] | None = None
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -344,6 +347,7 @@ class VisionTransformer(nn.Module):
         """
         if num_classes < 0:
             raise UserError(f"num_classes={num_classes} must be >= 0 (0 = features only)")
+        self.class_names = None  # a new head: its classes are whatever it is trained on next
         if global_pool is not None:
             if global_pool not in GLOBAL_POOLS:
                 raise UserError(f"global_pool={global_pool!r} must be one of "

@@ -165,7 +165,8 @@ def run_training(cfg: TrainingConfig, *, stage: str, build: Callable[[Any], Mode
         final_tag = tag_for(results["step"])
         if world.is_main:
             export_checkpoint(ckpt_root, final_tag, export_dir, model_config=built.model_config,
-                              zero_stage=cfg.deepspeed.zero_stage, prefix=built.export_prefix)
+                              zero_stage=cfg.deepspeed.zero_stage, prefix=built.export_prefix,
+                              class_names=list(train_loader.class_names))
             save_config(cfg, export_dir / "train_config.yaml")
             plot = _plot_history(results["history"], out / "loss_curve.png")
             tracker.log_artifacts(export_dir, "model")

@@ -56,6 +56,12 @@ def save_pretrained(model: VisionTransformer, out_dir: str | Path) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config = {"format": FORMAT, **model.cfg.to_dict()}
+    names = getattr(model, "class_names", None)
+    if names is not None:
+        if len(names) != model.cfg.num_classes:
+            raise UserError(f"model.class_names has {len(names)} names for a head of {model.cfg.num_classes} "
+                            f"classes; set one name per output (or None)")
+        config["class_names"] = [str(n) for n in names]
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     # Write then rename, so a crash never leaves a truncated file that looks complete.
     tmp = out / (WEIGHTS_NAME + ".tmp")
@@ -65,28 +71,33 @@ def save_pretrained(model: VisionTransformer, out_dir: str | Path) -> Path:
     return out
 
 
+def _read_values(weights: Path) -> dict[str, Any] | None:
+    """The config.json beside a weights file, or the config in its safetensors header, as a dict."""
+    config_file = weights.parent / CONFIG_NAME
+    if config_file.is_file():
+        try:
+            return json.loads(config_file.read_text())
+        except json.JSONDecodeError as e:
+            raise UserError(f"{config_file}: not valid JSON ({e}); re-export the model with save_pretrained") from e
+    if weights.suffix != ".safetensors" or not weights.is_file():
+        return None
+    with safe_open(str(weights), framework="pt") as f:
+        text = (f.metadata() or {}).get(_CONFIG_METADATA_KEY)
+    return None if text is None else json.loads(text)
+
+
 def _read_config(weights: Path) -> ViTConfig | None:
     """The architecture of a weights file, from config.json beside it or from its safetensors header.
 
     A timm / Hugging Face hub folder (model.safetensors + a config.json naming the "architecture")
     is read too, so a downloaded timm ViT loads without naming its architecture again.
     """
+    values = _read_values(weights)
     config_file = weights.parent / CONFIG_NAME
-    if config_file.is_file():
-        try:
-            values = json.loads(config_file.read_text())
-        except json.JSONDecodeError as e:
-            raise UserError(f"{config_file}: not valid JSON ({e}); re-export the model with save_pretrained") from e
-    else:
-        if weights.suffix != ".safetensors":
-            return None
-        with safe_open(str(weights), framework="pt") as f:
-            text = (f.metadata() or {}).get(_CONFIG_METADATA_KEY)
-        if text is None:
-            return None
-        values = json.loads(text)
+    if values is None:
+        return None
     if values.get("format") == FORMAT:
-        return ViTConfig.from_dict({k: v for k, v in values.items() if k != "format"})
+        return ViTConfig.from_dict({k: v for k, v in values.items() if k not in ("format", "class_names")})
     if isinstance(values.get("architecture"), str):
         extra = {k: values[k] for k in ("num_classes", "in_chans") if isinstance(values.get(k), int)}
         if values.get("global_pool") in ("token", "avg"):
@@ -181,12 +192,23 @@ def load_pretrained(path: str | Path, *, num_classes: int | None = None, image_s
     state_dict = timm_to_vitpipe(state_dict, cfg)
     model = VisionTransformer(cfg)
     load_state_dict(model, state_dict, strict=strict, source=str(weights))
+    if config is None:
+        names = read_class_names(weights)
+        model.class_names = names if names is not None and len(names) == model.cfg.num_classes else None
     if num_classes is not None and num_classes != model.cfg.num_classes:
         log.warning("%s: checkpoint head has %d classes; %s", weights, model.cfg.num_classes,
                     f"using a fresh zero-initialized head for {num_classes} classes" if num_classes
                     else "dropping it (num_classes=0: the model returns pooled features)")
         model.reset_classifier(num_classes)
     return model
+
+
+def read_class_names(path: str | Path) -> list[str] | None:
+    """The class names an export records for its head (None: not recorded, e.g. a timm file)."""
+    path = Path(path)
+    values = _read_values(path / WEIGHTS_NAME if path.is_dir() else path)
+    names = values.get("class_names") if values and values.get("format") == FORMAT else None
+    return [str(n) for n in names] if isinstance(names, list) else None
 
 
 def _named_config(name: str) -> ViTConfig:
