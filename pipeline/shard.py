@@ -388,7 +388,7 @@ def read_bytes(uri: str, *, size: int = 0, attempts: int = 3) -> bytes:
         fd = os.open(uri[len("file://"):] if uri.startswith("file://") else uri, os.O_RDONLY)
         try:
             data = os.read(fd, size + 1) if size else b""
-            if not size or len(data) > size:  # unknown size, or the file grew since it was listed
+            if not size or len(data) != size:  # unknown size, a short read, or a file changed since listed
                 data += b"".join(iter(lambda: os.read(fd, 1 << 20), b""))
             return data
         finally:

@@ -796,3 +796,16 @@ def test_sorted_sample_order_keeps_keys_sorted(digits_dir, tmp_path):
     with tarfile.open(tmp_path / "out" / "train-000000.tar") as tar:
         keys = [m.name.split(".")[0] for m in tar.getmembers() if m.name.endswith(".cls")]
     assert len(keys) == 60 and keys == sorted(keys)
+
+
+def test_read_bytes_reads_to_the_end_whatever_the_listed_size(tmp_path):
+    """The listed size is a hint for one read; a file that grew or shrank since, or a short read,
+    still comes back whole."""
+    from pipeline.shard import read_bytes
+
+    path = tmp_path / "f.bin"
+    data = os.urandom(3 << 20)
+    path.write_bytes(data)
+    for hint in (0, 1, len(data) - 1, len(data), len(data) + 5, 10 << 20):
+        assert read_bytes(str(path), size=hint) == data, hint
+    assert read_bytes(f"file://{path}", size=len(data)) == data
