@@ -71,7 +71,7 @@ class VariantLoop:
 
     def step(self, x, y) -> None:
         loss = F.cross_entropy(self.engine(x).float(), y)
-        self.stepper.backward_step(loss, boundary=True)
+        self.stepper.backward_step(loss)
 
 
 def main() -> None:

@@ -81,7 +81,7 @@ class DeepSpeedLoop:
     def step(self, x, y) -> None:
         x = x if self.dtype is None else x.to(self.dtype)
         loss = F.cross_entropy(self.engine(x).float(), y)
-        self.stepper.backward_step(loss, boundary=True)
+        self.stepper.backward_step(loss)
 
 
 def time_rounds(loops, x, y, *, steps: int, warmup: int, rounds: int, device) -> dict[str, list[float]]:

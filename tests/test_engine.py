@@ -173,7 +173,7 @@ def test_own_clipping_at_zero0_matches_deepspeeds(precision):
             for engine in (ours, theirs):
                 loss = torch.nn.functional.cross_entropy(engine(x).float(), y)
                 if engine is ours:
-                    stepper.backward_step(loss, boundary=micro == 1)
+                    stepper.backward_step(loss)
                 else:
                     engine.backward(loss)
                     engine.step()
@@ -188,9 +188,9 @@ def test_grad_norm_measured_without_clipping_only_when_asked():
     engine = _micro_engine(_cfg(zero_stage=0, grad_clip=0.0))
     stepper = Stepper(engine, _cfg(zero_stage=0, grad_clip=0.0), CPU)
     x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 4, (8,))
-    stepper.backward_step(torch.nn.functional.cross_entropy(engine(x), y), boundary=True)
+    stepper.backward_step(torch.nn.functional.cross_entropy(engine(x), y))
     assert stepper.grad_norm() is None
-    stepper.backward_step(torch.nn.functional.cross_entropy(engine(x), y), boundary=True, measure=True)
+    stepper.backward_step(torch.nn.functional.cross_entropy(engine(x), y), measure=True)
     assert stepper.grad_norm() > 0
 
 

@@ -231,9 +231,11 @@ class Stepper:
         self.max_norm = cfg.deepspeed.grad_clip
         self._norm: torch.Tensor | None = None
 
-    def backward_step(self, loss: torch.Tensor, *, boundary: bool, measure: bool = False) -> None:
+    def backward_step(self, loss: torch.Tensor, *, measure: bool = False) -> None:
         self.engine.backward(loss)
-        if self.own and boundary and (self.max_norm > 0 or measure):
+        # DeepSpeed's own notion of the boundary: the micro-step after which it averaged the
+        # gradients over the ranks and will apply the optimizer.
+        if self.own and self.engine.is_gradient_accumulation_boundary() and (self.max_norm > 0 or measure):
             self._norm = clip_grad_norm([p for p in self.engine.module.parameters() if p.grad is not None],
                                         self.max_norm)
         self.engine.step()

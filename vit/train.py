@@ -210,7 +210,7 @@ def _loop(cfg: TrainingConfig, *, engine, objective, train_loader, eval_loader, 
     engine.train()
     while step < total_steps:
         set_lr(engine, lr_at(step, total_steps=total_steps, peak=cfg.optim.lr, schedule=cfg.schedule))
-        for micro in range(accum):
+        for _ in range(accum):
             try:
                 images, targets = next(batches)
             except StopIteration:
@@ -223,7 +223,7 @@ def _loop(cfg: TrainingConfig, *, engine, objective, train_loader, eval_loader, 
             loss, _ = objective(engine, images, targets)
             # DeepSpeed applies the optimizer only at the accumulation boundary
             logged = (step + 1) % t_cfg.log_every == 0 or step + 1 == total_steps
-            stepper.backward_step(loss, boundary=micro == accum - 1, measure=logged)
+            stepper.backward_step(loss, measure=logged)
             log.loss_sum += loss.detach().float()  # stays on the device: no host sync per step
             log.count += 1
         step += 1
