@@ -119,6 +119,23 @@ def test_launcher_command_lines(tmp_path):
         {"RANK": "0", "WORLD_SIZE": "1"}) and is_worker({"SLURM_PROCID": "1", "SLURM_NTASKS": "2"})
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["pretrain", "--data.shards", "NOWHERE"], "no shard index at"),
+    (["finetune", "--data.shards", "SHARDS", "--init", "NOWHERE"], "init='NOWHERE' does not exist"),
+    (["evaluate", "--data.shards", "SHARDS", "--model", "NOWHERE"], "--model NOWHERE: no such file"),
+    (["evaluate", "--data.shards", "SHARDS", "--model", "SHARDS", "--split", "test"], "split 'test' is not in"),
+])
+def test_bad_inputs_fail_once_before_launching_ranks(argv, message, digits_shards, tmp_path, capsys):
+    """With --nproc 2, missing shards / weights / splits are one error from the launching process
+    (exit 2), not the same error from every rank under torchrun's report of failed children."""
+    from vitpipe.cli import main as vitpipe
+
+    argv = [{"SHARDS": str(digits_shards), "NOWHERE": "NOWHERE"}.get(a, a) for a in argv]
+    assert vitpipe(argv + ["--nproc", "2", "--out", str(tmp_path / "o"), "--no-tracking.enabled"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "launching:" not in err and err.count("error:") == 1, err
+
+
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_two_nodes_on_localhost(digits_shards, tmp_path):

@@ -226,9 +226,12 @@ def log_evaluation(results: dict[str, Any], run_id: str | None = None, *, prefix
 # The `vitpipe evaluate` stage
 
 
+_MLFLOW_SCHEMES = ("runs:/", "models:/", "mlflow-artifacts:/")
+
+
 def load_model(source: str, *, map_location: str | torch.device = "cpu") -> torch.nn.Module:
     """A model from an export folder / weights file (`vit.weights`) or an MLflow URI, in eval mode."""
-    if source.startswith(("runs:/", "models:/", "mlflow-artifacts:/")):
+    if source.startswith(_MLFLOW_SCHEMES):
         import mlflow
 
         from mlflow.exceptions import MlflowException
@@ -242,9 +245,7 @@ def load_model(source: str, *, map_location: str | torch.device = "cpu") -> torc
             raise UserError(f"--model {source}: holds a {type(model).__name__}, not a torch module; "
                             f"log it with vit.registry.register_model")
         return model.eval()
-    if not Path(source).exists():
-        raise UserError(f"--model {source}: no such file or folder; pass an export folder "
-                        f"(model.safetensors + config), a weights file, or runs:/... / models:/NAME@ALIAS")
+    _check_model_path(source)
     from vit.weights import load_pretrained
 
     return load_pretrained(source).eval()
@@ -256,6 +257,25 @@ def _model_num_classes(model: torch.nn.Module) -> int | None:
     if n is None and isinstance(cfg, dict):
         n = cfg.get("num_classes")
     return getattr(model, "num_classes", None) if n is None else n
+
+
+def _check_model_path(source: str) -> None:
+    if not source.startswith(_MLFLOW_SCHEMES) and not Path(source).exists():
+        raise UserError(f"--model {source}: no such file or folder; pass an export folder "
+                        f"(model.safetensors + config), a weights file, or runs:/... / models:/NAME@ALIAS")
+
+
+def _check_split(cfg: EvaluateConfig) -> str:
+    """The split's fingerprint; a missing shard set or split fails here, before any model loads."""
+    if not cfg.data.shards:
+        raise UserError("data.shards is empty; pass --data.shards DIR (a folder written by 'vitpipe shard')")
+    return split_fingerprint(cfg.data.shards, cfg.split or cfg.data.val_split)
+
+
+def _preflight(cfg: EvaluateConfig) -> None:
+    """What `vitpipe evaluate --nproc N` checks once before starting N processes."""
+    _check_split(cfg)
+    _check_model_path(cfg.model)
 
 
 def check_class_names(model_names: list[str] | None, data_names: list[str], *, model: str, data: str) -> None:
@@ -276,10 +296,8 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
 
     split = cfg.split or cfg.data.val_split
     memory_split = cfg.knn.memory_split or cfg.data.train_split
-    if not cfg.data.shards:
-        raise UserError("data.shards is empty; pass --data.shards DIR (a folder written by 'vitpipe shard')")
     # Checks that need no model run first: a wrong split fails in seconds, not after loading weights.
-    split_id = split_fingerprint(cfg.data.shards, split)
+    split_id = _check_split(cfg)
     if cfg.knn.enabled:
         split_fingerprint(cfg.data.shards, memory_split)
     world = dist.World.from_env()
@@ -380,7 +398,8 @@ def run_cli(args: argparse.Namespace) -> int:
             raise UserError(f"two config files given ({args.config_file!r} and --config {args.config!r}); pass one")
         args.config = args.config_file
     cfg = config_from_args(EvaluateConfig, args)  # a bad option fails here, before any process starts
-    maybe_relaunch(args)  # --nproc N: every sample still counts once, split over N ranks
+    # --nproc N: every sample still counts once, split over N ranks
+    maybe_relaunch(args, preflight=lambda: _preflight(cfg))
     from vit.distributed import destroy_process_group
 
     try:

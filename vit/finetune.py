@@ -55,6 +55,20 @@ def _is_mlflow_uri(init: str) -> bool:
     return init.startswith(("runs:/", "models:/", "mlflow-artifacts:/"))
 
 
+def _check_init(init: str) -> None:
+    if not _is_mlflow_uri(init) and not Path(init).exists():
+        raise UserError(f"init={init!r} does not exist; pass an export directory (model.safetensors + "
+                        f"config.json), a timm checkpoint file, or runs:/RUN_ID/model / models:/NAME@ALIAS")
+
+
+def _preflight(cfg: FinetuneConfig) -> None:
+    """What `vitpipe finetune --nproc N` checks once before starting N processes."""
+    from pipeline.index import load_index
+
+    load_index(cfg.data.shards)
+    _check_init(cfg.init)
+
+
 def load_init(cfg: FinetuneConfig, *, num_classes: int) -> nn.Module:
     """The starting model: weights from `cfg.init`, new head for `num_classes`, resized to the data."""
     from vit.model import VisionTransformer, preset_config
@@ -66,10 +80,8 @@ def load_init(cfg: FinetuneConfig, *, num_classes: int) -> nn.Module:
     if _is_mlflow_uri(init):
         model = _load_mlflow(init, cfg, num_classes=num_classes, image_size=image_size)
     else:
+        _check_init(init)
         path = Path(init)
-        if not path.exists():
-            raise UserError(f"init={init!r} does not exist; pass an export directory (model.safetensors + "
-                            f"config.json), a timm checkpoint file, or runs:/RUN_ID/model / models:/NAME@ALIAS")
         model = load_pretrained(path, num_classes=num_classes, image_size=image_size,
                                 config=_timm_config(path, preset, image_size))
     if not isinstance(model, VisionTransformer):
@@ -189,6 +201,6 @@ def run_cli(args: argparse.Namespace) -> int:
     from vit.launch import maybe_relaunch
 
     cfg = stage_config_from_args(FinetuneConfig, args)
-    maybe_relaunch(args)
+    maybe_relaunch(args, preflight=lambda: _preflight(cfg))
     finetune(cfg)
     return 0

@@ -20,6 +20,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import Callable
 
 from vitpipe.errors import UserError
 
@@ -109,10 +110,17 @@ def launcher_argv(args: argparse.Namespace, worker_argv: list[str], *, module: s
     return cmd + ["-m", module, *worker_argv]
 
 
-def maybe_relaunch(args: argparse.Namespace, argv: list[str] | None = None) -> None:
-    """Replace this process by the launcher when the options ask for several processes; else return."""
+def maybe_relaunch(args: argparse.Namespace, argv: list[str] | None = None, *,
+                   preflight: Callable[[], None] | None = None) -> None:
+    """Replace this process by the launcher when the options ask for several processes; else return.
+
+    `preflight`: cheap checks of the inputs (shard index, model path) run once here first. Without
+    them every rank would print the same error, under the launcher's report of failed ranks.
+    """
     if is_worker() or not wants_launcher(args):
         return
+    if preflight is not None:
+        preflight()
     argv = list(sys.argv[1:] if argv is None else argv)
     cmd = launcher_argv(args, strip_launch_options(argv))
     print("launching: " + " ".join(cmd), file=sys.stderr, flush=True)

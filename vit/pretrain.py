@@ -54,9 +54,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_cli(args: argparse.Namespace) -> int:
+    from pipeline.index import load_index
     from vit.launch import maybe_relaunch
 
     cfg = stage_config_from_args(PretrainConfig, args)  # bad config fails before launching N processes
-    maybe_relaunch(args)
+    maybe_relaunch(args, preflight=lambda: load_index(cfg.data.shards))
     pretrain(cfg)
     return 0
