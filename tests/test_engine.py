@@ -184,6 +184,25 @@ def test_own_clipping_at_zero0_matches_deepspeeds(precision):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_own_clipping_on_two_ranks_clips_the_averaged_gradients():
+    """2 ranks with different data: vitpipe clips after DeepSpeed averaged the gradients over the
+    ranks (in engine.backward at the boundary), so it equals DeepSpeed's clipping (tests/two_rank_clip.py)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(repo / "tests" / "two_rank_clip.py"), "fp32"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("max |ours - deepspeed|") == 2
+
+
 def test_grad_norm_measured_without_clipping_only_when_asked():
     engine = _micro_engine(_cfg(zero_stage=0, grad_clip=0.0))
     stepper = Stepper(engine, _cfg(zero_stage=0, grad_clip=0.0), CPU)
