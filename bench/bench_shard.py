@@ -36,12 +36,27 @@ import numpy as np
 from PIL import Image
 
 
+def _photos() -> list[np.ndarray]:
+    """scikit-image's photos; where it is not installed (a bare GPU machine), smooth random
+    1024x1024 images with some grain, which JPEG-compress to about the same sizes."""
+    try:
+        import skimage.data
+    except ImportError:
+        rng = np.random.default_rng(1)
+        out = []
+        for _ in range(5):
+            base = Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).resize((1024, 1024),
+                                                                                           Image.Resampling.BICUBIC)
+            grain = rng.normal(0, 6, (1024, 1024, 3))
+            out.append(np.clip(np.asarray(base, dtype=np.float32) + grain, 0, 255).astype(np.uint8))
+        return out
+    return [np.asarray(Image.fromarray(getattr(skimage.data, name)()).convert("RGB"))
+            for name in ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry")]
+
+
 def make_images(root: Path, n: int, side: int = 384) -> Path:
     """n JPEG crops (quality 90) of scikit-image's photos, in 10 class folders."""
-    import skimage.data
-
-    photos = [np.asarray(Image.fromarray(getattr(skimage.data, name)()).convert("RGB"))
-              for name in ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry")]
+    photos = _photos()
     rng = np.random.default_rng(0)
     for i in range(n):
         p = photos[i % len(photos)]
@@ -71,7 +86,7 @@ def run_shard(src: Path, out: Path, **kw) -> None:
 
     shutil.rmtree(out, ignore_errors=True)
     with contextlib.redirect_stdout(io.StringIO()):  # the stage's one-line summary, per run
-        shard(ShardConfig(src=str(src), out=str(out), val_ratio=0.0, max_shard_size="256MB", **kw))
+        shard(ShardConfig(**{"src": str(src), "out": str(out), "val_ratio": 0.0, "max_shard_size": "256MB", **kw}))
 
 
 def run_shard_without_hashing(src: Path, out: Path) -> None:
@@ -174,6 +189,18 @@ def main() -> None:
         for name, (t, c) in zip(names, runs):
             print(f"| {name} | {t:.3f} | {c:.3f} | {mb / t:.0f} | {t_tar / t:.2f} | {t_sync / t:.2f} | "
                   f"{c / c_tar:.2f} |")
+        # With several workers the shard is the unit of parallel work: cut the set into 4 shards a worker.
+        total = sum(f.stat().st_size for f in files)
+        for w in (w for w in args.workers if w > 1):
+            per_shard = max(1 << 20, total // (4 * w))
+            run_shard(src, out, workers=w, max_shard_size=per_shard)  # warm-up: the pool's forkserver
+            n_shards = len(list(out.glob("*.tar")))
+            (t_w, c_w), (t_tar_w, _) = medians(args.repeats, lambda: run_shard(src, out, workers=w,
+                                                                                max_shard_size=per_shard),
+                                               lambda: run_tar(src, out))
+            print(f"| vitpipe shard --workers {w} ({n_shards} shards; tar {t_tar_w:.3f} s in the same turns) | "
+                  f"{t_w:.3f} | {c_w:.3f} | {mb / t_w:.0f} | {t_tar_w / t_w:.2f} | {t_sync / t_w:.2f} | "
+                  f"{c_w / c_tar:.2f} |")
         print()
 
         print(f"| resize+re-encode (jpg q90, shorter side {args.size}) | workers | img/s | "
