@@ -218,6 +218,22 @@ def test_mismatched_checkpoint_lists_the_offending_keys(tmp_path):
     assert torch.equal(loose.blocks[0].attn.qkv.weight, sd["blocks.0.attn.qkv.weight"])
 
 
+def test_named_architecture_takes_the_files_head_size(tmp_path):
+    """config= names an architecture, not a label set: a timm file with a 7-class head loads with
+    config=SMALL (5 classes) as a 7-class model, and num_classes= still replaces the head."""
+    theirs = randomized(TimmViT(**timm_model_kwargs(dataclasses.replace(SMALL, num_classes=7))))
+    path = tmp_path / "vit.pth"
+    torch.save(theirs.state_dict(), path)
+    loaded = load_pretrained(path, config=SMALL)
+    assert loaded.cfg.num_classes == 7 and torch.equal(loaded.head.weight, theirs.head.weight)
+    assert load_pretrained(path, config=SMALL, num_classes=3).cfg.num_classes == 3
+    assert load_pretrained(path, config=dataclasses.replace(SMALL, num_classes=0)).cfg.num_classes == 0
+    backbone = {k: v for k, v in theirs.state_dict().items() if not k.startswith("head.")}
+    torch.save(backbone, tmp_path / "backbone.pth")  # a file without a head loads as features only
+    assert load_pretrained(tmp_path / "backbone.pth", config=SMALL).cfg.num_classes == 0
+    assert load_pretrained(tmp_path / "backbone.pth", config=SMALL, num_classes=4).cfg.num_classes == 4
+
+
 def test_missing_paths_are_user_errors(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         load_pretrained(tmp_path / "nope.safetensors")

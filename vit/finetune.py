@@ -117,19 +117,16 @@ def load_init(cfg: FinetuneConfig, *, num_classes: int) -> nn.Module:
 
 
 def _timm_config(path: Path, preset: str | None, image_size: int):
-    """None for our exports (they carry their config); for a timm file, the named preset's config
-    with the checkpoint's own head size, so its head loads before being replaced."""
+    """None for our exports (they carry their config); for a timm file, the named preset's
+    architecture (load_pretrained takes the head size the file has, then the new head replaces it)."""
     from vit.model import preset_config
-    from vit.weights import load_timm_checkpoint
 
     if path.is_dir() or (path.suffix == ".safetensors" and _has_vitpipe_config(path)):
         return None
     if not preset:
         raise UserError(f"init={str(path)!r} is not a vitpipe export, so its architecture is unknown; "
                         f"name it with --model.preset (e.g. s/16, b/16)")
-    cfg = preset_config(preset, image_size=image_size, num_classes=0)
-    head = load_timm_checkpoint(path, cfg).get("head.weight")
-    return dataclasses.replace(cfg, num_classes=0 if head is None else int(head.shape[0]))
+    return preset_config(preset, image_size=image_size)
 
 
 def _has_vitpipe_config(path: Path) -> bool:

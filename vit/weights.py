@@ -190,6 +190,11 @@ def load_pretrained(path: str | Path, *, num_classes: int | None = None, image_s
         cfg = dataclasses.replace(cfg, image_size=image_size)
     # Our layout passes through unchanged, except that the position embedding is resampled to cfg's grid.
     state_dict = timm_to_vitpipe(state_dict, cfg)
+    head = state_dict.get("head.weight")
+    if config is not None and cfg.num_classes and cfg.num_classes != (n := 0 if head is None else int(head.shape[0])):
+        # A named architecture ('b/16', a timm name) says nothing about the file's label set (1000,
+        # 21843, none): take the head the file has; `num_classes` below replaces it if asked.
+        cfg = dataclasses.replace(cfg, num_classes=n)
     model = VisionTransformer(cfg)
     load_state_dict(model, state_dict, strict=strict, source=str(weights))
     if config is None:
