@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 
 from pipeline.images import FORMAT_EXTENSIONS, BadImage, check_image, open_image, reencode
 from pipeline.index import FORMAT, INDEX_NAME, VERSION
-from pipeline.sources import Source, SourceItem, list_source
+from pipeline.sources import Source, SourceItem, list_source, local_path
 from vitpipe.config import ByteSize, StageConfig, add_config_arguments, config_from_args, save_config
 from vitpipe.errors import UserError
 
@@ -384,8 +384,8 @@ def start_writeback(fd: int) -> None:
 def read_bytes(uri: str, *, size: int = 0, attempts: int = 3) -> bytes:
     """Read a local path or fsspec URL; remote reads are retried (transient network errors).
     `size`: the expected size of a local file, read with one system call when it is right."""
-    if "://" not in uri or uri.startswith("file://"):
-        fd = os.open(uri[len("file://"):] if uri.startswith("file://") else uri, os.O_RDONLY)
+    if (path := local_path(uri)) is not None:
+        fd = os.open(path, os.O_RDONLY)
         try:
             data = os.read(fd, size + 1) if size else b""
             if not size or len(data) != size:  # unknown size, a short read, or a file changed since listed
@@ -406,8 +406,12 @@ def read_bytes(uri: str, *, size: int = 0, attempts: int = 3) -> bytes:
     raise AssertionError("unreachable")
 
 
-def _fetch(item: SourceItem) -> tuple[bytes, str]:
-    data = read_bytes(item.uri, size=item.size)
+def _fetch(item: SourceItem) -> tuple[bytes, str] | Exception:
+    """(bytes, sha256) of an item, or the exception reading it raised (reported by _sample)."""
+    try:
+        data = read_bytes(item.uri, size=item.size)
+    except Exception as e:  # noqa: BLE001 - any read error means "skip and report"
+        return e
     return data, hashlib.sha256(data).hexdigest()
 
 
@@ -437,13 +441,12 @@ _JSON = json.JSONEncoder(ensure_ascii=False)  # json.dumps(..., ensure_ascii=Fal
 Sample = list[tuple[str, bytes]] | dict
 
 
-def _sample(item: SourceItem, fetch: Callable[[], tuple[bytes, str]], class_ids: dict[str, int],
+def _sample(item: SourceItem, fetched: tuple[bytes, str] | Exception, class_ids: dict[str, int],
             opt: EncodeOptions) -> Sample:
     try:
-        try:
-            data, digest = fetch()
-        except Exception as e:  # noqa: BLE001 - any read error means "skip and report"
-            raise BadImage("unreadable", f"{type(e).__name__}: {e}") from None
+        if isinstance(fetched, Exception):
+            raise BadImage("unreadable", f"{type(fetched).__name__}: {fetched}")
+        data, digest = fetched
         try:
             return encode_sample(item, data, digest, class_ids, opt)
         except BadImage:
@@ -455,7 +458,7 @@ def _sample(item: SourceItem, fetch: Callable[[], tuple[bytes, str]], class_ids:
 
 
 # Local files are read in the calling thread while reads are fast (page cache, local SSD): reader
-# threads would only fight over the GIL. When the first PROBE_FILES reads of a shard average more
+# threads would only fight over the GIL. When the first PROBE_FILES reads of a shard average at least
 # than SLOW_READ_S each (a network filesystem, a disk seeking), reads move to threads that keep
 # READ_THREADS files in flight; remote URLs always use them.
 PROBE_FILES = 32
@@ -468,40 +471,32 @@ def iter_samples(items: Iterable[SourceItem], class_ids: dict[str, int], opt: En
     """(item, sample) for each item, in order. `threads`: force (True) or forbid (False) reading
     on threads; None decides as described above."""
     items = list(items)
-    remote = any("://" in it.uri and not it.uri.startswith("file://") for it in items)
-    if threads is None and not remote:
-        probe, waited = items[:PROBE_FILES], 0.0
-        for item in probe:
-            start = time.perf_counter()
-            try:
-                fetched = _fetch(item)
-            except Exception as e:  # noqa: BLE001 - reported by _sample, with the reason
-                error = e
-
-                def fetched_or_raise(e=error):
-                    raise e
-                waited += time.perf_counter() - start
-                yield item, _sample(item, fetched_or_raise, class_ids, opt)
-                continue
-            waited += time.perf_counter() - start
-            yield item, _sample(item, lambda f=fetched: f, class_ids, opt)
-        items = items[len(probe):]
-        threads = bool(probe) and waited / len(probe) > SLOW_READ_S
-    if not (threads or remote):
+    remote = any(local_path(it.uri) is None for it in items)
+    done, waited = 0, 0.0
+    if not (remote or threads):
         for item in items:
-            yield item, _sample(item, lambda item=item: _fetch(item), class_ids, opt)
-        return
+            if threads is None and done == PROBE_FILES:
+                if waited >= SLOW_READ_S * done:
+                    break  # slow storage: the rest on reader threads
+                threads = False
+            start = time.perf_counter()
+            fetched = _fetch(item)
+            waited += time.perf_counter() - start
+            yield item, _sample(item, fetched, class_ids, opt)
+            done += 1
+        if done == len(items):
+            return
     n = READ_THREADS["remote" if remote else "local"]
     with cf.ThreadPoolExecutor(n, thread_name_prefix="shard-read") as pool:
         window: deque = deque()
-        for item in items:
+        for item in items[done:]:
             window.append((item, pool.submit(_fetch, item)))
             if len(window) >= 2 * n:
                 item, fut = window.popleft()
-                yield item, _sample(item, fut.result, class_ids, opt)
+                yield item, _sample(item, fut.result(), class_ids, opt)
         while window:
             item, fut = window.popleft()
-            yield item, _sample(item, fut.result, class_ids, opt)
+            yield item, _sample(item, fut.result(), class_ids, opt)
 
 
 def encode_chunk(items: tuple[SourceItem, ...], class_ids: dict[str, int], opt: EncodeOptions) -> list[Sample]:

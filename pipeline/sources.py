@@ -106,7 +106,7 @@ def _is_url(path: str) -> bool:
     return "://" in path
 
 
-def _local_path(path: str) -> str | None:
+def local_path(path: str) -> str | None:
     """The local filesystem path of `path` if it is one (plain or file://), else None."""
     if path.startswith("file://"):
         return path[len("file://"):]
@@ -255,7 +255,7 @@ def _resolve(path: str, base: str) -> str:
 def _sizes(uris: list[str]) -> list[int]:
     """Byte sizes (0 when unknown or unreadable); remote ones looked up concurrently."""
     def size_of(uri: str) -> int:
-        local = _local_path(uri)
+        local = local_path(uri)
         try:
             if local is not None:
                 return os.stat(local).st_size
@@ -264,7 +264,7 @@ def _sizes(uris: list[str]) -> list[int]:
         except Exception:  # noqa: BLE001 - missing/unreachable: the shard writer reports why
             return 0
 
-    if all(_local_path(u) is not None for u in uris):
+    if all(local_path(u) is not None for u in uris):
         return [size_of(u) for u in uris]
     with ThreadPoolExecutor(16) as pool:
         return list(pool.map(size_of, uris))
@@ -337,13 +337,13 @@ def list_source(src: str, *, path_column: str | None = None, label_column: str |
                 split_from_source: bool = False) -> Source:
     """List SRC (folder tree or manifest); a missing or empty SRC is a UserError, before any work."""
     if is_manifest(src):
-        local = _local_path(src)
+        local = local_path(src)
         if local is not None and not os.path.isfile(local):
             raise UserError(f"manifest {src!r} does not exist; pass an existing CSV/JSONL/Parquet file")
         source = list_manifest(src, path_column=path_column, label_column=label_column,
                                split_from_source=split_from_source)
     else:
-        local = _local_path(src)
+        local = local_path(src)
         if local is None:
             raise UserError(f"SRC {src!r}: a URL must point to a manifest (.csv, .jsonl, .parquet); "
                             f"folder trees must be local directories")

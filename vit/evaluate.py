@@ -31,6 +31,7 @@ from pydantic import Field
 
 from pipeline.loader import DataConfig
 from vit.config import TrackingSection
+from vit.tracking import is_mlflow_uri
 from vitpipe.config import StageConfig, add_config_arguments, config_from_args, save_config
 from vitpipe.errors import UserError
 
@@ -226,12 +227,9 @@ def log_evaluation(results: dict[str, Any], run_id: str | None = None, *, prefix
 # The `vitpipe evaluate` stage
 
 
-_MLFLOW_SCHEMES = ("runs:/", "models:/", "mlflow-artifacts:/")
-
-
 def load_model(source: str, *, map_location: str | torch.device = "cpu") -> torch.nn.Module:
     """A model from an export folder / weights file (`vit.weights`) or an MLflow URI, in eval mode."""
-    if source.startswith(_MLFLOW_SCHEMES):
+    if is_mlflow_uri(source):
         import mlflow
 
         from mlflow.exceptions import MlflowException
@@ -260,7 +258,7 @@ def _model_num_classes(model: torch.nn.Module) -> int | None:
 
 
 def _check_model_path(source: str) -> None:
-    if not source.startswith(_MLFLOW_SCHEMES) and not Path(source).exists():
+    if not is_mlflow_uri(source) and not Path(source).exists():
         raise UserError(f"--model {source}: no such file or folder; pass an export folder "
                         f"(model.safetensors + config), a weights file, or runs:/... / models:/NAME@ALIAS")
 

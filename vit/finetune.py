@@ -23,6 +23,7 @@ from torch import nn
 
 from vit.config import FinetuneConfig, add_stage_arguments, stage_config_from_args
 from vit.engine import param_groups
+from vit.tracking import is_mlflow_uri
 from vit.train import Model, run_training
 from vitpipe.errors import UserError
 
@@ -51,12 +52,8 @@ class LinearProbe(nn.Module):
 _FINETUNE_OVERRIDES = {"attn_drop_rate", "head_drop_rate", "global_pool"}
 
 
-def _is_mlflow_uri(init: str) -> bool:
-    return init.startswith(("runs:/", "models:/", "mlflow-artifacts:/"))
-
-
 def _check_init(init: str) -> None:
-    if not _is_mlflow_uri(init) and not Path(init).exists():
+    if not is_mlflow_uri(init) and not Path(init).exists():
         raise UserError(f"init={init!r} does not exist; pass an export directory (model.safetensors + "
                         f"config.json), a timm checkpoint file, or runs:/RUN_ID/model / models:/NAME@ALIAS")
 
@@ -77,7 +74,7 @@ def load_init(cfg: FinetuneConfig, *, num_classes: int) -> nn.Module:
     init = cfg.init
     image_size = cfg.data.image_size
     preset = cfg.model.preset or None
-    if _is_mlflow_uri(init):
+    if is_mlflow_uri(init):
         model = _load_mlflow(init, cfg, num_classes=num_classes, image_size=image_size)
     else:
         _check_init(init)
@@ -171,9 +168,7 @@ def _load_mlflow(uri: str, cfg: FinetuneConfig, *, num_classes: int, image_size:
 
 def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     """Fine-tune (or linear-probe) as configured and export; returns metrics, export dir, run id."""
-    if not _is_mlflow_uri(cfg.init) and not Path(cfg.init).exists():
-        raise UserError(f"init={cfg.init!r} does not exist; pass an export directory, a timm checkpoint file, "
-                        f"or runs:/RUN_ID/model / models:/NAME@ALIAS")
+    _check_init(cfg.init)
 
     def build(train_loader) -> Model:
         model = load_init(cfg, num_classes=train_loader.num_classes)

@@ -21,6 +21,12 @@ from vit.config import TrackingSection
 from vitpipe.errors import UserError
 
 DEFAULT_URI = "sqlite:///mlflow.db"
+# Model references MLflow resolves (runs:/ID/model, models:/NAME@ALIAS, ...), not local paths.
+MLFLOW_MODEL_SCHEMES = ("runs:/", "models:/", "mlflow-artifacts:/")
+
+
+def is_mlflow_uri(source: str) -> bool:
+    return source.startswith(MLFLOW_MODEL_SCHEMES)
 # Seconds before an HTTP tracking server counts as unreachable; MLflow's own default retries for minutes.
 CONNECT_TIMEOUT_S = 5
 

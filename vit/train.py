@@ -210,6 +210,7 @@ def _loop(cfg: TrainingConfig, *, engine, objective, train_loader, eval_loader, 
     engine.train()
     while step < total_steps:
         set_lr(engine, lr_at(step, total_steps=total_steps, peak=cfg.optim.lr, schedule=cfg.schedule))
+        logged = (step + 1) % t_cfg.log_every == 0 or step + 1 == total_steps  # measure the grad norm
         for _ in range(accum):
             try:
                 images, targets = next(batches)
@@ -221,9 +222,7 @@ def _loop(cfg: TrainingConfig, *, engine, objective, train_loader, eval_loader, 
             images = images.to(device, dtype=in_dtype, non_blocking=True)
             targets = targets.to(device, non_blocking=True)
             loss, _ = objective(engine, images, targets)
-            # DeepSpeed applies the optimizer only at the accumulation boundary
-            logged = (step + 1) % t_cfg.log_every == 0 or step + 1 == total_steps
-            stepper.backward_step(loss, measure=logged)
+            stepper.backward_step(loss, measure=logged)  # the optimizer runs at the accumulation boundary
             log.loss_sum += loss.detach().float()  # stays on the device: no host sync per step
             log.count += 1
         step += 1
