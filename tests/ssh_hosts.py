@@ -28,6 +28,8 @@ from pathlib import Path
 
 import pytest
 
+from vit.distributed import free_port
+
 PROGRAMS = {"sshd": "openssh-server", "ssh": "openssh-client", "ssh-keygen": "openssh-client", "pdsh": "pdsh"}
 
 
@@ -45,14 +47,8 @@ class SshHosts:
     def __init__(self, root: Path):
         self.root = root
         self.bin = root / "bin"
-        self.port = self._free_port()
+        self.port = free_port()
         self.proc: subprocess.Popen | None = None
-
-    @staticmethod
-    def _free_port() -> int:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            return s.getsockname()[1]
 
     def __enter__(self) -> "SshHosts":
         r = self.root

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -22,15 +21,10 @@ import pytest
 import yaml
 
 from flows.deploy import FINETUNE_DEPLOYMENT, build_deployments, deploy
+from vit.distributed import free_port
 from vitpipe.cli import main as vitpipe_main
 
 PREFECT = str(Path(sys.executable).with_name("prefect"))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float) -> None:
@@ -63,7 +57,7 @@ def running_prefect_server(home: Path):
 
     Yields {'api': URL, 'env': the environment a client or worker of this server needs}.
     """
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "PREFECT_HOME": str(home),
            "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home / 'prefect.db'}",
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_ENABLED": "false",

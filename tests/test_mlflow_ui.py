@@ -41,9 +41,9 @@ def artifacts_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def mlflow_ui(small_demo, tmp_path_factory):
     """`mlflow server` on the demo's SQLite store, on a free 127.0.0.1 port; stopped at the end."""
-    from test_deploy import _free_port
+    from vit.distributed import free_port
 
-    port = _free_port()
+    port = free_port()
     log = tmp_path_factory.mktemp("mlflow_ui") / "server.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen([str(Path(sys.executable).with_name("mlflow")), "server", "--backend-store-uri",
