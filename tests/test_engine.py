@@ -153,16 +153,15 @@ def test_own_clipping_at_zero0_matches_deepspeeds(precision):
     """At ZeRO-0 with fp32 weights vitpipe clips with torch's clip_grad_norm_ between backward and
     step (DeepSpeed's clipping turned off): the same weights as DeepSpeed clipping, step for step,
     with a clip low enough to act on every step, and the norm is reported (DeepSpeed reports none)."""
-    cfg = _cfg(zero_stage=0, precision=precision, grad_clip=0.05, grad_accum=2)
-    theirs_config = ds_config(cfg, device=CPU) | {"gradient_clipping": 0.05}
+    from two_rank_clip import clip_config, engine_pair
+
+    from vit.distributed import World, init_process_group
+
+    cfg = clip_config(precision)
     assert ds_config(cfg, device=CPU)["gradient_clipping"] == 0.0
-    ours = _micro_engine(cfg)
-    torch.manual_seed(0)
-    model = create_model("micro/4", num_classes=4, image_size=16)
-    theirs = create_engine(model, build_optimizer(param_groups(model, cfg.optim), cfg.optim, CPU), theirs_config)
+    init_process_group(World(), CPU)
+    ours, theirs = engine_pair(cfg)
     assert all(torch.equal(a, b) for a, b in zip(ours.module.parameters(), theirs.module.parameters()))
-    for engine in (ours, theirs):
-        set_lr(engine, 1e-3)
 
     stepper = Stepper(ours, cfg, CPU)
     assert stepper.own and Stepper(theirs, _cfg(zero_stage=1), CPU).own is False

@@ -18,19 +18,32 @@ from vit.model import create_model
 CPU = torch.device("cpu")
 
 
-def main(precision: str) -> int:
-    world = World.from_env()
-    init_process_group(world, CPU)
-    cfg = PretrainConfig(data={"shards": "s", "batch_size": 8},
-                         deepspeed={"zero_stage": 0, "precision": precision, "grad_clip": 0.05, "grad_accum": 2})
+def clip_config(precision: str) -> PretrainConfig:
+    """ZeRO-0, accumulation 2, a clip low enough to act on every step."""
+    return PretrainConfig(data={"shards": "s", "batch_size": 8},
+                          deepspeed={"zero_stage": 0, "precision": precision, "grad_clip": 0.05, "grad_accum": 2})
+
+
+def engine_pair(cfg: PretrainConfig):
+    """Two engines around the same seeded micro ViT: `ours` as vitpipe builds it (DeepSpeed's clipping
+    off, vitpipe's on), `theirs` with DeepSpeed clipping at the same max norm (the process group must
+    exist)."""
     engines = []
-    for config in (ds_config(cfg, device=CPU), ds_config(cfg, device=CPU) | {"gradient_clipping": 0.05}):
+    deepspeed_clips = ds_config(cfg, device=CPU) | {"gradient_clipping": cfg.deepspeed.grad_clip}
+    for config in (ds_config(cfg, device=CPU), deepspeed_clips):
         torch.manual_seed(0)
         model = create_model("micro/4", num_classes=4, image_size=16)
         engine = create_engine(model, build_optimizer(param_groups(model, cfg.optim), cfg.optim, CPU), config)
         set_lr(engine, 1e-3)
         engines.append(engine)
-    ours, theirs = engines
+    return engines
+
+
+def main(precision: str) -> int:
+    world = World.from_env()
+    init_process_group(world, CPU)
+    cfg = clip_config(precision)
+    ours, theirs = engine_pair(cfg)
     stepper = Stepper(ours, cfg, CPU)
     assert stepper.own
     gen = torch.Generator().manual_seed(100 + world.rank)  # each rank its own data

@@ -86,13 +86,12 @@ def _read_values(weights: Path) -> dict[str, Any] | None:
     return None if text is None else json.loads(text)
 
 
-def _read_config(weights: Path) -> ViTConfig | None:
-    """The architecture of a weights file, from config.json beside it or from its safetensors header.
+def _read_config(weights: Path, values: dict[str, Any] | None) -> ViTConfig | None:
+    """The architecture of a weights file, from its config values (`_read_values`).
 
     A timm / Hugging Face hub folder (model.safetensors + a config.json naming the "architecture")
     is read too, so a downloaded timm ViT loads without naming its architecture again.
     """
-    values = _read_values(weights)
     config_file = weights.parent / CONFIG_NAME
     if values is None:
         return None
@@ -181,7 +180,8 @@ def load_pretrained(path: str | Path, *, num_classes: int | None = None, image_s
                         f"or at a checkpoint file")
     if isinstance(config, str):
         config = _named_config(config)
-    cfg = config or (_read_config(weights) if weights.is_file() else None)
+    values = _read_values(weights) if config is None and weights.is_file() else None
+    cfg = config or _read_config(weights, values)
     state_dict = _read_tensors(weights)
     if cfg is None:
         raise UserError(f"{weights} carries no vitpipe config; pass config= a preset name "
@@ -198,7 +198,7 @@ def load_pretrained(path: str | Path, *, num_classes: int | None = None, image_s
     model = VisionTransformer(cfg)
     load_state_dict(model, state_dict, strict=strict, source=str(weights))
     if config is None:
-        names = read_class_names(weights)
+        names = _class_names(values)
         model.class_names = names if names is not None and len(names) == model.cfg.num_classes else None
     if num_classes is not None and num_classes != model.cfg.num_classes:
         log.warning("%s: checkpoint head has %d classes; %s", weights, model.cfg.num_classes,
@@ -211,7 +211,10 @@ def load_pretrained(path: str | Path, *, num_classes: int | None = None, image_s
 def read_class_names(path: str | Path) -> list[str] | None:
     """The class names an export records for its head (None: not recorded, e.g. a timm file)."""
     path = Path(path)
-    values = _read_values(path / WEIGHTS_NAME if path.is_dir() else path)
+    return _class_names(_read_values(path / WEIGHTS_NAME if path.is_dir() else path))
+
+
+def _class_names(values: dict[str, Any] | None) -> list[str] | None:
     names = values.get("class_names") if values and values.get("format") == FORMAT else None
     return [str(n) for n in names] if isinstance(names, list) else None
 
