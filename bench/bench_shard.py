@@ -14,7 +14,9 @@
 
 Inputs are real photos (scikit-image) cut into 384x384 JPEG crops, written once to a temporary
 folder; every timing reads them from the page cache, so this measures CPU and tar overhead, not
-the disk. Each timing is the median of --repeats runs, taking turns between baseline and candidates.
+the disk. Each timing is the median of --repeats runs, taking turns between baseline and candidates;
+before each run, untimed, the last output is deleted and the disk flushed (`sync`), so no run pays
+for another's clean-up or write-back.
 """
 
 from __future__ import annotations
@@ -32,13 +34,14 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 from PIL import Image
 
 
-def _photos() -> list[np.ndarray]:
+def _photos() -> list:
     """scikit-image's photos; where it is not installed (a bare GPU machine), smooth random
     1024x1024 images with some grain, which JPEG-compress to about the same sizes."""
+    import numpy as np  # here, not at the top: --workers N processes import this module again
+
     try:
         import skimage.data
     except ImportError:
@@ -56,6 +59,8 @@ def _photos() -> list[np.ndarray]:
 
 def make_images(root: Path, n: int, side: int = 384) -> Path:
     """n JPEG crops (quality 90) of scikit-image's photos, in 10 class folders."""
+    import numpy as np
+
     photos = _photos()
     rng = np.random.default_rng(0)
     for i in range(n):
@@ -84,7 +89,6 @@ def timed(fn) -> tuple[float, float]:
 def run_shard(src: Path, out: Path, **kw) -> None:
     from pipeline.shard import ShardConfig, shard
 
-    shutil.rmtree(out, ignore_errors=True)
     with contextlib.redirect_stdout(io.StringIO()):  # the stage's one-line summary, per run
         shard(ShardConfig(**{"src": str(src), "out": str(out), "val_ratio": 0.0, "max_shard_size": "256MB", **kw}))
 
@@ -124,8 +128,7 @@ def hash_twice(blobs: list[bytes]) -> None:
 
 
 def run_tar(src: Path, out: Path, *, durable: bool = False) -> None:
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
+    out.mkdir(parents=True, exist_ok=True)
     subprocess.run(["tar", "-cf", str(out / "all.tar"), "-C", str(src), "."], check=True)
     if durable:  # what the shard stage does per shard (fsync before rename)
         subprocess.run(["sync", "-f", str(out / "all.tar")], check=True)
@@ -146,13 +149,25 @@ def bare_pillow_loop(files: list[Path], size: int, quality: int, *, draft: bool 
         img.save(buf, "JPEG", quality=quality)
 
 
-def medians(repeats: int, *fns) -> list[tuple[float, float]]:
-    """Median (wall, CPU) seconds of each function, run in turn `repeats` times (noise hits all alike)."""
+def medians(repeats: int, *fns, before=None) -> list[tuple[float, float]]:
+    """Median (wall, CPU) seconds of each function, run in turn `repeats` times (noise hits all
+    alike). `before()` runs untimed ahead of each (removing the last output, flushing the disk)."""
     times: list[list[tuple[float, float]]] = [[] for _ in fns]
     for _ in range(repeats):
         for t, fn in zip(times, fns):
+            if before is not None:
+                before()
             t.append(timed(fn))
     return [(statistics.median(w for w, _ in t), statistics.median(c for _, c in t)) for t in times]
+
+
+def fresh(out: Path):
+    """Untimed reset between runs: no output left from the run before (deleting 50 MB of tar is
+    neither side's work), and no dirty pages of it still being written back to disk."""
+    def reset() -> None:
+        shutil.rmtree(out, ignore_errors=True)
+        os.sync()
+    return reset
 
 
 def main() -> None:
@@ -174,12 +189,15 @@ def main() -> None:
         print(f"{len(files)} JPEG files, {mb:.1f} MB, {os.cpu_count()} CPUs, command: {' '.join(sys.argv)}\n")
 
         out = work / "out"
+        reset = fresh(out)
+        reset()
         run_shard(src, out)  # warm-up: imports, Pillow plugins, page cache
+        reset()
         run_tar(src, out)
         blobs = [f.read_bytes() for f in files]
         runs = medians(args.repeats, lambda: run_tar(src, out), lambda: run_tar(src, out, durable=True),
                        lambda: run_shard(src, out), lambda: run_shard_without_hashing(src, out),
-                       lambda: run_shard(src, out, decode_check=True), lambda: hash_twice(blobs))
+                       lambda: run_shard(src, out, decode_check=True), lambda: hash_twice(blobs), before=reset)
         names = ["GNU tar -cf (baseline)", "GNU tar -cf + sync -f", "**vitpipe shard**",
                  "vitpipe shard, sha256 stubbed out (diagnostic only)", "vitpipe shard --decode-check",
                  "SHA-256 of every byte twice, in memory, 1 thread (diagnostic floor)"]
@@ -193,11 +211,12 @@ def main() -> None:
         total = sum(f.stat().st_size for f in files)
         for w in (w for w in args.workers if w > 1):
             per_shard = max(1 << 20, total // (4 * w))
+            reset()
             run_shard(src, out, workers=w, max_shard_size=per_shard)  # warm-up: the pool's forkserver
             n_shards = len(list(out.glob("*.tar")))
             (t_w, _), (t_tar_w, _) = medians(args.repeats, lambda: run_shard(src, out, workers=w,
                                                                               max_shard_size=per_shard),
-                                             lambda: run_tar(src, out))
+                                             lambda: run_tar(src, out), before=reset)
             # CPU: not measurable here, the workers are children of the pool's forkserver, not of us.
             print(f"| vitpipe shard --workers {w} ({n_shards} shards; tar {t_tar_w:.3f} s in the same turns) | "
                   f"{t_w:.3f} | - | {mb / t_w:.0f} | {t_tar_w / t_w:.2f} | {t_sync / t_w:.2f} | - |")
@@ -209,7 +228,8 @@ def main() -> None:
             (t_bare, _), (t_draft, _), (t_sh, _) = medians(
                 args.repeats, lambda: bare_pillow_loop(files, args.size, 90),
                 lambda: bare_pillow_loop(files, args.size, 90, draft=True),
-                lambda: run_shard(src, out, encode="jpg", quality=90, resize="shorter", size=args.size, workers=w))
+                lambda: run_shard(src, out, encode="jpg", quality=90, resize="shorter", size=args.size, workers=w),
+                before=reset)
             bare, draft, rate = len(files) / t_bare, len(files) / t_draft, len(files) / t_sh
             print(f"| bare Pillow loop, 1 process, x{w} (baseline) | - | {bare * w:.0f} | {bare:.0f} | 1.00 |")
             print(f"| bare Pillow loop with draft(), 1 process, x{w} | - | {draft * w:.0f} | {draft:.0f} | "

@@ -283,14 +283,18 @@ class ShardTarWriter:
 
     Use as a context manager; `add([(name, data), ...])` per sample, then `close()` (end blocks,
     padding to a 10 KiB record, as tarfile and GNU tar do); `sha256` and `num_bytes` then describe
-    the whole file. Samples are gathered into chunks of about `chunk_bytes`, which a background
-    thread writes and hashes (both release the GIL) while the caller reads the next samples; one
-    hand-over per sample would cost more than the copy. With `writeback_every` (bytes), that
-    thread also asks the kernel to start writing the file to disk every so often (without waiting,
-    as RocksDB's bytes_per_sync does), so the caller's final fsync has little left to wait for.
+    the whole file. Samples are gathered into chunks of about `chunk_bytes`; with `background`
+    a thread joins, writes and hashes each chunk (all three release the GIL) while the caller
+    reads the next samples: one process then keeps about 1.5 cores busy. One hand-over per sample
+    would cost more than the copy. Without `background` the caller does it: where several writer
+    processes already share the cores (--workers N), a second thread per process only adds
+    switching. With `writeback_every` (bytes), the kernel is asked to start writing the file to
+    disk every so often (without waiting, as RocksDB's bytes_per_sync does), so the caller's
+    final fsync has little left to wait for.
     """
 
-    def __init__(self, f, *, chunk_bytes: int = 1 << 20, writeback_every: int | None = None, depth: int = 8):
+    def __init__(self, f, *, chunk_bytes: int = 1 << 20, writeback_every: int | None = None,
+                 background: bool = True, depth: int = 8):
         self._f = f
         self.sha256 = hashlib.sha256()
         self.num_bytes = 0
@@ -298,23 +302,28 @@ class ShardTarWriter:
         self._chunk_size = 0
         self._chunk_bytes = chunk_bytes
         self._writeback_every = writeback_every
-        self._queue: queue.Queue[bytes | None] = queue.Queue(depth)
+        self._unsynced = 0
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._drain, name="shard-sink", daemon=True)
-        self._thread.start()
+        self._queue: queue.Queue[list[bytes] | None] = queue.Queue(depth)
+        self._thread = threading.Thread(target=self._drain, name="shard-sink", daemon=True) if background else None
+        if self._thread is not None:
+            self._thread.start()
+
+    def _write(self, pieces: list[bytes]) -> None:
+        chunk = b"".join(pieces)
+        self._f.write(chunk)
+        self.sha256.update(chunk)
+        self._unsynced += len(chunk)
+        if self._writeback_every and self._unsynced >= self._writeback_every:
+            self._f.flush()
+            start_writeback(self._f.fileno())
+            self._unsynced = 0
 
     def _drain(self) -> None:
-        unsynced = 0
-        while (chunk := self._queue.get()) is not None:
+        while (pieces := self._queue.get()) is not None:
             if self._error is None:
                 try:
-                    self._f.write(chunk)
-                    self.sha256.update(chunk)
-                    unsynced += len(chunk)
-                    if self._writeback_every and unsynced >= self._writeback_every:
-                        self._f.flush()
-                        start_writeback(self._f.fileno())
-                        unsynced = 0
+                    self._write(pieces)
                 except BaseException as e:  # noqa: BLE001 - re-raised in the writing thread
                     self._error = e
 
@@ -322,7 +331,10 @@ class ShardTarWriter:
         if self._error is not None:
             raise self._error
         if self._chunk:
-            self._queue.put(b"".join(self._chunk))
+            if self._thread is None:
+                self._write(self._chunk)
+            else:
+                self._queue.put(self._chunk)
             self._chunk, self._chunk_size = [], 0
 
     def add(self, members: list[tuple[str, bytes]]) -> None:
@@ -346,7 +358,7 @@ class ShardTarWriter:
             raise self._error
 
     def _stop(self) -> None:
-        if self._thread.is_alive():
+        if self._thread is not None and self._thread.is_alive():
             self._queue.put(None)
             self._thread.join()
 
@@ -506,11 +518,14 @@ def encode_chunk(items: tuple[SourceItem, ...], class_ids: dict[str, int], opt: 
 
 
 def write_shard(task: ShardTask, progress: Callable[[int, int], None] | None = None,
-                samples: Iterable[tuple[SourceItem, Sample]] | None = None) -> ShardResult:
+                samples: Iterable[tuple[SourceItem, Sample]] | None = None, *,
+                background: bool = True) -> ShardResult:
     """Write one shard atomically (tmp + fsync + rename) and its receipt; skip bad inputs.
 
     `progress(samples_done, failures)` is called per input when running in-process. `samples`:
     the task's samples made elsewhere (a pool encoding them), in order; by default made here.
+    `background`: write and hash on a second thread (see ShardTarWriter); pool workers, which
+    share the cores with each other, pass False.
     """
     out = Path(task.out_dir)
     final = out / task.name
@@ -520,7 +535,7 @@ def write_shard(task: ShardTask, progress: Callable[[int, int], None] | None = N
     if samples is None:
         samples = iter_samples(task.items, task.class_ids, task.options)
     try:
-        with open(tmp, "wb") as f, ShardTarWriter(f, writeback_every=4 << 20) as writer:
+        with open(tmp, "wb") as f, ShardTarWriter(f, writeback_every=4 << 20, background=background) as writer:
             for _, sample in samples:
                 if isinstance(sample, dict):
                     failures.append(sample)
@@ -629,7 +644,8 @@ def _run_tasks(tasks: list[ShardTask], workers: int, executor: cf.Executor | Non
                 bar.set_postfix(failures=shown, shards=shards + len(results), refresh=False)
         return tick
 
-    if executor is None and workers == 1:
+    if executor is None and (workers == 1 or (len(tasks) == 1 and tasks[0].options.encode == "none")):
+        # one pass-through shard gains nothing from a pool: its own writer thread is the parallelism
         for t in tasks:
             shard_done(write_shard(t, ticker()))
         return results
@@ -651,7 +667,8 @@ def _run_tasks(tasks: list[ShardTask], workers: int, executor: cf.Executor | Non
     pool = executor or _process_pool(workers, initializer=_worker_init, initargs=(os.getpid(), reports))
     reported: dict[str, int] = {}
     try:
-        futures = {pool.submit(write_shard, t, _QueueProgress(t.name) if own_pool else None): t for t in tasks}
+        futures = {pool.submit(write_shard, t, _QueueProgress(t.name) if own_pool else None, background=False): t
+                   for t in tasks}
         pending = set(futures)
         while pending:
             finished, pending = cf.wait(pending, timeout=0.2, return_when=cf.FIRST_COMPLETED)
