@@ -220,3 +220,22 @@ def test_compiled_engine_trains_and_keeps_plain_parameter_names():
     losses = _train(engine, 4)
     assert engine.is_compiled and losses[-1] < losses[0]
     assert set(engine.module.state_dict()) == names
+
+
+@pytest.mark.parametrize("name,precision,peak", [
+    ("NVIDIA GB200", "bf16", 2500e12),          # contains "B200": must not take B200's row
+    ("NVIDIA B200", "bf16", 2250e12),
+    ("NVIDIA GH200 480GB", "bf16", 989e12),
+    ("NVIDIA H100 NVL", "bf16", 835e12),        # contains "H100"
+    ("NVIDIA H100 PCIe", "fp32", 378e12),
+    ("NVIDIA L40S", "bf16", 362e12),            # contains "L40" and "L4"
+    ("NVIDIA L4", "bf16", 121e12),
+    ("NVIDIA A10G", "bf16", 70e12),             # contains "A10"
+    ("NVIDIA A100-SXM4-80GB", "fp32", 156e12),
+    ("Tesla V100-SXM2-16GB", "bf16", 125e12),
+    ("NVIDIA GeForce GTX 1080", "bf16", None),  # unknown: no MFU rather than a wrong one
+])
+def test_gpu_peak_table_matches_the_most_specific_name(name, precision, peak):
+    from vit.train import peak_flops_by_name
+
+    assert peak_flops_by_name(name, precision) == peak

@@ -31,15 +31,18 @@ from vitpipe.config import save_config
 from vitpipe.errors import UserError
 
 # Dense peak FLOP/s per device (bf16/fp16, fp32 via TF32) by GPU name, for MFU. Unknown = no MFU.
+# Matched as substrings of torch's device name, first match wins: a name that contains another
+# (GB200 contains B200, L40S contains L40 and L4) comes before it.
 GPU_PEAK_FLOPS: dict[str, tuple[float, float]] = {
+    "GB200": (2500e12, 1250e12),
     "B200": (2250e12, 1100e12),
+    "GH200": (989e12, 494e12),
     "H200": (989e12, 494e12),
     "H100 SXM": (989e12, 494e12),
     "H100 80GB HBM3": (989e12, 494e12),
     "H100 NVL": (835e12, 418e12),
     "H100 PCIe": (756e12, 378e12),
     "H100": (989e12, 494e12),
-    "GH200": (989e12, 494e12),
     "A100": (312e12, 156e12),
     "A800": (312e12, 156e12),
     "L40S": (362e12, 183e12),
@@ -52,15 +55,19 @@ GPU_PEAK_FLOPS: dict[str, tuple[float, float]] = {
 }
 
 
+def peak_flops_by_name(name: str, precision: str) -> float | None:
+    """Peak dense FLOP/s of the GPU called `name` (as torch reports it) at `precision`; None if unknown."""
+    for key, (half, single) in GPU_PEAK_FLOPS.items():
+        if key in name:
+            return single if precision == "fp32" else half
+    return None
+
+
 def peak_flops(device: torch.device, precision: str) -> float | None:
     """Peak dense FLOP/s of one device at `precision`, when the GPU is in the table; else None."""
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    for key, (half, single) in GPU_PEAK_FLOPS.items():  # ordered: specific names before generic ones
-        if key in name:
-            return single if precision == "fp32" else half
-    return None
+    return peak_flops_by_name(torch.cuda.get_device_name(device), precision)
 
 
 @dataclass
