@@ -635,20 +635,21 @@ def test_manifest_served_over_http_with_relative_paths(http_root, tmp_path):
 
 
 @pytest.mark.parametrize("background", [True, False], ids=["sink-thread", "inline"])
-def test_tar_writer_matches_tarfile_byte_for_byte(background):
+def test_tar_writer_matches_tarfile_byte_for_byte(background, tmp_path):
     """The fast header path writes exactly what Python's tarfile writes with the same fixed fields,
     whether a second thread writes the chunks or the caller does (pool workers); 1 KiB chunks
-    make each sample a chunk of its own."""
+    make each sample a chunk of its own, and writeback is started every 2 KiB of a real file."""
     from pipeline.shard import ShardTarWriter
 
     members = [("0/0001.png", b"p" * 700), ("0/0001.cls", b"3"), ("k" * 100 + ".json", b"{}"),
                ("deep/" + "n" * 150 + ".jpg", b"j" * 1025), ("e.json", b""), ("x.bin", b"b" * 512)]
-    got = io.BytesIO()
-    with ShardTarWriter(got, chunk_bytes=1024, background=background) as writer:
+    with open(tmp_path / "out.tar", "wb") as f, \
+            ShardTarWriter(f, chunk_bytes=1024, writeback_every=2048, background=background) as writer:
         writer.add(members[:2])
         writer.add(members[2:4])
         writer.add(members[4:])
         writer.close()
+    got = io.BytesIO((tmp_path / "out.tar").read_bytes())
     ref = io.BytesIO()
     with tarfile.open(fileobj=ref, mode="w", format=tarfile.GNU_FORMAT) as tar:
         for name, data in members:
