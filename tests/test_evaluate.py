@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from sklearn import metrics as skm
 
 from pipeline.loader import DataConfig, make_eval_loader
@@ -257,3 +258,62 @@ def test_vitpipe_evaluate_nproc_2_equals_one_process(digits_shards, export_dir, 
     one = json.loads((tmp_path / "one" / "results.json").read_text())
     assert two["num_samples"] == one["num_samples"] == make_eval_loader(_data(digits_shards), "val").num_samples
     assert two["per_class"] == one["per_class"] and two["top1"] == one["top1"]  # same counts, same floats
+
+
+def _export_with_training(tmp_path: Path, shards: Path, *, train_config: bool = True) -> Path:
+    """A 16x16 grayscale model exported as training exports it: weights + config.json, and the
+    training config (vitpipe.config.save_config of a real PretrainConfig) as train_config.yaml."""
+    from vit.config import PretrainConfig
+    from vit.model import create_model
+    from vit.weights import save_pretrained
+    from vitpipe.config import save_config
+
+    torch.manual_seed(0)
+    model = create_model("micro/4", in_chans=1, num_classes=10, image_size=16)
+    torch.nn.init.normal_(model.head.weight, std=0.5)
+    export = save_pretrained(model, tmp_path / "export")
+    if train_config:
+        cfg = PretrainConfig.model_validate({"data": {"shards": str(shards), "image_size": 16, "channels": 1,
+                                                      "mean": [0.3], "std": [0.2], "eval_crop_pct": 0.9}})
+        save_config(cfg, export / "train_config.yaml")
+    return export
+
+
+def test_evaluate_takes_size_channels_and_normalisation_from_the_model(digits_shards, tmp_path, capsys):
+    """`vitpipe evaluate --model EXPORT --data.shards S` scores the model on pixels prepared as in its
+    training (size and channels from the model, mean/std/crop from train_config.yaml), exactly as
+    when every option is spelled out; an explicit size is honoured with a resampled position
+    embedding; a different channel count is refused."""
+    export = _export_with_training(tmp_path, digits_shards)
+    base = ["evaluate", "--model", str(export), "--data.shards", str(digits_shards), "--data.num-workers", "0",
+            "--no-tracking.enabled"]
+    assert vitpipe(base + ["--out", str(tmp_path / "auto")]) == 0
+    spelled = ["--data.image-size", "16", "--data.channels", "1", "--data.mean", "[0.3]", "--data.std", "[0.2]",
+               "--data.eval-crop-pct", "0.9"]
+    assert vitpipe(base + spelled + ["--out", str(tmp_path / "spelled")]) == 0
+    auto, ref = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("auto", "spelled"))
+    assert auto["loss"] == pytest.approx(ref["loss"], rel=1e-6) and auto["top1"] == ref["top1"]
+    resolved = yaml.safe_load((tmp_path / "auto" / "config.yaml").read_text())["data"]
+    assert (resolved["image_size"], resolved["channels"], resolved["mean"], resolved["std"],
+            resolved["eval_crop_pct"]) == (16, 1, [0.3], [0.2], 0.9)
+    capsys.readouterr()
+
+    assert vitpipe(base + ["--data.image-size", "32", "--out", str(tmp_path / "at32")]) == 0
+    assert "trained at 16x16; evaluating at 32x32" in capsys.readouterr().out
+    assert yaml.safe_load((tmp_path / "at32" / "config.yaml").read_text())["data"]["image_size"] == 32
+
+    assert vitpipe(base + ["--data.channels", "3", "--data.mean", "[0.5]", "--data.std", "[0.5]",
+                           "--out", str(tmp_path / "rgb")]) == 2
+    err = capsys.readouterr().err
+    assert "takes 1-channel images but --data.channels is 3" in err and "Traceback" not in err
+
+
+def test_evaluate_without_a_training_record_still_reads_the_models_channels(digits_shards, tmp_path):
+    """A bare weights export (no train_config.yaml, e.g. written by save_pretrained in a notebook):
+    size and channels from the model, the default normalisation cut to one channel."""
+    export = _export_with_training(tmp_path, digits_shards, train_config=False)
+    out = tmp_path / "o"
+    assert vitpipe(["evaluate", "--model", str(export), "--data.shards", str(digits_shards),
+                    "--data.num-workers", "0", "--no-tracking.enabled", "--out", str(out)]) == 0
+    resolved = yaml.safe_load((out / "config.yaml").read_text())["data"]
+    assert (resolved["image_size"], resolved["channels"], resolved["mean"], resolved["std"]) == (16, 1, [0.5], [0.5])

@@ -59,7 +59,9 @@ class EvaluateConfig(StageConfig):
     """Options of `vitpipe evaluate`; precedence: command line > --config file > these defaults."""
 
     model: str = Field(..., description="what to evaluate: an export folder (model.safetensors + config.json), "
-                                        "a weights file, or an MLflow URI (runs:/ID/model, models:/NAME@ALIAS)")
+                                        "a weights file, or an MLflow URI (runs:/ID/model, models:/NAME@ALIAS). "
+                                        "Unless given as data.* options, the image size and channels come from "
+                                        "the model and, for an export, mean/std/eval crop from its training")
     data: DataConfig = Field(default_factory=DataConfig, description="the shard set and how to read it")
     split: str | None = Field(None, description="split to evaluate on; empty = data.val_split")
     out: str = Field("runs/evaluate", description="folder for results.json, config.yaml and the confusion matrix")
@@ -287,6 +289,57 @@ def check_class_names(model_names: list[str] | None, data_names: list[str], *, m
                     f"this dataset first (vitpipe finetune), or pass --no-check-classes if only the names differ")
 
 
+# Data options an export's training recorded (export/train_config.yaml) that evaluation should
+# repeat: the pixels a model is scored on must be prepared as the ones it learned from.
+_TRAINED_PREPROCESSING = ("channels", "mean", "std", "eval_crop_pct")
+
+
+def _training_data(source: str) -> dict[str, Any]:
+    """The data section of the training config saved beside an export (empty if there is none)."""
+    from vitpipe.config import read_yaml
+
+    if is_mlflow_uri(source):
+        return {}
+    path = Path(source)
+    found = (path if path.is_dir() else path.parent) / "train_config.yaml"
+    if not found.is_file():
+        return {}
+    data = read_yaml(found).get("data")
+    return {k: data[k] for k in _TRAINED_PREPROCESSING if k in data} if isinstance(data, dict) else {}
+
+
+def fit_data_to_model(cfg: EvaluateConfig, model: torch.nn.Module, say=print) -> EvaluateConfig:
+    """`cfg` with the data options the user left unset taken from the model (as timm resolves a data
+    config from a model): image size and channels from its architecture; channels, mean, std and
+    eval crop from the training config beside an export. An image size given explicitly evaluates
+    there (position embedding resampled, said once); a different channel count is an error."""
+    chosen = cfg.data.model_fields_set
+    update = {k: v for k, v in _training_data(cfg.model).items() if k not in chosen}
+    arch = getattr(model, "cfg", None)
+    size, chans = getattr(arch, "image_size", None), getattr(arch, "in_chans", None)
+    if isinstance(chans, int) and "channels" not in chosen:
+        update["channels"] = chans
+    if isinstance(size, int) and "image_size" not in chosen:
+        update["image_size"] = size
+    channels = update.get("channels", cfg.data.channels)
+    for stat in ("mean", "std"):  # the 3-value defaults, for a 1-channel model without a record
+        values = update.get(stat, getattr(cfg.data, stat))
+        if stat not in chosen and len(values) not in (1, channels):
+            update[stat] = tuple(values[:1])
+    try:
+        data = DataConfig.model_validate({**cfg.data.model_dump(), **update})
+    except ValueError as e:
+        raise UserError(f"--model {cfg.model} reads {channels}-channel images: {e}") from None
+    if isinstance(chans, int) and data.channels != chans:
+        raise UserError(f"--model {cfg.model} takes {chans}-channel images but --data.channels is {data.channels}; "
+                        f"drop the option (it is taken from the model)")
+    if isinstance(size, int) and data.image_size != size:
+        say(f"evaluate: --model {cfg.model} was trained at {size}x{size}; evaluating at "
+            f"{data.image_size}x{data.image_size} as asked (position embedding resampled)")
+        model.set_image_size(data.image_size)
+    return cfg.model_copy(update={"data": data})
+
+
 def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     """Run the evaluate stage on every rank: load, evaluate the split (and k-NN), write and log results."""
     from pipeline.loader import make_eval_loader
@@ -302,12 +355,14 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     device = dist.device_for(world)
     if world.is_distributed:
         dist.init_process_group(world, device)
+    model = load_model(cfg.model)
+    cfg = fit_data_to_model(cfg, model, say=print if world.is_main else (lambda _: None))
+    model = model.to(device)
     loader = make_eval_loader(cfg.data, split, rank=world.rank, world_size=world.world_size)
     class_names = list(loader.class_names)
     if not class_names:
         raise UserError(f"data.shards={cfg.data.shards!r} is unlabelled (no classes in index.json); evaluation "
                         f"needs labels: shard a folder tree with one sub-folder per class")
-    model = load_model(cfg.model).to(device)
     model_classes = _model_num_classes(model)
     if model_classes == 0 and not cfg.knn.enabled:
         raise UserError(f"--model {cfg.model} has no classifier head (a pretraining backbone); measure its "
