@@ -71,9 +71,9 @@ class DataConfig(StageConfig):
                             "ImageNet-sized photos, 32 for digits)")
     channels: Literal[1, 3] = Field(3, description="images are converted to RGB (3) or grayscale L (1); "
                                     "must match the model's input channels")
-    mean: tuple[float, ...] = Field((0.5, 0.5, 0.5), description="per-channel mean subtracted after scaling "
+    mean: tuple[float, ...] = Field((0.5,), description="per-channel mean subtracted after scaling "
                                     "to [0, 1] (ImageNet: 0.485 0.456 0.406); one value or one per channel")
-    std: tuple[float, ...] = Field((0.5, 0.5, 0.5), description="per-channel std divided by after the mean "
+    std: tuple[float, ...] = Field((0.5,), description="per-channel std divided by after the mean "
                                    "(ImageNet: 0.229 0.224 0.225); one value or one per channel")
     batch_size: int = Field(64, gt=0, description="training samples per step on each rank (the global batch "
                             "is batch_size x world size x gradient accumulation)")

@@ -313,7 +313,10 @@ def test_bad_configuration_is_a_user_error(three_shards):
     with pytest.raises(UserError, match="rank 2"):
         make_train_loader(_cfg(three_shards), rank=2, world_size=2)
     with pytest.raises(ConfigError, match=r"mean has 3 values but channels=1"):
-        build_config(DataConfig, overrides={"channels": 1})
+        build_config(DataConfig, overrides={"channels": 1, "mean": [0.5, 0.5, 0.5]})
+    # the defaults are one value each, so they fit either channel count
+    assert build_config(DataConfig, overrides={"channels": 1}).channel_stats() == ((0.5,), (0.5,))
+    assert build_config(DataConfig).channel_stats() == ((0.5,) * 3, (0.5,) * 3)
     cfg = build_config(DataConfig, overrides={"channels": 1, "mean": [0.5], "std": [0.25]})
     assert cfg.channel_stats() == ((0.5,), (0.25,))
     with pytest.raises(UserError, match="'epoch'"):

@@ -291,7 +291,7 @@ def check_class_names(model_names: list[str] | None, data_names: list[str], *, m
 
 # Data options an export's training recorded (export/train_config.yaml) that evaluation should
 # repeat: the pixels a model is scored on must be prepared as the ones it learned from.
-_TRAINED_PREPROCESSING = ("channels", "mean", "std", "eval_crop_pct")
+_TRAINED_PREPROCESSING = ("mean", "std", "eval_crop_pct")
 
 
 def _training_data(source: str) -> dict[str, Any]:
@@ -310,8 +310,8 @@ def _training_data(source: str) -> dict[str, Any]:
 
 def fit_data_to_model(cfg: EvaluateConfig, model: torch.nn.Module, say=print) -> EvaluateConfig:
     """`cfg` with the data options the user left unset taken from the model (as timm resolves a data
-    config from a model): image size and channels from its architecture; channels, mean, std and
-    eval crop from the training config beside an export. An image size given explicitly evaluates
+    config from a model): image size and channels from its architecture; mean, std and eval crop
+    from the training config beside an export. An image size given explicitly evaluates
     there (position embedding resampled, said once); a different channel count is an error."""
     chosen = cfg.data.model_fields_set
     update = {k: v for k, v in _training_data(cfg.model).items() if k not in chosen}
@@ -321,15 +321,11 @@ def fit_data_to_model(cfg: EvaluateConfig, model: torch.nn.Module, say=print) ->
         update["channels"] = chans
     if isinstance(size, int) and "image_size" not in chosen:
         update["image_size"] = size
-    channels = update.get("channels", cfg.data.channels)
-    for stat in ("mean", "std"):  # the 3-value defaults, for a 1-channel model without a record
-        values = update.get(stat, getattr(cfg.data, stat))
-        if stat not in chosen and len(values) not in (1, channels):
-            update[stat] = tuple(values[:1])
     try:
         data = DataConfig.model_validate({**cfg.data.model_dump(), **update})
-    except ValueError as e:
-        raise UserError(f"--model {cfg.model} reads {channels}-channel images: {e}") from None
+    except ValueError as e:  # e.g. three --data.mean values for a 1-channel model
+        raise UserError(f"--model {cfg.model} reads {update.get('channels', cfg.data.channels)}-channel "
+                        f"images: {e}") from None
     if isinstance(chans, int) and data.channels != chans:
         raise UserError(f"--model {cfg.model} takes {chans}-channel images but --data.channels is {data.channels}; "
                         f"drop the option (it is taken from the model)")
