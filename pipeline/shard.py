@@ -170,6 +170,8 @@ _TAR_END_BOUND = 1024 + tarfile.RECORDSIZE
 
 def split_of(key: str, val_ratio: float) -> str:
     """'val' for a stable `val_ratio` fraction of keys (first 64 bits of sha256), else 'train'."""
+    if val_ratio <= 0.0:  # no key hashes below 0 (saves a hash per image on the common no-val run)
+        return "train"
     h = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big")
     return "val" if h / 2**64 < val_ratio else "train"
 
@@ -259,9 +261,11 @@ def _header_template() -> bytes:
 
 
 _HEADER = _header_template()  # the fixed fields: mode 644, uid/gid 0, mtime 0, no user names
+_MODE_UID_GID, _MTIME_FIELD, _HEADER_TAIL = _HEADER[100:124], _HEADER[136:148], _HEADER[156:]
 # Checksum of the template with an empty name, size field zeros and the checksum field as spaces:
 # a header's checksum is this plus the byte sums of its name and size fields.
-_HEADER_SUM = sum(_HEADER[100:124]) + sum(_HEADER[136:148]) + 8 * 32 + sum(_HEADER[156:])
+_HEADER_SUM = sum(_MODE_UID_GID) + sum(_MTIME_FIELD) + 8 * 32 + sum(_HEADER_TAIL)
+_PADDING = [bytes(n) for n in range(512)]  # zeros that round a member up to 512-byte blocks
 
 
 def tar_header(name: str, size: int) -> bytes:
@@ -274,8 +278,7 @@ def tar_header(name: str, size: int) -> bytes:
         return info.tobuf(tarfile.GNU_FORMAT)
     size_field = b"%011o\0" % size
     checksum = b"%06o\0 " % (_HEADER_SUM + sum(raw) + sum(size_field))
-    return b"".join((raw, bytes(100 - len(raw)), _HEADER[100:124], size_field, _HEADER[136:148],
-                     checksum, _HEADER[156:]))
+    return b"".join((raw.ljust(100, b"\0"), _MODE_UID_GID, size_field, _MTIME_FIELD, checksum, _HEADER_TAIL))
 
 
 class ShardTarWriter:
@@ -340,9 +343,10 @@ class ShardTarWriter:
     def add(self, members: list[tuple[str, bytes]]) -> None:
         """Append one sample's members (name, bytes), in order."""
         for name, data in members:
-            header, pad = tar_header(name, len(data)), -len(data) % 512
-            self._chunk += (header, data, bytes(pad))
-            n = len(header) + len(data) + pad
+            size = len(data)
+            header, pad = tar_header(name, size), _PADDING[-size % 512]
+            self._chunk += (header, data, pad)
+            n = len(header) + size + len(pad)
             self._chunk_size += n
             self.num_bytes += n
         if self._chunk_size >= self._chunk_bytes:

@@ -21,6 +21,7 @@ import re
 import stat
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from operator import attrgetter, itemgetter
 from pathlib import Path
 from typing import Any
 
@@ -117,18 +118,45 @@ def local_path(path: str) -> str | None:
 # Folder trees
 
 
-def _walk_files(root: str) -> list[tuple[str, str]]:
-    """(relative posix path, full path) of all non-hidden files below root, any depth, sorted by
-    relative path (os.walk order is not). Plain strings: a million Path objects cost seconds."""
+def _walk_files(root: str, rejected: list[dict]) -> list[tuple[str, str, os.stat_result | None]]:
+    """(relative posix path, full path, stat or None if it fails) of all non-hidden files below
+    root, any depth, sorted by relative path. One scandir per folder and one stat per file (the
+    DirEntry keeps it); plain strings, as a million Path objects cost seconds. Symlinked folders
+    are followed, each real folder once (a link loop would never end); a folder that cannot be
+    listed goes to `rejected`, so no part of the tree disappears silently."""
     files = []
-    prefix = len(root.rstrip(os.sep)) + 1
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        for f in filenames:
-            if not f.startswith("."):
-                full = os.path.join(dirpath, f)
-                files.append((full[prefix:].replace(os.sep, "/"), full))
-    files.sort()
+    seen: set[tuple[int, int]] = set()
+    stack = [(root, "")]
+    while stack:
+        folder, rel = stack.pop()
+        try:
+            st = os.stat(folder)
+            if (st.st_dev, st.st_ino) in seen:
+                continue
+            seen.add((st.st_dev, st.st_ino))
+            with os.scandir(folder) as it:
+                entries = list(it)
+        except OSError as e:
+            rejected.append({"source": folder, "reason": "unreadable",
+                             "detail": f"cannot list this folder ({e.strerror or e}); its files are not sharded"})
+            continue
+        for entry in entries:
+            name = entry.name
+            if name.startswith("."):
+                continue
+            try:
+                is_dir = entry.is_dir()
+            except OSError:
+                is_dir = False
+            if is_dir:
+                stack.append((entry.path, f"{rel}{name}/"))
+                continue
+            try:
+                st = entry.stat()
+            except OSError:
+                st = None  # e.g. a dangling link: the shard writer reports it with the reason
+            files.append((rel + name, entry.path, st))
+    files.sort(key=itemgetter(0))
     return files
 
 
@@ -137,43 +165,39 @@ def list_folder(root: str | Path, *, split_from_source: bool = False) -> Source:
     root = Path(root)
     subdirs = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     rejected: list[dict] = []
-    # (relative path for the key, split, label, file)
-    entries: list[tuple[str, str | None, str | None, str]] = []
+    # (relative path for the key, split, label, file, stat)
+    entries: list[tuple[str, str | None, str | None, str, os.stat_result | None]] = []
     if split_from_source:
         if not subdirs:
             raise UserError(f"{str(root)!r} has no split folders; with --split-by source the tree must be "
                             f"SRC/<split>/<class>/..., e.g. SRC/train/cat/1.jpg, or use --split-by hash")
         for split in subdirs:
-            for rel, label, path in _list_classes(root / split, rejected):
-                entries.append((f"{split}/{rel}", split, label, path))
+            for rel, label, path, st in _list_classes(root / split, rejected):
+                entries.append((f"{split}/{rel}", split, label, path, st))
     else:
-        for rel, label, path in _list_classes(root, rejected):
-            entries.append((rel, None, label, path))
+        for rel, label, path, st in _list_classes(root, rejected):
+            entries.append((rel, None, label, path, st))
 
-    keyed = _dedupe_keys([(_key_from(rel.rsplit(".", 1)[0]), (rel, (split, label, path)))
-                          for rel, split, label, path in entries])
+    keyed = _dedupe_keys([(_key_from(rel.rsplit(".", 1)[0]), (rel, entry)) for rel, *entry in entries])
     items = []
-    for key, (_, (split, label, path)) in keyed:
-        try:
-            st = os.stat(path)
-        except OSError:
-            st = None  # unreadable: the shard writer reports it with the reason
+    for key, (_, (split, label, path, st)) in keyed:
         if st is not None and not stat.S_ISREG(st.st_mode):
             # A FIFO would block the reader forever; sockets and devices are not images either.
             rejected.append({"source": path, "reason": "unreadable", "detail": "not a regular file"})
             continue
         items.append(SourceItem(key=key, uri=path, size=st.st_size if st else 0, label=label, split=split))
-    items.sort(key=lambda it: it.key)
+    items.sort(key=attrgetter("key"))
     labels = [it.label for it in items if it.label is not None]
     return Source(kind="folder", uri=str(root), items=items, classes=sort_labels(labels), rejected=rejected)
 
 
 def _list_classes(root: Path, rejected: list[dict]):
-    """Yield (relative path, label, file) for images below root; class = first folder level if any."""
+    """Yield (relative path, label, file, stat) for images below root; class = first folder level if any."""
     has_class_dirs = any(d.is_dir() and not d.name.startswith(".") for d in root.iterdir())
-    for rel, path in _walk_files(str(root)):
-        ext = os.path.splitext(rel)[1]
-        if ext.lower() not in IMAGE_EXTENSIONS:
+    for rel, path, st in _walk_files(str(root), rejected):
+        dot = rel.rfind(".")
+        ext = rel[dot:].lower() if dot > rel.rfind("/") + 1 else ""  # os.path.splitext, for names not starting with "."
+        if ext not in IMAGE_EXTENSIONS:
             rejected.append({"source": path, "reason": "unsupported_format",
                              "detail": f"extension {ext or '(none)'!r} is not an image format "
                                        f"({', '.join(sorted(IMAGE_EXTENSIONS))})"})
@@ -184,7 +208,7 @@ def _list_classes(root: Path, rejected: list[dict]):
                                        "move it into a class folder"})
             continue
         label = rel.split("/", 1)[0] if has_class_dirs else None
-        yield rel, label, path
+        yield rel, label, path, st
 
 
 # ---------------------------------------------------------------------------------------------

@@ -143,3 +143,35 @@ def test_manifest_errors_name_the_column_and_fix(tmp_path):
 def test_sort_labels_numeric_when_all_integers():
     assert sort_labels(["10", "2", "1"]) == ["1", "2", "10"]
     assert sort_labels(["b", "a", "10"]) == ["10", "a", "b"]
+
+
+def test_unlistable_folder_is_reported_and_link_loops_end(tree, tmp_path, monkeypatch):
+    """A sub-folder that cannot be listed is a failure record, not files silently gone; a symlink
+    back up the tree is followed once, not forever."""
+    import os
+    import shutil
+
+    root = tmp_path / "src"
+    shutil.copytree(tree, root)
+    (root / "3" / "again").symlink_to(root / "3", target_is_directory=True)
+    locked = root / "5"
+    in_5 = len(list(locked.glob("*.png")))
+    if os.geteuid() != 0:
+        locked.chmod(0)
+    else:  # root reads any folder: make scandir fail the way it does for a user without permission
+        real = os.scandir
+
+        def scandir(path):
+            if Path(path) == locked:
+                raise PermissionError(13, "Permission denied", str(path))
+            return real(path)
+
+        monkeypatch.setattr(os, "scandir", scandir)
+    try:
+        src = list_source(str(root))
+    finally:
+        locked.chmod(0o755)
+    assert [(r["source"], r["reason"]) for r in src.rejected] == [(str(locked), "unreadable")]
+    assert "Permission denied" in src.rejected[0]["detail"]
+    assert in_5 > 0 and len(src.items) == 30 - in_5 and not any(it.label == "5" for it in src.items)
+    assert len({it.uri for it in src.items}) == len(src.items)
