@@ -117,6 +117,35 @@ def test_linear_probe_never_backpropagates_into_the_backbone():
     assert grads == {n: n.startswith("vit.head.") for n, _ in probe.named_parameters()}
 
 
+def test_unset_data_options_follow_the_init(digits_shards, tmp_path):
+    """A grayscale 16x16 export fine-tunes with only --init and --data.shards given: channels, image
+    size, mean, std and eval crop come from the model and its recorded training; a size given
+    explicitly still wins (position embedding resampled); a channel count given must match."""
+    from vitpipe.config import read_yaml
+
+    gray = {"channels": 1, "mean": [0.25], "std": [0.35], "eval_crop_pct": 0.9}
+    r = pretrain(PretrainConfig(model={"preset": "micro/4"},
+                                data={"shards": str(digits_shards), **DATA, **gray},
+                                train={"steps": 2, "eval_every": 0, "log_every": 1}, schedule={"warmup_steps": 1},
+                                checkpoint={"every_steps": 0}, tracking={"enabled": False}, out=str(tmp_path / "pre")))
+
+    def run(name: str, **data):
+        cfg = FinetuneConfig(init=r["export"], data={"shards": str(digits_shards), "batch_size": 16,
+                                                      "num_workers": 0, **data},
+                             out=str(tmp_path / name), train={"steps": 2, "eval_every": 0, "log_every": 1},
+                             schedule={"warmup_steps": 1}, checkpoint={"every_steps": 0}, tracking={"enabled": False})
+        finetune(cfg)
+        return read_yaml(tmp_path / name / "config.yaml")["data"]
+
+    used = run("bare")
+    assert {k: used[k] for k in ("channels", "image_size", *gray)} == {"image_size": 16, **gray}
+    used = run("bigger", image_size=24, mean=[0.5], std=[0.5])
+    assert (used["image_size"], used["channels"], used["mean"], used["std"], used["eval_crop_pct"]) == \
+        (24, 1, [0.5], [0.5], 0.9)
+    with pytest.raises(UserError, match="takes 1-channel images but data.channels=3"):
+        run("rgb", channels=3)
+
+
 @pytest.mark.slow
 def test_full_finetune_at_higher_resolution(pretrained, digits_shards, tmp_path, mlflow_uri):
     from mlflow import MlflowClient

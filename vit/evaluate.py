@@ -289,32 +289,15 @@ def check_class_names(model_names: list[str] | None, data_names: list[str], *, m
                     f"this dataset first (vitpipe finetune), or pass --no-check-classes if only the names differ")
 
 
-# Data options an export's training recorded (export/train_config.yaml) that evaluation should
-# repeat: the pixels a model is scored on must be prepared as the ones it learned from.
-_TRAINED_PREPROCESSING = ("mean", "std", "eval_crop_pct")
-
-
-def _training_data(source: str) -> dict[str, Any]:
-    """The data section of the training config saved beside an export (empty if there is none)."""
-    from vitpipe.config import read_yaml
-
-    if is_mlflow_uri(source):
-        return {}
-    path = Path(source)
-    found = (path if path.is_dir() else path.parent) / "train_config.yaml"
-    if not found.is_file():
-        return {}
-    data = read_yaml(found).get("data")
-    return {k: data[k] for k in _TRAINED_PREPROCESSING if k in data} if isinstance(data, dict) else {}
-
-
 def fit_data_to_model(cfg: EvaluateConfig, model: torch.nn.Module, say=print) -> EvaluateConfig:
     """`cfg` with the data options the user left unset taken from the model (as timm resolves a data
     config from a model): image size and channels from its architecture; mean, std and eval crop
     from the training config beside an export. An image size given explicitly evaluates
     there (position embedding resampled, said once); a different channel count is an error."""
+    from vit.weights import trained_preprocessing
+
     chosen = cfg.data.model_fields_set
-    update = {k: v for k, v in _training_data(cfg.model).items() if k not in chosen}
+    update = {k: v for k, v in trained_preprocessing(cfg.model).items() if k not in chosen}
     arch = getattr(model, "cfg", None)
     size, chans = getattr(arch, "image_size", None), getattr(arch, "in_chans", None)
     if isinstance(chans, int) and "channels" not in chosen:

@@ -7,7 +7,9 @@
 
 The head is replaced for the new dataset's class count; a higher data.image_size resamples the
 position embedding (the paper fine-tunes at higher resolution). `full` trains everything with
-layer-wise lr decay; `linear_probe` freezes the backbone and runs it without autograd.
+layer-wise lr decay; `linear_probe` freezes the backbone and runs it without autograd. Data options
+left unset follow the starting model: its image size and input channels, and the mean, std and
+eval crop its training recorded beside an export.
 """
 
 from __future__ import annotations
@@ -67,12 +69,13 @@ def _preflight(cfg: FinetuneConfig) -> None:
 
 
 def load_init(cfg: FinetuneConfig, *, num_classes: int) -> nn.Module:
-    """The starting model: weights from `cfg.init`, new head for `num_classes`, resized to the data."""
+    """The starting model: weights from `cfg.init`, new head for `num_classes`, resized to
+    data.image_size if that is set (else at its own size; a timm file at its preset's)."""
     from vit.model import VisionTransformer, preset_config
     from vit.weights import load_pretrained
 
     init = cfg.init
-    image_size = cfg.data.image_size
+    image_size = cfg.data.image_size if "image_size" in cfg.data.model_fields_set else None
     preset = cfg.model.preset or None
     if is_mlflow_uri(init):
         model = _load_mlflow(init, cfg, num_classes=num_classes, image_size=image_size)
@@ -84,7 +87,7 @@ def load_init(cfg: FinetuneConfig, *, num_classes: int) -> nn.Module:
     if not isinstance(model, VisionTransformer):
         raise UserError(f"init={init!r} holds a {type(model).__name__}, not a vitpipe VisionTransformer")
     if preset:  # the user named an architecture: the checkpoint must be that architecture
-        want = preset_config(preset, image_size=image_size, num_classes=num_classes, in_chans=model.cfg.in_chans)
+        want = preset_config(preset, num_classes=num_classes, in_chans=model.cfg.in_chans)
         have = model.cfg
         fields = ("embed_dim", "depth", "num_heads", "patch_size")
         diff = [f"{f}: checkpoint {getattr(have, f)} vs {preset} {getattr(want, f)}"
@@ -92,9 +95,6 @@ def load_init(cfg: FinetuneConfig, *, num_classes: int) -> nn.Module:
         if diff:
             raise UserError(f"init={init!r} is another architecture than model.preset={preset!r} ("
                             + "; ".join(diff) + "); leave model.preset empty to use the checkpoint's own")
-    if model.cfg.in_chans != cfg.data.channels:
-        raise UserError(f"init={init!r} takes {model.cfg.in_chans}-channel images but data.channels="
-                        f"{cfg.data.channels}; set data.channels={model.cfg.in_chans}")
     # Always a fresh zero head, as in the paper: even with the same class count the classes differ.
     model.reset_classifier(num_classes)
     overrides = dict(cfg.model.overrides)
@@ -113,7 +113,7 @@ def load_init(cfg: FinetuneConfig, *, num_classes: int) -> nn.Module:
     return model
 
 
-def _timm_config(path: Path, preset: str | None, image_size: int):
+def _timm_config(path: Path, preset: str | None, image_size: int | None):
     """None for our exports (they carry their config); for a timm file, the named preset's
     architecture (load_pretrained takes the head size the file has, then the new head replaces it)."""
     from vit.model import preset_config
@@ -123,7 +123,7 @@ def _timm_config(path: Path, preset: str | None, image_size: int):
     if not preset:
         raise UserError(f"init={str(path)!r} is not a vitpipe export, so its architecture is unknown; "
                         f"name it with --model.preset (e.g. s/16, b/16)")
-    return preset_config(preset, image_size=image_size)
+    return preset_config(preset, **({"image_size": image_size} if image_size else {}))
 
 
 def _has_vitpipe_config(path: Path) -> bool:
@@ -137,7 +137,7 @@ def _has_vitpipe_config(path: Path) -> bool:
     return any("config" in k for k in meta)
 
 
-def _load_mlflow(uri: str, cfg: FinetuneConfig, *, num_classes: int, image_size: int) -> nn.Module:
+def _load_mlflow(uri: str, cfg: FinetuneConfig, *, num_classes: int, image_size: int | None) -> nn.Module:
     """A model from the MLflow registry or a run: our export logged as artifacts, or a pytorch-flavor model."""
     import mlflow
 
@@ -154,7 +154,7 @@ def _load_mlflow(uri: str, cfg: FinetuneConfig, *, num_classes: int, image_size:
     if (local / "MLmodel").is_file():
         model = mlflow.pytorch.load_model(str(local), map_location="cpu")
         model = getattr(model, "vit", model)
-        if image_size != model.cfg.image_size:
+        if image_size and image_size != model.cfg.image_size:
             model.set_image_size(image_size)
         if num_classes != model.cfg.num_classes:
             model.reset_classifier(num_classes)
@@ -166,12 +166,43 @@ def _load_mlflow(uri: str, cfg: FinetuneConfig, *, num_classes: int, image_size:
                            image_size=image_size)
 
 
+def fit_data_to_init(cfg: FinetuneConfig, model: nn.Module) -> FinetuneConfig:
+    """`cfg` with the data options the user left unset taken from the starting model (as timm
+    resolves a data config from a pretrained model): image size and input channels from its
+    architecture; mean, std and eval crop from the training config beside an export, so it goes on
+    learning from pixels prepared as before. A channel count given explicitly must match."""
+    from pipeline.loader import DataConfig
+    from vit.weights import trained_preprocessing
+
+    chosen = cfg.data.model_fields_set
+    arch = model.cfg
+    update = {k: v for k, v in trained_preprocessing(cfg.init).items() if k not in chosen}
+    if "channels" not in chosen:
+        update["channels"] = arch.in_chans
+    if "image_size" not in chosen:
+        update["image_size"] = arch.image_size
+    try:
+        data = DataConfig.model_validate({**cfg.data.model_dump(), **update})
+    except ValueError as e:  # e.g. three data.mean values for a 1-channel model
+        raise UserError(f"init={cfg.init!r} reads {arch.in_chans}-channel images: {e}") from None
+    if data.channels != arch.in_chans:
+        raise UserError(f"init={cfg.init!r} takes {arch.in_chans}-channel images but data.channels="
+                        f"{data.channels}; set data.channels={arch.in_chans} or leave it out (it follows the init)")
+    return cfg.model_copy(update={"data": data})
+
+
 def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     """Fine-tune (or linear-probe) as configured and export; returns metrics, export dir, run id."""
+    from pipeline.index import load_index
+
     _check_init(cfg.init)
+    # The starting model is loaded before the data loaders, as data options left unset follow it;
+    # seeded, so every rank builds the same one.
+    torch.manual_seed(cfg.train.seed)
+    model = load_init(cfg, num_classes=len(load_index(cfg.data.shards)["classes"]))
+    cfg = fit_data_to_init(cfg, model)
 
     def build(train_loader) -> Model:
-        model = load_init(cfg, num_classes=train_loader.num_classes)
         probe = cfg.mode == "linear_probe"
         module = LinearProbe(model) if probe else model
         groups = param_groups(module, cfg.optim, layer_decay=1.0 if probe else cfg.layer_decay,

@@ -214,6 +214,25 @@ def read_class_names(path: str | Path) -> list[str] | None:
     return _class_names(_read_values(path / WEIGHTS_NAME if path.is_dir() else path))
 
 
+# Data options an export's training recorded (export/train_config.yaml) that evaluation and
+# fine-tuning should repeat: a model scores, and goes on learning from, pixels prepared as the ones
+# it learned from.
+TRAINED_PREPROCESSING = ("mean", "std", "eval_crop_pct")
+
+
+def trained_preprocessing(source: str | Path) -> dict[str, Any]:
+    """TRAINED_PREPROCESSING options from the training config saved beside an export (empty if
+    there is none: a timm file, a registry URI)."""
+    from vitpipe.config import read_yaml
+
+    path = Path(source)
+    found = (path if path.is_dir() else path.parent) / "train_config.yaml"
+    if not found.is_file():
+        return {}
+    data = read_yaml(found).get("data")
+    return {k: data[k] for k in TRAINED_PREPROCESSING if k in data} if isinstance(data, dict) else {}
+
+
 def _class_names(values: dict[str, Any] | None) -> list[str] | None:
     names = values.get("class_names") if values and values.get("format") == FORMAT else None
     return [str(n) for n in names] if isinstance(names, list) else None
