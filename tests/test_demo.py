@@ -81,6 +81,8 @@ def test_finetuned_model_is_registered_as_candidate_and_champion(runs, small_dem
     import mlflow
     import torch
 
+    from vit.registry import load_registered
+
     client, _, children = runs
     (ft,) = children["finetune"]
     champion = client.get_model_version_by_alias("vitpipe-vit", "champion")
@@ -89,7 +91,7 @@ def test_finetuned_model_is_registered_as_candidate_and_champion(runs, small_dem
     assert champion.run_id == ft.info.run_id
     assert champion.tags["vitpipe.eval.split"].startswith("val:")
     mlflow.set_tracking_uri(small_demo["tracking_uri"])
-    model = mlflow.pytorch.load_model("models:/vitpipe-vit@champion", map_location="cpu")
+    model = load_registered("vitpipe-vit", "champion")
     with torch.no_grad():
         logits = model(torch.zeros(3, 1, 16, 16))
     assert logits.shape == (3, 10)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -19,6 +21,7 @@ def tracking(mlflow_uri):
     yield mlflow_uri
     while mlflow.active_run():
         mlflow.end_run()
+    mlflow.set_experiment(experiment_id="0")  # every store has the Default experiment; "registry" is this one's
     mlflow.set_tracking_uri(previous)
 
 
@@ -49,13 +52,39 @@ def test_registered_model_loads_back_with_the_same_predictions(tracking):
     assert CANDIDATE in version.aliases and version.run_id == run.info.run_id
     assert version.tags[SPLIT_TAG] == "val:abc" and float(version.tags["vitpipe.eval.top1"]) == 0.91
     loaded = load_registered("digits-vit")  # models:/digits-vit@candidate
-    direct = mlflow.pytorch.load_model("models:/digits-vit@candidate")
+    served = mlflow.pyfunc.load_model("models:/digits-vit@candidate")  # what `mlflow models serve` runs
     assert type(loaded).__name__ == "VisionTransformer" and hasattr(loaded, "forward_features")
     expected = model(x)
     assert expected.std() > 0.1  # a real, non-constant prediction to compare
     assert torch.allclose(loaded(x), expected, atol=1e-6)
-    assert torch.allclose(direct(x), expected, atol=1e-6)
+    assert torch.allclose(torch.from_numpy(served.predict(x.numpy())), expected, atol=1e-5)
+    assert [tuple(s.shape) for s in (served.metadata.signature.inputs.inputs + served.metadata.signature.outputs.inputs)] \
+        == [(-1, 1, 32, 32), (-1, 10)]
     assert not model.head.weight.is_inference()  # the caller's model was copied, not moved or altered
+
+
+def test_versions_are_stored_without_pickle_and_old_pickled_ones_still_load(tracking, tmp_path, caplog):
+    """A registered version holds safetensors, JSON and code, nothing unpickled on load; a version
+    logged with MLflow's pytorch flavor (how vitpipe registered before) still loads, with a warning."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    model, x = _model(), _images(4)
+    register_model(model, "safe")
+    local = Path(mlflow.artifacts.download_artifacts("models:/safe@candidate", dst_path=str(tmp_path / "dl")))
+    files = sorted(str(p.relative_to(local)) for p in local.rglob("*") if p.is_file())
+    assert "artifacts/export/model.safetensors" in files and "mlflow_model.py" in files
+    assert not [f for f in files if f.endswith((".pth", ".pt", ".pkl", ".pickle", ".cloudpickle"))], files
+    assert "pytorch" not in mlflow.models.Model.load(str(local / "MLmodel")).flavors
+
+    with mlflow.start_run():
+        info = mlflow.pytorch.log_model(model, name="model", serialization_format="pickle")
+    version = mlflow.register_model(info.model_uri, "legacy")
+    MlflowClient().set_registered_model_alias("legacy", CANDIDATE, version.version)
+    with caplog.at_level("WARNING", logger="vit.registry"):
+        old = load_registered("legacy")
+    assert torch.allclose(old(x), model(x), atol=1e-6)
+    assert "unpickles it on load" in caplog.text
 
 
 def test_promotion_needs_a_better_score_on_the_same_split(tracking):

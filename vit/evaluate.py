@@ -232,12 +232,12 @@ def log_evaluation(results: dict[str, Any], run_id: str | None = None, *, prefix
 def load_model(source: str, *, map_location: str | torch.device = "cpu") -> torch.nn.Module:
     """A model from an export folder / weights file (`vit.weights`) or an MLflow URI, in eval mode."""
     if is_mlflow_uri(source):
-        import mlflow
-
         from mlflow.exceptions import MlflowException
 
+        from vit.registry import load_logged_model
+
         try:
-            model = mlflow.pytorch.load_model(source, map_location=map_location)
+            model = load_logged_model(source, map_location=map_location)
         except MlflowException as e:
             raise UserError(f"--model {source}: MLflow cannot load it ({e.message}); check the run id, "
                             f"registered name and alias, and --tracking.uri") from None

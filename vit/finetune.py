@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -138,32 +137,26 @@ def _has_vitpipe_config(path: Path) -> bool:
 
 
 def _load_mlflow(uri: str, cfg: FinetuneConfig, *, num_classes: int, image_size: int | None) -> nn.Module:
-    """A model from the MLflow registry or a run: our export logged as artifacts, or a pytorch-flavor model."""
+    """A model from the MLflow registry or a run: a registered version or an export logged as artifacts."""
     import mlflow
+    from mlflow.exceptions import MlflowException
 
+    from vit.registry import load_logged_model
     from vit.tracking import resolve_uri
-    from vit.weights import load_pretrained
 
     tracking_uri = resolve_uri(cfg.tracking)
     mlflow.set_tracking_uri(tracking_uri)
     try:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tempfile.mkdtemp()))
-    except Exception as e:
-        raise UserError(f"init={uri!r}: cannot fetch it from MLflow at {tracking_uri} ({e}); check the run id "
-                        f"or model name/alias, and tracking.uri") from None
-    if (local / "MLmodel").is_file():
-        model = mlflow.pytorch.load_model(str(local), map_location="cpu")
-        model = getattr(model, "vit", model)
-        if image_size and image_size != model.cfg.image_size:
-            model.set_image_size(image_size)
-        if num_classes != model.cfg.num_classes:
-            model.reset_classifier(num_classes)
-        return model
-    weights = local if (local / "model.safetensors").is_file() else next(local.rglob("model.safetensors"), None)
-    if weights is None:
-        raise UserError(f"init={uri!r} holds neither an MLflow model nor a vitpipe export (model.safetensors)")
-    return load_pretrained(weights if weights.is_dir() else weights.parent, num_classes=num_classes,
-                           image_size=image_size)
+        model = load_logged_model(uri)
+    except MlflowException as e:
+        raise UserError(f"init={uri!r}: cannot fetch it from MLflow at {tracking_uri} ({e.message}); check the "
+                        f"run id or model name/alias, and tracking.uri") from None
+    model = getattr(model, "vit", model)
+    if image_size and image_size != model.cfg.image_size:
+        model.set_image_size(image_size)
+    if num_classes != model.cfg.num_classes:
+        model.reset_classifier(num_classes)
+    return model
 
 
 def fit_data_to_init(cfg: FinetuneConfig, model: nn.Module) -> FinetuneConfig:

@@ -9,6 +9,12 @@ Each registered version carries its evaluation as tags (`vitpipe.eval.split`, `v
 evaluations are comparable only when their `split` fingerprints (shard names and checksums) are
 equal: a score on another split, or on a re-sharded one, says nothing about which model is better.
 
+A version is stored without pickle: the export's safetensors and config as an artifact, and
+`vit/mlflow_model.py` as MLflow model code (so `mlflow.pyfunc.load_model` and `mlflow models serve`
+work). `load_logged_model` reads the weights only and runs nothing from the artifact store.
+Versions registered with the pytorch flavor before this format still load, with a warning,
+through MLflow's pickle loader.
+
 Uses the process-wide MLflow tracking/registry URI (`mlflow.set_tracking_uri`), which the calling
 stage sets from its config.
 """
@@ -16,11 +22,19 @@ stage sets from its config.
 from __future__ import annotations
 
 import copy
+import logging
 import math
+import tempfile
+import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
+
+from vitpipe.errors import UserError
+
+log = logging.getLogger(__name__)
 
 CANDIDATE = "candidate"
 CHAMPION = "champion"
@@ -54,31 +68,57 @@ def eval_tags(results: dict[str, Any]) -> dict[str, str]:
     return tags
 
 
+def _signature(model) -> Any:
+    """Images N x C x H x W in, one row of outputs per image out (float32 tensors)."""
+    import numpy as np
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    c = model.cfg
+    shape = (1, c.in_chans, c.image_size, c.image_size)
+    param, training = next(model.parameters()), model.training
+    with torch.no_grad():
+        width = model.eval()(torch.zeros(shape, dtype=param.dtype, device=param.device)).shape[-1]
+    model.train(training)
+    return ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *shape[1:]))]),
+                          outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, width))]))
+
+
 def register_model(model: torch.nn.Module, name: str, *, alias: str = CANDIDATE,
                    results: dict[str, Any] | None = None, input_example: torch.Tensor | None = None,
                    artifact_name: str = "model"):
-    """Log `model` with MLflow's pytorch flavor in the active run, register it as `name`, set `alias`.
+    """Log `model` (a vitpipe VisionTransformer, bare or wrapped) in the active run, register it
+    as `name`, set `alias`. Stored as safetensors + MLflow model code, never pickled.
 
     `results` (from `evaluate_model`) are attached to the version as tags for `promote_if_better`.
-    Returns the `ModelVersion`. Without an active run, one is started for the logging.
+    `input_example` (a batch of images) gives the version a signature. Returns the `ModelVersion`.
+    Without an active run, one is started for the logging.
     """
     import mlflow
     from mlflow import MlflowClient
 
+    from vit.model import VisionTransformer
+    from vit.weights import save_pretrained
+
     if not name or "/" in name or "@" in name:
         raise ValueError(f"registered model name {name!r}: use a plain name such as 'digits-vit'")
-    # A CPU copy in eval mode: loading needs no GPU, and the training model keeps its device.
-    bare = copy.deepcopy(_unwrap(model)).float().cpu().eval()
+    bare = _unwrap(model)
+    if not isinstance(bare, VisionTransformer):
+        raise TypeError(f"register_model takes a vitpipe VisionTransformer, not a {type(bare).__name__}")
     example = None if input_example is None else input_example.detach().float().cpu().numpy()
-    # "pickle" keeps a real nn.Module on load (pt2 export, chosen when an example is given, would
-    # return an ExportedProgram without .eval() or methods such as forward_features).
-    kwargs = dict(name=artifact_name, pip_requirements=_pip_requirements(), input_example=example,
-                  serialization_format="pickle")
-    if mlflow.active_run() is None:
-        with mlflow.start_run(run_name=f"register-{name}"):
-            info = mlflow.pytorch.log_model(bare, **kwargs)
-    else:
-        info = mlflow.pytorch.log_model(bare, **kwargs)
+    with tempfile.TemporaryDirectory() as tmp:
+        export = save_pretrained(bare, Path(tmp) / "export")  # CPU copies; the caller's model is untouched
+        kwargs = dict(name=artifact_name, python_model=str(Path(__file__).with_name("mlflow_model.py")),
+                      artifacts={"export": str(export)}, pip_requirements=_pip_requirements(),
+                      signature=_signature(bare), input_example=example)
+        with warnings.catch_warnings():
+            # The signature is given, so MLflow's advice to add an example for it does not apply.
+            warnings.filterwarnings("ignore", message=".*input example was not provided")
+            if mlflow.active_run() is None:
+                with mlflow.start_run(run_name=f"register-{name}"):
+                    info = mlflow.pyfunc.log_model(**kwargs)
+            else:
+                info = mlflow.pyfunc.log_model(**kwargs)
     version = mlflow.register_model(info.model_uri, name, tags=eval_tags(results or {}))
     client = MlflowClient()
     client.set_registered_model_alias(name, alias, version.version)
@@ -87,10 +127,31 @@ def register_model(model: torch.nn.Module, name: str, *, alias: str = CANDIDATE,
 
 def load_registered(name: str, alias: str = CANDIDATE, *, map_location: str | torch.device = "cpu") -> torch.nn.Module:
     """The model registered as `name` under `alias` (`models:/NAME@ALIAS`), in eval mode."""
+    return load_logged_model(f"models:/{name}@{alias}", map_location=map_location).eval()
+
+
+def load_logged_model(uri: str, *, map_location: str | torch.device = "cpu") -> torch.nn.Module:
+    """A model from MLflow (`models:/NAME@ALIAS`, `models:/NAME/VERSION`, `runs:/RUN_ID/PATH`):
+    a vitpipe export found in its artifacts (what `register_model` and the training stages log)
+    is read from its safetensors; a version logged with MLflow's pytorch flavor (registered
+    before vitpipe stopped pickling) goes through MLflow's pickle loader, with a warning.
+    Download errors raise MlflowException; artifacts that hold neither raise UserError."""
     import mlflow
 
-    model = mlflow.pytorch.load_model(f"models:/{name}@{alias}", map_location=map_location)
-    return model.eval()
+    from vit.weights import WEIGHTS_NAME, load_pretrained
+
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp))
+        weights = local if local.is_file() else next(iter(sorted(local.rglob(WEIGHTS_NAME))), None)
+        if weights is not None:  # config.json beside it, else the config in its header
+            return load_pretrained(weights).to(map_location)
+        mlmodel = local / "MLmodel"
+        if mlmodel.is_file() and "pytorch" in (mlflow.models.Model.load(str(mlmodel)).flavors or {}):
+            log.warning("%s was logged with MLflow's pytorch flavor, which unpickles it on load (it can run "
+                        "code); re-register it with vit.registry.register_model to store it as safetensors", uri)
+            return mlflow.pytorch.load_model(str(local), map_location=map_location)
+    raise UserError(f"{uri} holds neither a vitpipe export ({WEIGHTS_NAME}) nor a PyTorch MLflow model; "
+                    f"log models with vit.registry.register_model")
 
 
 def version_by_alias(name: str, alias: str):
