@@ -11,17 +11,14 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from flows import tracking
 from flows.demo import EXPERIMENT
+from local_server import local_server, venv_command
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 
@@ -45,30 +42,10 @@ def mlflow_ui(small_demo, tmp_path_factory):
 
     port = free_port()
     log = tmp_path_factory.mktemp("mlflow_ui") / "server.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([str(Path(sys.executable).with_name("mlflow")), "server", "--backend-store-uri",
-                                 small_demo["tracking_uri"], "--host", "127.0.0.1", "--port", str(port),
-                                 "--workers", "1"],
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2):
-                    break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"mlflow server did not start:\n{log.read_text()[-3000:]}")
-                time.sleep(0.5)
+    with local_server([venv_command("mlflow"), "server", "--backend-store-uri", small_demo["tracking_uri"],
+                       "--host", "127.0.0.1", "--port", str(port), "--workers", "1"], f"{url}/health", log):
         yield url
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 @pytest.fixture(scope="module")

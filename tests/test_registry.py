@@ -131,50 +131,22 @@ def test_registered_model_is_served_over_http_by_mlflow(tracking, tmp_path):
     """`mlflow models serve -m models:/NAME@ALIAS` (a real scoring server on 127.0.0.1, in this
     environment) answers POST /invocations with the model's logits."""
     import json
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
     import urllib.request
 
+    from local_server import local_server, venv_command, venv_path_env
     from vit.distributed import free_port
 
     model, x = _model(), _images(3)
     register_model(model, "served", alias=CHAMPION)
-    port = free_port()
-    log = tmp_path / "serve.log"
-    # The server runs `uvicorn` from PATH: this environment's, also when the tests run without activating it.
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking,
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([str(Path(sys.executable).with_name("mlflow")), "models", "serve", "-m",
-                                 f"models:/served@{CHAMPION}", "--env-manager", "local", "--host", "127.0.0.1",
-                                 "--port", str(port), "--workers", "1"],
-                                stdout=out, stderr=subprocess.STDOUT, env=env, cwd=tmp_path, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/ping", timeout=2):
-                    break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"mlflow models serve did not start:\n{log.read_text()[-3000:]}")
-                time.sleep(0.5)
+    url = f"http://127.0.0.1:{(port := free_port())}"
+    with local_server([venv_command("mlflow"), "models", "serve", "-m", f"models:/served@{CHAMPION}",
+                       "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                      f"{url}/ping", tmp_path / "serve.log", timeout=180,
+                      env=venv_path_env(MLFLOW_TRACKING_URI=tracking), cwd=tmp_path):
         request = urllib.request.Request(f"{url}/invocations", data=json.dumps({"inputs": x.tolist()}).encode(),
                                          headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(request, timeout=60) as r:
             predictions = torch.tensor(json.loads(r.read())["predictions"])
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
     with torch.no_grad():
         expected = model(x)
     assert predictions.shape == (3, 10)
