@@ -21,7 +21,6 @@ stage sets from its config.
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import tempfile
