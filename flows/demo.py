@@ -100,13 +100,11 @@ def build_collections(images: Path, size: DemoSize) -> tuple[Path, Path]:
 
 
 def _prepare_tracking(out: Path) -> str:
-    """A SQLite store in OUT whose experiment keeps its artifacts in OUT too (not in ./mlruns)."""
-    from mlflow import MlflowClient
+    """A SQLite store in OUT; its experiment keeps the artifacts in OUT too (OUT/mlartifacts)."""
+    from vit.tracking import experiment_id
 
     uri = f"sqlite:///{out / 'mlflow.db'}"
-    client = MlflowClient(uri)
-    if client.get_experiment_by_name(EXPERIMENT) is None:
-        client.create_experiment(EXPERIMENT, artifact_location=(out / "mlartifacts").as_uri())
+    experiment_id(uri, EXPERIMENT)
     return uri
 
 

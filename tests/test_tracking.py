@@ -41,6 +41,25 @@ def test_run_finished_with_params_metrics_tags(mlflow_uri):
     assert [(m.step, m.value) for m in history] == [(1, 2.0), (2, 1.5)]
 
 
+def test_sqlite_store_keeps_artifacts_beside_the_database(tmp_path, monkeypatch):
+    """An experiment a stage creates in a SQLite store puts its artifacts in mlartifacts/ next to
+    the .db (a relative database path counts from the working directory), not in ./mlruns."""
+    from vit.tracking import artifact_location
+
+    store = tmp_path / "store"
+    store.mkdir()
+    monkeypatch.chdir(store)
+    (tmp_path / "report.txt").write_text("hello")
+    with tracked(_open("sqlite:///mlflow.db")) as t:
+        t.log_artifact(tmp_path / "report.txt", "reports")
+    assert MlflowClient("sqlite:///mlflow.db").get_experiment_by_name("t").artifact_location == \
+        (store / "mlartifacts").as_uri()
+    assert [p.name for p in (store / "mlartifacts").rglob("report.txt")] == ["report.txt"]
+    assert not (store / "mlruns").exists()
+    assert artifact_location("http://127.0.0.1:5000") is None
+    assert artifact_location(f"sqlite:///{tmp_path / 'a' / 'x.db'}") == (tmp_path / "a" / "mlartifacts").as_uri()
+
+
 def test_run_failed_on_exception_and_signal(mlflow_uri):
     with pytest.raises(RuntimeError):
         with tracked(_open(mlflow_uri)) as t1:

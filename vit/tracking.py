@@ -49,8 +49,21 @@ def check_reachable(uri: str, timeout_s: float = CONNECT_TIMEOUT_S) -> str | Non
     return None
 
 
+def artifact_location(uri: str) -> str | None:
+    """Where a new experiment in the store at `uri` keeps its artifacts: for a SQLite store, the
+    folder `mlartifacts/` beside the database, so the store is one folder to copy, share or delete
+    (MLflow's default is ./mlruns of whatever directory the first run started in). None: the
+    store's default (a tracking server decides itself)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    db = uri[len("sqlite:///"):].split("?", 1)[0]
+    if not db or db == ":memory:":
+        return None
+    return (Path(db).resolve().parent / "mlartifacts").as_uri()
+
+
 def experiment_id(uri: str, name: str) -> str:
-    """The id of experiment `name` in the store at `uri`, created on first use."""
+    """The id of experiment `name` in the store at `uri`, created on first use (see artifact_location)."""
     from mlflow import MlflowClient
 
     client = MlflowClient(uri)
@@ -58,7 +71,7 @@ def experiment_id(uri: str, name: str) -> str:
     if exp is not None:
         return exp.experiment_id
     try:
-        return client.create_experiment(name)
+        return client.create_experiment(name, artifact_location=artifact_location(uri))
     except Exception:
         # Two processes racing to create it: the loser reads the winner's.
         exp = client.get_experiment_by_name(name)
