@@ -122,18 +122,18 @@ def _walk_files(root: str, rejected: list[dict]) -> list[tuple[str, str, os.stat
     """(relative posix path, full path, stat or None if it fails) of all non-hidden files below
     root, any depth, sorted by relative path. One scandir per folder and one stat per file (the
     DirEntry keeps it); plain strings, as a million Path objects cost seconds. Symlinked folders
-    are followed, each real folder once (a link loop would never end); a folder that cannot be
-    listed goes to `rejected`, so no part of the tree disappears silently."""
+    are followed, except a link back to a folder it is inside of (a loop: those files are listed
+    already, and it would never end); a folder that cannot be listed goes to `rejected`, so no
+    part of the tree disappears silently."""
     files = []
-    seen: set[tuple[int, int]] = set()
-    stack = [(root, "")]
+    stack: list[tuple[str, str, frozenset]] = [(root, "", frozenset())]  # folder, its path, its ancestors
     while stack:
-        folder, rel = stack.pop()
+        folder, rel, ancestors = stack.pop()
         try:
             st = os.stat(folder)
-            if (st.st_dev, st.st_ino) in seen:
+            if (st.st_dev, st.st_ino) in ancestors:
                 continue
-            seen.add((st.st_dev, st.st_ino))
+            ancestors = ancestors | {(st.st_dev, st.st_ino)}
             with os.scandir(folder) as it:
                 entries = list(it)
         except OSError as e:
@@ -149,7 +149,7 @@ def _walk_files(root: str, rejected: list[dict]) -> list[tuple[str, str, os.stat
             except OSError:
                 is_dir = False
             if is_dir:
-                stack.append((entry.path, f"{rel}{name}/"))
+                stack.append((entry.path, f"{rel}{name}/", ancestors))
                 continue
             try:
                 st = entry.stat()

@@ -175,3 +175,17 @@ def test_unlistable_folder_is_reported_and_link_loops_end(tree, tmp_path, monkey
     assert "Permission denied" in src.rejected[0]["detail"]
     assert in_5 > 0 and len(src.items) == 30 - in_5 and not any(it.label == "5" for it in src.items)
     assert len({it.uri for it in src.items}) == len(src.items)
+
+
+def test_a_folder_reached_by_two_paths_is_listed_under_both(tree, tmp_path):
+    """A class folder that is a symlink to another one is not a loop: its images are listed under
+    both classes, whichever the filesystem lists first."""
+    import shutil
+
+    root = tmp_path / "src"
+    shutil.copytree(tree, root)
+    (root / "7bis").symlink_to(root / "7", target_is_directory=True)
+    src = list_source(str(root))
+    sevens = sorted(it.key.split("/", 1)[1] for it in src.items if it.label == "7")
+    assert sevens and sorted(it.key.split("/", 1)[1] for it in src.items if it.label == "7bis") == sevens
+    assert len(src.items) == 30 + len(sevens) and src.rejected == []
