@@ -294,21 +294,11 @@ def fit_data_to_model(cfg: EvaluateConfig, model: torch.nn.Module, say=print) ->
     config from a model): image size and channels from its architecture; mean, std and eval crop
     from the training config beside an export. An image size given explicitly evaluates
     there (position embedding resampled, said once); a different channel count is an error."""
-    from vit.weights import trained_preprocessing
+    from vit.weights import data_for_model
 
-    chosen = cfg.data.model_fields_set
-    update = {k: v for k, v in trained_preprocessing(cfg.model).items() if k not in chosen}
+    data = data_for_model(cfg.data, model, cfg.model, name=f"--model {cfg.model}")
     arch = getattr(model, "cfg", None)
     size, chans = getattr(arch, "image_size", None), getattr(arch, "in_chans", None)
-    if isinstance(chans, int) and "channels" not in chosen:
-        update["channels"] = chans
-    if isinstance(size, int) and "image_size" not in chosen:
-        update["image_size"] = size
-    try:
-        data = DataConfig.model_validate({**cfg.data.model_dump(), **update})
-    except ValueError as e:  # e.g. three --data.mean values for a 1-channel model
-        raise UserError(f"--model {cfg.model} reads {update.get('channels', cfg.data.channels)}-channel "
-                        f"images: {e}") from None
     if isinstance(chans, int) and data.channels != chans:
         raise UserError(f"--model {cfg.model} takes {chans}-channel images but --data.channels is {data.channels}; "
                         f"drop the option (it is taken from the model)")

@@ -164,20 +164,10 @@ def fit_data_to_init(cfg: FinetuneConfig, model: nn.Module) -> FinetuneConfig:
     resolves a data config from a pretrained model): image size and input channels from its
     architecture; mean, std and eval crop from the training config beside an export, so it goes on
     learning from pixels prepared as before. A channel count given explicitly must match."""
-    from pipeline.loader import DataConfig
-    from vit.weights import trained_preprocessing
+    from vit.weights import data_for_model
 
-    chosen = cfg.data.model_fields_set
     arch = model.cfg
-    update = {k: v for k, v in trained_preprocessing(cfg.init).items() if k not in chosen}
-    if "channels" not in chosen:
-        update["channels"] = arch.in_chans
-    if "image_size" not in chosen:
-        update["image_size"] = arch.image_size
-    try:
-        data = DataConfig.model_validate({**cfg.data.model_dump(), **update})
-    except ValueError as e:  # e.g. three data.mean values for a 1-channel model
-        raise UserError(f"init={cfg.init!r} reads {arch.in_chans}-channel images: {e}") from None
+    data = data_for_model(cfg.data, model, cfg.init, name=f"init={cfg.init!r}")
     if data.channels != arch.in_chans:
         raise UserError(f"init={cfg.init!r} takes {arch.in_chans}-channel images but data.channels="
                         f"{data.channels}; set data.channels={arch.in_chans} or leave it out (it follows the init)")

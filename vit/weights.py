@@ -233,6 +233,26 @@ def trained_preprocessing(source: str | Path) -> dict[str, Any]:
     return {k: data[k] for k in TRAINED_PREPROCESSING if k in data} if isinstance(data, dict) else {}
 
 
+def data_for_model(data, model, source: str | Path, *, name: str):
+    """`data` (a DataConfig) with the options the user left unset taken from `model` (as timm
+    resolves a data config from a model): image size and channels from its architecture; mean,
+    std and eval crop from the training config beside the export at `source`. `name` says which
+    model in an error (e.g. "--model runs/x/export")."""
+    from pipeline.loader import DataConfig
+
+    chosen = data.model_fields_set
+    update = {k: v for k, v in trained_preprocessing(source).items() if k not in chosen}
+    arch = getattr(model, "cfg", None)
+    for field, attr in (("channels", "in_chans"), ("image_size", "image_size")):
+        value = getattr(arch, attr, None)
+        if isinstance(value, int) and field not in chosen:
+            update[field] = value
+    try:
+        return DataConfig.model_validate({**data.model_dump(), **update})
+    except ValueError as e:  # e.g. three mean values for a 1-channel model
+        raise UserError(f"{name} reads {update.get('channels', data.channels)}-channel images: {e}") from None
+
+
 def _class_names(values: dict[str, Any] | None) -> list[str] | None:
     names = values.get("class_names") if values and values.get("format") == FORMAT else None
     return [str(n) for n in names] if isinstance(names, list) else None
