@@ -73,6 +73,38 @@ def test_single_process_group_then_a_launch_from_the_same_process():
     assert not is_worker() and World.from_env().source == "single"
 
 
+def test_torchrun_of_one_rank_keeps_its_store_port():
+    env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29612"}
+    assert World.from_env(env).source == "single"  # left over from an in-process run: a fresh port later
+    w = World.from_env({**env, "TORCHELASTIC_RUN_ID": "job-7"})
+    assert w.source == "torchrun/deepspeed" and w.master_port == 29612 and not w.is_distributed
+
+
+_TORCHRUN_OF_ONE = """
+import torch
+from vit.distributed import World, init_process_group
+world = World.from_env()
+init_process_group(world, torch.device("cpu"), timeout_s=60)
+t = torch.ones(1)
+torch.distributed.all_reduce(t)
+print("JOINED", world.source, torch.distributed.get_world_size(), float(t))
+"""
+
+
+@pytest.mark.multiprocess
+def test_torchrun_with_one_rank_joins_its_agent_store(tmp_path):
+    """torchrun --nproc-per-node 1 (a one-GPU Slurm job runs it so): the rank must rendezvous at
+    torchrun's store; a fresh port of its own waited there for the whole timeout."""
+    script = tmp_path / "one.py"
+    script.write_text(_TORCHRUN_OF_ONE)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT")}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
+                           str(script)], env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "JOINED torchrun/deepspeed 1 1.0" in proc.stdout
+
+
 def test_backend_follows_device():
     import torch
 

@@ -53,8 +53,11 @@ class World:
         """Read the job layout from torchrun / DeepSpeed launcher / Slurm variables; none = one process."""
         env = os.environ if env is None else env
         # WORLD_SIZE=1 is a job of one: its variables may be left over from an earlier in-process
-        # run (they are inherited by subprocesses), so a fresh single-process setup is used instead.
-        if "RANK" in env and "WORLD_SIZE" in env and env["WORLD_SIZE"] != "1":
+        # run (they are inherited by subprocesses), so a fresh single-process setup is used instead;
+        # except under torchrun (TORCHELASTIC_RUN_ID), whose one worker must meet torchrun's own
+        # store at MASTER_PORT (a fresh port there waits for a store that never comes).
+        launched = env.get("WORLD_SIZE") != "1" or bool(env.get("TORCHELASTIC_RUN_ID"))
+        if "RANK" in env and "WORLD_SIZE" in env and launched:
             world_size = _int(env, "WORLD_SIZE")
             local_world_size = _int(env, "LOCAL_WORLD_SIZE", _int(env, "LOCAL_SIZE", world_size))
             rank = _int(env, "RANK")
