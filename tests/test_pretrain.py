@@ -202,6 +202,36 @@ def test_sigkill_one_rank_then_relaunch_resumes_with_matching_loss(two_rank_run,
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"  # the relaunch reopened the job's run
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_a_two_rank_run_resumes_on_one_rank(two_rank_run, tmp_path):
+    """A job requeued on fewer ranks: the 2-rank ZeRO-2 run's checkpoints are extended by 10 steps
+    on one rank, with grad_accum 2 keeping the global batch of 64."""
+    import shutil
+
+    ref_root, _, ref_cfg, _ = two_rank_run
+    shutil.copytree(ref_root / "run" / "checkpoints", tmp_path / "run" / "checkpoints")
+    proc = _vitpipe(["pretrain", str(ref_cfg), "--out", str(tmp_path / "run"), "--train.steps", "50",
+                     "--deepspeed.grad-accum", "2", "--no-tracking.enabled"])
+    step40 = tmp_path / "run" / "checkpoints" / "step_00000040"
+    assert f"written by 2 ranks, this run has 1: rewriting its ZeRO state" in proc.stderr
+    assert f"resumed from {step40}" in proc.stderr and "global batch changed" not in proc.stderr
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["world_size"] == 1 and results["step"] == 50 and results["steps_this_launch"] == 10
+    assert (step40 / "universal" / "zero").is_dir()
+    history = _history(tmp_path / "run")
+    assert history[:8] == _history(ref_root / "run")  # the saved curve carried over
+    # It continues where the 2-rank run stopped: near its last loss, far below the untrained one.
+    assert history[-1][1] < history[0][1] - 0.1 and history[8][1] < (history[0][1] + history[7][1]) / 2, history
+    marker = json.loads((tmp_path / "run" / "checkpoints" / "step_00000050" / "COMPLETE.json").read_text())
+    assert marker["world_size"] == 1
+
+    # Without grad_accum the global batch halves: the relaunch says so.
+    proc = _vitpipe(["pretrain", str(ref_cfg), "--out", str(tmp_path / "run"), "--train.steps", "52",
+                     "--no-tracking.enabled"])
+    assert "global batch changed from 64 to 32" in proc.stderr and "--deepspeed.grad-accum 2 keeps it" in proc.stderr
+
+
 @pytest.mark.parametrize("precision", ["bf16", "bf16_full"])
 def test_bf16_pretraining_runs_the_whole_loop(precision, digits_shards, tmp_path):
     """The loop feeds each precision's engine the inputs it needs (fp32 under autocast, bf16 for bf16 weights)."""

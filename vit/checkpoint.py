@@ -11,6 +11,13 @@ Layout of `checkpoint.dir` (one directory shared by all nodes):
 A checkpoint is used only if its COMPLETE.json parses and every file it lists is there with the
 recorded size, so a half-written or truncated checkpoint (a rank killed mid-save, a full disk) is
 skipped in favour of the previous complete one.
+
+A run may resume on another number of ranks (a job requeued on fewer nodes). ZeRO-1/2 optimizer
+state is partitioned per rank, so it is first rewritten in DeepSpeed's rank-independent "universal"
+format (`step_.../universal/`, by `deepspeed.checkpoint.ds_to_universal`) and the engine loads that;
+an unpartitioned checkpoint (ZeRO-0) loads as it is. ZeRO-3 is refused: DeepSpeed's universal
+restore of a ZeRO-3 run with several parameter groups does not continue it exactly (its first step
+after the restore already differs from the uninterrupted run's).
 """
 
 from __future__ import annotations
@@ -22,6 +29,8 @@ import os
 import random
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +41,7 @@ from vit.distributed import World, barrier, broadcast_object
 
 MARKER = "COMPLETE.json"
 LATEST = "latest"
+UNIVERSAL = "universal"  # inside a step directory: its ZeRO state rewritten for any number of ranks
 _TAG = re.compile(r"step_(\d{8,})$")
 
 
@@ -165,22 +175,83 @@ class CheckpointManager:
 
     # -- restoring --------------------------------------------------------------------------
 
-    def load(self, engine, tag: str) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Restore engine (weights, optimizer) and this rank's RNG; returns (meta, rank_state)."""
-        marker = self.marker(tag)
-        if marker["world_size"] != self.world.world_size:
-            from vitpipe.errors import UserError
+    def written_by(self, tag: str) -> int:
+        """How many ranks wrote checkpoint `tag`."""
+        return int(self.marker(tag)["world_size"])
 
-            raise UserError(f"checkpoint {self.root / tag} was written by {marker['world_size']} ranks, this run "
-                            f"has {self.world.world_size}; relaunch with the same number of ranks "
-                            f"or start over with --no-resume")
-        load_path, client = engine.load_checkpoint(str(self.root), tag=tag, load_optimizer_states=True,
+    def prepare_resize(self, tag: str, *, zero_stage: int, say=print) -> bool:
+        """Collective, before the engine is built. When `tag` was written by another number of ranks,
+        make it loadable by this run; returns True when the engine must load it in DeepSpeed's
+        universal format (its config then needs `"checkpoint": {"load_universal": true}`)."""
+        from vitpipe.errors import UserError
+
+        before, now = self.written_by(tag), self.world.world_size
+        if before == now:
+            return False
+        path = self.root / tag
+        if zero_stage >= 3:
+            raise UserError(f"checkpoint {path} was written by {before} ranks with ZeRO-3 and this run has {now}; "
+                            f"DeepSpeed cannot yet restore a ZeRO-3 run exactly on another number of ranks. "
+                            f"Relaunch with {before} ranks, or start over with --no-resume")
+        partitioned = any(path.glob("*optim_states.pt"))
+        if self.world.is_main:
+            if partitioned and not (path / UNIVERSAL).is_dir():
+                say(f"checkpoint {path} was written by {before} ranks, this run has {now}: rewriting its ZeRO "
+                    f"state for any number of ranks in {path / UNIVERSAL}")
+                to_universal(path, path / UNIVERSAL)
+            else:
+                say(f"checkpoint {path} was written by {before} ranks, this run has {now}: resharding it")
+        barrier()
+        return partitioned
+
+    def load(self, engine, tag: str) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Restore engine (weights, optimizer) and this rank's RNG; returns (meta, rank_state).
+        A checkpoint of another number of ranks needs `prepare_resize` first."""
+        path = self.root / tag
+        resized = self.written_by(tag) != self.world.world_size
+        if resized and engine.load_universal_checkpoint():
+            load_dir, load_tag = path, UNIVERSAL
+        elif resized and any(path.glob("*optim_states.pt")):
+            raise RuntimeError(f"checkpoint {path} holds ZeRO state of {self.written_by(tag)} ranks; call "
+                               f"prepare_resize and build the engine with checkpoint.load_universal")
+        else:
+            load_dir, load_tag = self.root, tag
+        load_path, client = engine.load_checkpoint(str(load_dir), tag=load_tag, load_optimizer_states=True,
                                                    load_lr_scheduler_states=False)
         if load_path is None:
-            raise RuntimeError(f"DeepSpeed could not load checkpoint {self.root / tag}")
-        rank_state = torch.load(self.root / tag / f"vitpipe_rank{self.world.rank:05d}.pt", weights_only=False)
+            raise RuntimeError(f"DeepSpeed could not load checkpoint {path}")
+        mine = path / f"vitpipe_rank{self.world.rank:05d}.pt"
+        rank_state = torch.load(mine if mine.is_file() else path / "vitpipe_rank00000.pt", weights_only=False)
         set_rng_state(rank_state.pop("rng"))
+        if resized:  # a rank of the old layout has no say over this one's dropout masks
+            reseed(int(self.marker(tag)["step"]), self.world.rank)
         return client.get("vitpipe", {}), rank_state
+
+
+def reseed(step: int, rank: int) -> None:
+    """Fresh, distinct RNG streams per rank after a resume on another number of ranks."""
+    seed = (step * 1_000_003 + rank) % 2**31
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def to_universal(src: Path, dst: Path) -> None:
+    """Rewrite DeepSpeed checkpoint directory `src` in the universal format at `dst`, atomically.
+
+    Runs DeepSpeed's converter in its own process: it forks worker pools, which must not inherit
+    a training process's communication threads."""
+    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    proc = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(src),
+                           "--output_folder", str(tmp), "--inject_missing_state",
+                           "--num_extract_workers", "2", "--num_merge_workers", "1"],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise RuntimeError(f"DeepSpeed could not convert checkpoint {src} to its universal format:\n"
+                           f"{(proc.stdout + proc.stderr)[-3000:]}")
+    os.replace(tmp, dst)
 
 
 # ---------------------------------------------------------------------------------------------

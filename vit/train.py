@@ -129,19 +129,24 @@ def run_training(cfg: TrainingConfig, *, stage: str, build: Callable[[Any], Mode
     total_steps = cfg.train.steps or max(1, math.ceil(cfg.train.epochs * steps_per_epoch))
     global_batch = cfg.data.batch_size * accum * world.world_size
 
-    optimizer = build_optimizer(built.param_groups, cfg.optim, device)
-    engine = create_engine(module, optimizer, ds, compile=cfg.train.compile)
-    objective = build_objective(cfg.train.objective, label_smoothing=cfg.data.augment.label_smoothing)
-
     ckpt = CheckpointManager(ckpt_root, world, keep_last=cfg.checkpoint.keep_last)
     step, epoch, history, run_id = 0, 0, [], None
     if not cfg.checkpoint.resume and ckpt.tags():
         _say(world, f"{stage}: starting over (--no-resume): deleting the checkpoints in {ckpt_root}")
         ckpt.clear()
     tag = ckpt.latest_complete(warn=lambda m: _say(world, m)) if cfg.checkpoint.resume else None
+    if tag is not None and ckpt.prepare_resize(tag, zero_stage=cfg.deepspeed.zero_stage,
+                                               say=lambda m: _say(world, f"{stage}: {m}")):
+        ds = {**ds, "checkpoint": {**ds.get("checkpoint", {}), "load_universal": True}}
+
+    optimizer = build_optimizer(built.param_groups, cfg.optim, device)
+    engine = create_engine(module, optimizer, ds, compile=cfg.train.compile)
+    objective = build_objective(cfg.train.objective, label_smoothing=cfg.data.augment.label_smoothing)
+
     if tag is not None:
         meta, rank_state = ckpt.load(engine, tag)
         step, epoch, history, run_id = meta["step"], meta["epoch"], meta.get("history", []), meta.get("run_id")
+        _warn_batch_change(world, meta.get("config"), ckpt.written_by(tag), cfg, stage)
         train_loader.set_epoch(epoch)
         train_loader.load_state_dict(rank_state["loader"])
         _say(world, f"{stage}: resumed from {ckpt_root / tag} (step {step}/{total_steps})")
@@ -193,6 +198,21 @@ def run_training(cfg: TrainingConfig, *, stage: str, build: Callable[[Any], Mode
             (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
             _say(world, _summary(results))
     return results
+
+
+def _warn_batch_change(world: dist.World, saved: dict | None, saved_ranks: int, cfg: TrainingConfig,
+                       stage: str) -> None:
+    """Say so when a resumed run's global batch differs from the one it was saved with."""
+    try:
+        before = saved["data"]["batch_size"] * saved["deepspeed"]["grad_accum"] * saved_ranks
+    except (KeyError, TypeError):
+        return
+    per_step = cfg.data.batch_size * world.world_size
+    now = per_step * cfg.deepspeed.grad_accum
+    if before != now:
+        keep = (f"; --deepspeed.grad-accum {before // per_step} keeps it" if before % per_step == 0 else "")
+        _say(world, f"{stage}: the global batch changed from {before} to {now} images per step (ranks, batch size "
+                    f"or grad_accum differ from the saved run); the learning-rate schedule continues by step{keep}")
 
 
 def _loop(cfg: TrainingConfig, *, engine, objective, train_loader, eval_loader, world: dist.World,
