@@ -146,7 +146,7 @@ def run_training(cfg: TrainingConfig, *, stage: str, build: Callable[[Any], Mode
     if tag is not None:
         meta, rank_state = ckpt.load(engine, tag)
         step, epoch, history, run_id = meta["step"], meta["epoch"], meta.get("history", []), meta.get("run_id")
-        _warn_batch_change(world, meta.get("config"), ckpt.written_by(tag), cfg, stage)
+        _warn_batch_change(world, meta.get("config"), ckpt.written_by(tag), global_batch, cfg, stage)
         train_loader.set_epoch(epoch)
         train_loader.load_state_dict(rank_state["loader"])
         _say(world, f"{stage}: resumed from {ckpt_root / tag} (step {step}/{total_steps})")
@@ -200,15 +200,14 @@ def run_training(cfg: TrainingConfig, *, stage: str, build: Callable[[Any], Mode
     return results
 
 
-def _warn_batch_change(world: dist.World, saved: dict | None, saved_ranks: int, cfg: TrainingConfig,
+def _warn_batch_change(world: dist.World, saved: dict | None, saved_ranks: int, now: int, cfg: TrainingConfig,
                        stage: str) -> None:
-    """Say so when a resumed run's global batch differs from the one it was saved with."""
+    """Say so when a resumed run's global batch differs from the one it was saved with (`now`)."""
     try:
         before = saved["data"]["batch_size"] * saved["deepspeed"]["grad_accum"] * saved_ranks
     except (KeyError, TypeError):
         return
-    per_step = cfg.data.batch_size * world.world_size
-    now = per_step * cfg.deepspeed.grad_accum
+    per_step = cfg.data.batch_size * world.world_size  # images per rank-step, before accumulation
     if before != now:
         keep = (f"; --deepspeed.grad-accum {before // per_step} keeps it" if before % per_step == 0 else "")
         _say(world, f"{stage}: the global batch changed from {before} to {now} images per step (ranks, batch size "
