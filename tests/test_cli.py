@@ -48,3 +48,14 @@ def test_unknown_command_is_a_usage_error(capsys):
         main(["frobnicate"])
     assert exit_.value.code == 2
     assert "frobnicate" in capsys.readouterr().err
+
+
+def test_unknown_option_shows_the_commands_usage_and_the_closest_option(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["pretrain", "--data.shards", "x", "--data.image-sise", "32"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "usage: vitpipe pretrain" in err
+    assert "unrecognized arguments: --data.image-sise" in err and "did you mean --data.image-size?" in err
+    with pytest.raises(SystemExit):
+        main(["pretrain", "--data.bogus", "3"])
+    assert "see 'vitpipe pretrain --help'" in capsys.readouterr().err

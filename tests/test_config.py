@@ -20,6 +20,7 @@ class OptimSection(StageConfig):
 
 class ToyConfig(StageConfig):
     src: str = Field("", description="where to read")
+    mean: tuple[float, ...] = Field((0.5,), description="one value or one per channel")
     out: str = Field("", description="where to write")
     name: str = Field("run", description="a name (text: '007' must stay a string)")
     steps: int = Field(10, gt=0, description="how many steps")
@@ -78,9 +79,51 @@ def test_unknown_cli_option_is_an_error(capsys):
     assert "--optim.momentum" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv", [["0.485", "0.456", "0.406"], ["0.485,0.456,0.406"], ["[0.485, 0.456, 0.406]"]])
+def test_sequence_options_take_values_as_their_help_shows(argv):
+    cfg = parse(["a", "b", "--mean", *argv, "--optim.betas", "0.8", "0.9"])
+    assert cfg.mean == (0.485, 0.456, 0.406) and cfg.optim.betas == (0.8, 0.9)
+    assert parse(["a", "b", "--mean", "0.25"]).mean == (0.25,)  # one value for every channel
+    with pytest.raises(ConfigError, match=r"optim.betas.*(at most|2 items)"):
+        parse(["a", "b", "--optim.betas", "0.8", "0.9", "0.99"])
+
+
+class NeedsInit(StageConfig):
+    init: str = Field(description="the model to start from")
+
+
+def test_required_option_says_so_in_help_and_error(capsys):
+    p = argparse.ArgumentParser()
+    add_config_arguments(p, NeedsInit)
+    p.print_help()
+    assert "[required]" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match="init: required; pass --init VALUE"):
+        config_from_args(NeedsInit, p.parse_args([]))
+
+
+def test_a_check_across_fields_is_one_clean_line():
+    from pydantic import model_validator
+
+    class Pair(StageConfig):
+        a: int = 0
+        b: int = 0
+
+        @model_validator(mode="after")
+        def _a_needs_b(self):
+            if self.a and not self.b:
+                raise ValueError("a needs b; pass --b too")
+            return self
+
+    with pytest.raises(ConfigError) as e:
+        build_config(Pair, overrides={"a": 1})
+    assert str(e.value).splitlines()[1] == "  a needs b; pass --b too"
+
+
 def test_missing_or_malformed_config_file(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         build_config(ToyConfig, tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="is a folder, not a YAML file"):
+        build_config(ToyConfig, tmp_path)
     bad = tmp_path / "bad.yaml"
     bad.write_text("steps: [1, 2\n")
     with pytest.raises(ConfigError, match="not valid YAML"):

@@ -45,7 +45,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         if name == command:
             module = importlib.import_module(module_name)
             module.add_arguments(p)
-            p.set_defaults(func=module.run_cli)
+            p.set_defaults(func=module.run_cli, _parser=p)
     return parser
 
 
@@ -53,7 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(command if command in COMMANDS else None)
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # the command's own usage and the options closest to what was typed
+        _unknown_options(getattr(args, "_parser", parser), unknown)
     try:
         return int(args.func(args) or 0)
     except UserError as e:
@@ -62,6 +64,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"vitpipe {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _unknown_options(parser: argparse.ArgumentParser, unknown: list[str]) -> None:
+    import difflib
+
+    known = [o for a in parser._actions for o in a.option_strings]
+    hints = [close[0] for arg in unknown if arg.startswith("--")
+             for close in [difflib.get_close_matches(arg.split("=", 1)[0], known, n=1, cutoff=0.8)] if close]
+    parser.error(f"unrecognized arguments: {' '.join(unknown)}" + (f"; did you mean {', '.join(hints)}?" if hints
+                                                                   else f"; see '{parser.prog} --help'"))
 
 
 if __name__ == "__main__":

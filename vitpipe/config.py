@@ -97,6 +97,9 @@ def _deep_merge(base: dict, top: dict) -> dict:
 def read_yaml(path: str | Path) -> dict:
     """Read a config file; a missing or malformed file is a ConfigError naming it."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {str(path)!r} is a folder, not a YAML file (a stage's data goes in an "
+                          f"option, e.g. --data.shards {str(path)!r})")
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist; pass an existing YAML file")
     try:
@@ -115,6 +118,10 @@ def format_validation_error(cls: type[BaseModel], err: ValidationError) -> str:
         if e["type"] == "extra_forbidden":
             allowed = ", ".join(sorted(_allowed_keys(cls, [str(p) for p in e["loc"][:-1]])))
             lines.append(f"  unknown key '{key}'; allowed here: {allowed}")
+        elif e["type"] == "missing":
+            lines.append(f"  {key}: required; pass --{key.replace('_', '-')} VALUE or set '{key}' in the config file")
+        elif not key:  # a check across fields: its message names them
+            lines.append(f"  {e['msg'].removeprefix('Value error, ')}")
         else:
             got = e.get("input")
             got_s = "" if isinstance(got, dict) else f" (got {got!r})"
@@ -186,6 +193,28 @@ def _is_text(annotation: Any) -> bool:
     return False
 
 
+def _is_sequence(annotation: Any) -> bool:
+    """tuple/list fields: several values on the command line (`--data.mean 0.485 0.456 0.406`)."""
+    origin = get_origin(annotation)
+    if origin is Annotated:
+        return _is_sequence(get_args(annotation)[0])
+    if origin in (Union, types.UnionType):
+        return any(_is_sequence(a) for a in get_args(annotation) if a is not type(None))
+    return origin in (tuple, list)
+
+
+class _Values(argparse.Action):
+    """Collect one or more values: `0.5 0.5`, `0.5,0.5` or a YAML list `[0.5, 0.5]`."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if len(values) == 1 and isinstance(values[0], list):
+            items = values[0]
+        else:
+            items = [part for v in values  # each value is YAML-parsed already; '0.5,0.5' stays text
+                     for part in ([_yaml_value(x) for x in v.split(",")] if isinstance(v, str) else [v])]
+        setattr(namespace, self.dest, items)
+
+
 def _choices(annotation: Any) -> list | None:
     if get_origin(annotation) is Literal:
         return list(get_args(annotation))
@@ -228,13 +257,18 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type[BaseModel],
             group = groups[section] = parser.add_argument_group(
                 f"{section} options" if section else "options")
         default = field.get_default(call_default_factory=True)
-        default_s = "" if default is None else f" [default: {default}]"
+        default_s = (" [required]" if field.is_required() else "" if default is None else
+                     f" [default: {' '.join(map(str, default))}]" if isinstance(default, (tuple, list)) and default
+                     else f" [default: {default}]")
         help_s = (field.description or "").replace("%", "%%") + default_s.replace("%", "%%")
         flag = "--" + dotted.replace("_", "-")
         flags = [flag] if "_" not in dotted else [flag, "--" + dotted]
         if _is_bool(field.annotation):
             group.add_argument(*flags, dest=dotted, default=UNSET,
                                action=argparse.BooleanOptionalAction, help=help_s)
+        elif _is_sequence(field.annotation):
+            group.add_argument(*flags, dest=dotted, default=UNSET, metavar="V", nargs="+", action=_Values,
+                               help=help_s, type=_yaml_value)
         else:
             choices = _choices(field.annotation)
             metavar = "{" + ",".join(map(str, choices)) + "}" if choices else "VALUE"
