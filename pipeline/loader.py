@@ -502,10 +502,17 @@ class TrainLoader:
             self.steps_per_epoch = math.ceil(self.num_samples / global_batch)
         else:
             self.steps_per_epoch = self.num_samples // global_batch
+        if self.num_samples == 0:
+            raise UserError(f"split {split!r} of {cfg.shards!r} has no samples (every input of it failed when "
+                            f"sharding? see failures.jsonl there); shard a collection with readable images")
         if self.steps_per_epoch == 0:
             raise UserError(f"split {split!r} of {cfg.shards!r} has {self.num_samples} samples, fewer than one "
                             f"global batch ({world_size} ranks x batch_size {cfg.batch_size}); lower "
                             f"data.batch_size or set data.epoch_fill=repeat")
+        if global_batch > self.num_samples and rank == 0:
+            log.warning(f"split {split!r} of {cfg.shards!r} has {self.num_samples} samples, fewer than one global "
+                        f"batch ({world_size} ranks x batch_size {cfg.batch_size}): every batch repeats samples; "
+                        f"a data.batch_size of at most {max(1, self.num_samples // world_size)} avoids that")
         self.samples_per_epoch = self.steps_per_epoch * cfg.batch_size  # per rank
         self.epoch = 0
         self._step = 0

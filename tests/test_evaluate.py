@@ -143,6 +143,19 @@ def test_backbone_without_head_gets_knn_only(digits_shards, tmp_path):
     assert set(res["artifacts"]) == {"results"}
 
 
+def test_a_head_for_other_classes_gets_knn_only_when_asked(digits_shards, tmp_path, capsys):
+    """--knn.enabled measures the features of a model whose head was trained on other classes."""
+    from vit.evaluate import EvaluateConfig, evaluate
+    from vit.weights import save_pretrained
+
+    five = save_pretrained(_model(num_classes=5), tmp_path / "five")
+    cfg = EvaluateConfig(model=str(five), data=_data(digits_shards), out=str(tmp_path / "out"),
+                         knn={"enabled": True, "k": [10]}, tracking={"enabled": False})
+    res = evaluate(cfg)
+    assert "top1" not in res and 0.2 < res["knn_top1_k10"] <= 1.0
+    assert "predicts 5 classes, " in capsys.readouterr().out
+
+
 def _named(names: list[str]):
     model = _model()
     model.class_names = names
@@ -160,6 +173,7 @@ DIGITS = [str(i) for i in range(10)]
     (["--model", "LETTERS"], "was trained on other classes than"),
     (["--model", "SHUFFLED"], "0: model '1' vs data '0'"),
     (["--data.shards", ""], "data.shards is empty"),
+    (["--knn.enabled", "FLAG", "--knn.k", "0"], "knn.k.0: Input should be greater than 0"),  # before any work
 ])
 def test_bad_input_is_one_clear_line(args, message, digits_shards, export_dir, tmp_path, capsys):
     from vit.weights import save_pretrained
@@ -171,7 +185,7 @@ def test_bad_input_is_one_clear_line(args, message, digits_shards, export_dir, t
             "--data.channels": "1", "--data.mean": "[0.5]", "--data.std": "[0.5]", "--data.num-workers": "0",
             "--no-tracking.enabled": None}
     for flag, value in zip(args[::2], args[1::2]):
-        base[flag] = str(models.get(value, value))
+        base[flag] = None if value == "FLAG" else str(models.get(value, value))
     argv = ["evaluate"] + [x for k, v in base.items() for x in ((k,) if v is None else (k, v))]
     assert vitpipe(argv) == 2
     err = capsys.readouterr().err

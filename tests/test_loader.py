@@ -97,6 +97,18 @@ def test_drop_mode_never_repeats(three_shards):
     assert set(keys) <= split
 
 
+def test_a_global_batch_bigger_than_the_split_is_said(three_shards, caplog):
+    n = load_index(three_shards)["splits"]["train"]["num_samples"]
+    with caplog.at_level("WARNING", logger="pipeline.loader"):
+        make_train_loader(_cfg(three_shards, batch_size=n), rank=0, world_size=2)
+    assert f"has {n} samples, fewer than one global batch (2 ranks x batch_size {n})" in caplog.text
+    assert f"at most {n // 2} avoids that" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="pipeline.loader"):
+        make_train_loader(_cfg(three_shards, batch_size=n // 2), rank=0, world_size=2)
+    assert "fewer than one global batch" not in caplog.text
+
+
 def test_fewer_shards_than_ranks_times_workers(three_shards):
     cfg = _cfg(three_shards, batch_size=16, num_workers=2)
     split = set(_tar_keys(three_shards, "train"))

@@ -98,6 +98,14 @@ def test_pretrain_in_process_then_extend(digits_shards, tmp_path, mlflow_uri):
     assert [m.step for m in norms] == steps and all(m.value > 0 for m in norms)
 
 
+def test_summary_gives_one_loss_for_one_logging_window():
+    from vit.train import _summary
+
+    r = {"stage": "pretrain", "steps_this_launch": 4, "seconds": 3.0, "step": 4, "export": "e"}
+    assert "loss 2.306, " in _summary({**r, "first_loss": 2.306, "final_loss": 2.306})  # steps <= log_every
+    assert "loss 2.306 -> 1.100" in _summary({**r, "first_loss": 2.306, "final_loss": 1.1})
+
+
 @pytest.fixture(scope="module")
 def two_rank_run(digits_shards, tmp_path_factory):
     """An uninterrupted 2-rank ZeRO-2 run through the CLI, `--nproc 2` (the reference for resume)."""

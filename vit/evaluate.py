@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import torch
-from pydantic import Field
+from pydantic import Field, PositiveInt
 
 from pipeline.loader import DataConfig
 from vit.config import TrackingSection
@@ -51,7 +51,7 @@ class KnnConfig(StageConfig):
                                              "backbone without a classifier head)")
     memory_split: str | None = Field(None, description="split whose features are the k-NN memory (empty = "
                                                            "data.train_split); the evaluated split gives the queries")
-    k: list[int] = Field([10, 20], description="neighbour counts to report (DINO uses 20)")
+    k: list[PositiveInt] = Field([10, 20], min_length=1, description="neighbour counts to report (DINO uses 20)")
     temperature: float = Field(0.07, gt=0, description="softmax temperature of the similarity-weighted vote")
 
 
@@ -332,14 +332,22 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     if not class_names:
         raise UserError(f"data.shards={cfg.data.shards!r} is unlabelled (no classes in index.json); evaluation "
                         f"needs labels: shard a folder tree with one sub-folder per class")
+    if loader.num_samples == 0:
+        raise UserError(f"split {split!r} of {cfg.data.shards!r} has no samples (every input of it failed when "
+                        f"sharding? see failures.jsonl there); evaluate on a split with images")
     model_classes = _model_num_classes(model)
     if model_classes == 0 and not cfg.knn.enabled:
         raise UserError(f"--model {cfg.model} has no classifier head (a pretraining backbone); measure its "
                         f"features with --knn.enabled, or fine-tune it first (vitpipe finetune)")
     if model_classes not in (0, None) and model_classes != len(class_names):
-        raise UserError(f"--model {cfg.model} predicts {model_classes} classes but {cfg.data.shards} has "
-                        f"{len(class_names)}; fine-tune it on this dataset first (vitpipe finetune), or "
-                        f"measure its features only with --knn.enabled")
+        if not cfg.knn.enabled:
+            raise UserError(f"--model {cfg.model} predicts {model_classes} classes but {cfg.data.shards} has "
+                            f"{len(class_names)}; fine-tune it on this dataset first (vitpipe finetune), or "
+                            f"measure its features only with --knn.enabled")
+        if world.is_main:
+            print(f"evaluate: --model {cfg.model} predicts {model_classes} classes, {cfg.data.shards} has "
+                  f"{len(class_names)}: measuring k-NN on its features only")
+        model_classes = 0  # its head answers another question
     if model_classes and cfg.check_classes:
         check_class_names(getattr(model, "class_names", None), class_names, model=cfg.model, data=cfg.data.shards)
     out = Path(cfg.out)

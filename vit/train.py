@@ -351,7 +351,9 @@ def _plot_history(history: list, path: Path) -> Path | None:
 def _summary(r: dict[str, Any]) -> str:
     parts = [f"{r['stage']}: {r['steps_this_launch']} steps in {r['seconds']:.0f}s (to step {r['step']})"]
     if r.get("first_loss") is not None and r.get("final_loss") is not None:
-        parts.append(f"loss {r['first_loss']:.3f} -> {r['final_loss']:.3f}")
+        # one logging window (steps <= log_every) gives one number, not a trend
+        same = r["first_loss"] == r["final_loss"]
+        parts.append(f"loss {r['final_loss']:.3f}" if same else f"loss {r['first_loss']:.3f} -> {r['final_loss']:.3f}")
     if "val/top1" in r:
         parts.append(f"val top-1 {100 * r['val/top1']:.1f}%")
     if r.get("images_per_s"):
