@@ -59,3 +59,15 @@ def test_unknown_option_shows_the_commands_usage_and_the_closest_option(capsys):
     with pytest.raises(SystemExit):
         main(["pretrain", "--data.bogus", "3"])
     assert "see 'vitpipe pretrain --help'" in capsys.readouterr().err
+
+
+def test_evaluate_help_leaves_out_the_training_only_data_options(capsys):
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--help"])
+    out = capsys.readouterr().out
+    assert "--data.eval-batch-size" in out and "--data.image-size" in out
+    for hidden in ("--data.augment", "--data.batch-size", "--data.shuffle-buffer", "--data.epoch-fill"):
+        assert hidden not in out, hidden
+    # still accepted: one config file may serve training and evaluation
+    args = build_parser("evaluate").parse_args(["evaluate", "--data.batch-size", "8", "--data.augment.hflip", "0"])
+    assert vars(args)["data.batch_size"] == 8

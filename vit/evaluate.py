@@ -416,7 +416,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("config_file", nargs="?", default=None, metavar="CONFIG",
                         help="YAML file with any of the options below (same as --config)")
-    add_config_arguments(parser, EvaluateConfig)
+    # The data options only training reads (batches, shuffling, augmentation) stay out of --help.
+    add_config_arguments(parser, EvaluateConfig, unused=("data.augment.", "data.batch_size", "data.shuffle_buffer",
+                                                         "data.epoch_fill"))
     add_launch_arguments(parser)
 
 

@@ -239,8 +239,10 @@ UNSET = _Unset()
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, cls: type[BaseModel],
-                         positional: tuple[str, ...] = ()) -> None:
-    """Add `--config FILE` and one `--dotted.key VALUE` option per field of `cls`."""
+                         positional: tuple[str, ...] = (), unused: tuple[str, ...] = ()) -> None:
+    """Add `--config FILE` and one `--dotted.key VALUE` option per field of `cls`. Options starting
+    with a prefix in `unused` are accepted (a config file shared by stages may set them) but left
+    out of --help: this stage ignores them."""
     for name in positional:
         field = cls.model_fields[name]
         parser.add_argument(name, nargs="?", default=UNSET, metavar=name.upper(),
@@ -261,6 +263,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type[BaseModel],
                      f" [default: {' '.join(map(str, default))}]" if isinstance(default, (tuple, list)) and default
                      else f" [default: {default}]")
         help_s = (field.description or "").replace("%", "%%") + default_s.replace("%", "%%")
+        if dotted.startswith(unused):
+            help_s = argparse.SUPPRESS
         flag = "--" + dotted.replace("_", "-")
         flags = [flag] if "_" not in dotted else [flag, "--" + dotted]
         if _is_bool(field.annotation):
