@@ -19,7 +19,7 @@ FORMAT = "vitpipe-shards"
 VERSION = 1
 
 
-def _index_location(path_or_dir: str) -> tuple[str, str]:
+def index_location(path_or_dir: str) -> tuple[str, str]:
     """(URL of index.json, URL of its directory) for a shard-set directory or an index file."""
     path = str(path_or_dir).rstrip("/")
     if path.endswith(".json"):
@@ -31,6 +31,10 @@ def _check(cond: bool, where: str, what: str) -> None:
     if not cond:
         raise UserError(f"{where} is not a valid vitpipe shard index: {what}; "
                         f"re-create it with 'vitpipe shard SRC OUT --overwrite'")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def validate_index(index: Any, where: str = INDEX_NAME) -> dict:
@@ -54,6 +58,9 @@ def validate_index(index: Any, where: str = INDEX_NAME) -> dict:
                    f"each shard of split {name!r} needs name, num_samples, num_bytes, sha256")
             n += shard["num_samples"]
             b += shard["num_bytes"]
+        for field in ("num_samples", "num_bytes"):  # else "277" != 277 reads as a mismatch of equal numbers
+            _check(_is_int(split.get(field)), where, f"split {name!r}: {field} must be an integer, "
+                                                      f"got {split.get(field)!r}")
         _check(split.get("num_samples") == n, where,
                f"split {name!r} says num_samples={split.get('num_samples')} but its shards add up to {n}")
         _check(split.get("num_bytes") == b, where,
@@ -62,6 +69,8 @@ def validate_index(index: Any, where: str = INDEX_NAME) -> dict:
         total_bytes += b
         total_shards += len(split["shards"])
     totals = index.get("totals") or {}
+    for field in ("num_samples", "num_bytes", "num_shards"):
+        _check(_is_int(totals.get(field)), where, f"'totals' {field} must be an integer, got {totals.get(field)!r}")
     _check(totals.get("num_samples") == total_samples and totals.get("num_shards") == total_shards
            and totals.get("num_bytes") == total_bytes, where,
            f"'totals' {totals} do not match the splits ({total_samples} samples, {total_shards} shards)")
@@ -70,13 +79,16 @@ def validate_index(index: Any, where: str = INDEX_NAME) -> dict:
 
 def load_index(path_or_dir: str) -> dict:
     """Load `DIR/index.json` (or the given .json file), validated; adds `_root` (the directory URL)."""
-    url, root = _index_location(path_or_dir)
+    url, root = index_location(path_or_dir)
     try:
         with fsspec.open(url, "rt") as f:
             index = json.load(f)
     except FileNotFoundError:
         raise UserError(f"no shard index at {url!r}; run 'vitpipe shard SRC {root}' first "
                         f"(or point to the folder that holds {INDEX_NAME})") from None
+    except NotADirectoryError:  # DIR/index.json below a regular file
+        raise UserError(f"{root!r} is a file, not a shard set folder; pass the folder that holds "
+                        f"{INDEX_NAME} (written by 'vitpipe shard SRC OUT'), or that {INDEX_NAME} itself") from None
     except json.JSONDecodeError as e:
         raise UserError(f"{url!r} is not valid JSON ({e}); the shard run may have been interrupted: "
                         f"re-run 'vitpipe shard' to finish it") from None

@@ -41,7 +41,9 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, Literal
 
 import fsspec
-from pydantic import Field, model_validator
+import yaml
+from pydantic import Field, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
 from tqdm.auto import tqdm
 
 from pipeline.images import FORMAT_EXTENSIONS, BadImage, check_image, open_image, reencode
@@ -94,11 +96,15 @@ class ShardConfig(StageConfig):
     label_column: str | None = Field(None, description="manifest column with the class name "
                                                        "(default: label/class if present, else unlabelled)")
 
-    @model_validator(mode="after")
-    def _resize_needs_encode(self) -> "ShardConfig":
-        if self.resize != "none" and self.encode == "none":
-            raise ValueError(f"resize={self.resize!r} needs re-encoding: add --encode jpg (or webp, png)")
-        return self
+    @field_validator("resize")
+    @classmethod
+    def _resize_needs_encode(cls, resize: str, info: ValidationInfo) -> str:
+        # A check on the field (encode is validated before it), not on the model: its error then
+        # names 'resize' instead of an empty key; a custom error type drops pydantic's "Value error, ".
+        if resize != "none" and info.data.get("encode") == "none":
+            raise PydanticCustomError("resize_needs_encode", "needs re-encoding, which --encode none does not do: "
+                                                             "add --encode jpg (or webp, png), or drop --resize")
+        return resize
 
 
 # ---------------------------------------------------------------------------------------------
@@ -190,19 +196,28 @@ def plan_shards(source: Source, cfg: ShardConfig) -> list[ShardTask]:
     """
     by_split: dict[str, list[tuple[SourceItem, int]]] = {}
     keep = []
+    smallest = None  # (bytes of a shard holding only it, item): what the error below names
     for item in source.items:
         bound = _sample_bytes_bound(item)
-        if bound + _TAR_END_BOUND > cfg.max_shard_size:
+        if (need := bound + _TAR_END_BOUND) > cfg.max_shard_size:
             source.rejected.append({"source": item.uri, "reason": "too_large",
-                                    "detail": f"{item.size} bytes: with its tar headers and metadata it does "
-                                              f"not fit in --max-shard-size {cfg.max_shard_size}"})
+                                    "detail": f"{item.size} bytes: a shard holding it needs --max-shard-size "
+                                              f"{need} or more (tar headers, metadata, end record), "
+                                              f"not {cfg.max_shard_size}"})
+            if smallest is None or need < smallest[0]:
+                smallest = (need, item)
             continue
         keep.append(item)
         split = item.split if cfg.split_by == "source" else split_of(item.key, cfg.val_ratio)
         by_split.setdefault(split, []).append((item, bound))
     if not keep:
-        raise UserError(f"every image in {source.uri!r} is bigger than --max-shard-size {cfg.max_shard_size} "
-                        f"bytes; raise it, e.g. --max-shard-size 1GB")
+        # The images themselves may be far smaller than the cap: each sample also takes tar headers
+        # and .cls/.json members, and every shard ends in a 10 KiB tar record.
+        need, item = smallest
+        raise UserError(f"no image in {source.uri!r} fits in a shard of --max-shard-size {cfg.max_shard_size} "
+                        f"bytes: one holding the smallest ({item.size} bytes) needs at least {need} bytes, "
+                        f"for its tar headers, .cls/.json members and the 10 KiB tar end record; raise it, "
+                        f"e.g. --max-shard-size 1GB")
     source.items = keep
     bad = sorted(s for s in by_split if not re.fullmatch(r"[A-Za-z0-9_]+", s))
     if bad:
@@ -236,12 +251,14 @@ def _cut(items: list[tuple[SourceItem, int]], max_samples: int, max_bytes: int) 
     return groups
 
 
+_NOT_PLANNED = {"workers", "overwrite", "out"}  # config fields that do not change the output
+
+
 def plan_fingerprint(cfg: ShardConfig, tasks: list[ShardTask]) -> str:
     """Identity of the output: config fields that change bytes + every planned item. Workers and
     --overwrite are left out, so a resume may use a different worker count."""
     h = hashlib.sha256()
-    h.update(json.dumps(cfg.model_dump(mode="json", exclude={"workers", "overwrite", "out"}),
-                        sort_keys=True).encode())
+    h.update(json.dumps(cfg.model_dump(mode="json", exclude=_NOT_PLANNED), sort_keys=True).encode())
     for t in tasks:
         h.update(json.dumps([t.name, t.class_ids]).encode())
         # One line per item, fields NUL-separated (no field holds a NUL): cheap for millions of items.
@@ -577,7 +594,7 @@ def _is_own(name: str) -> bool:
     return name in _OWN_FILES or name.endswith(".tar") or TMP_MARK in name
 
 
-def _prepare_out(out: Path, fingerprint: str, overwrite: bool) -> None:
+def _prepare_out(out: Path, fingerprint: str, cfg: ShardConfig) -> None:
     """Check OUT before any work: empty, our own earlier run (resume), or refuse."""
     entries = sorted(p.name for p in out.iterdir())
     plan_file = out / STATE_DIR / "plan.json"
@@ -586,7 +603,7 @@ def _prepare_out(out: Path, fingerprint: str, overwrite: bool) -> None:
         raise UserError(f"OUT {str(out)!r} is not empty and holds no vitpipe shard set "
                         f"({', '.join(entries[:5])}{', ...' if len(entries) > 5 else ''}); "
                         f"choose an empty or new directory")
-    if entries and overwrite:
+    if entries and cfg.overwrite:
         foreign = [e for e in entries if not _is_own(e)]
         if foreign:
             raise UserError(f"--overwrite would delete a shard set in {str(out)!r}, but it also holds "
@@ -597,13 +614,29 @@ def _prepare_out(out: Path, fingerprint: str, overwrite: bool) -> None:
     elif entries:
         previous = json.loads(plan_file.read_text()).get("fingerprint") if plan_file.exists() else None
         if previous != fingerprint:
-            raise UserError(f"OUT {str(out)!r} holds another shard set (different source or options); "
+            raise UserError(f"OUT {str(out)!r} holds another shard set: {_what_differs(out, cfg)}; "
                             f"pass --overwrite to replace it, or choose another OUT")
     (out / STATE_DIR).mkdir(exist_ok=True)
     for p in out.iterdir():  # leftovers of a killed run: never final names, safe to drop
         if TMP_MARK in p.name:
             p.unlink()
     _write_json_atomic(plan_file, {"fingerprint": fingerprint})
+
+
+def _what_differs(out: Path, cfg: ShardConfig) -> str:
+    """How `cfg` differs from the config that wrote OUT (its config.yaml, saved with the plan)."""
+    try:
+        before = yaml.safe_load((out / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        before = None
+    if not isinstance(before, dict):
+        return "different source or options"
+    now = cfg.model_dump(mode="json", exclude=_NOT_PLANNED)
+    changed = [f"{'SRC' if k == 'src' else '--' + k.replace('_', '-')} was {before.get(k)!r}, now {v!r}"
+               for k, v in now.items() if before.get(k, v) != v]
+    if changed:
+        return "its " + "; ".join(changed)
+    return "same options, but the files in SRC changed since (added, removed or resized)"
 
 
 def _receipt(out: Path, task: ShardTask) -> ShardResult | None:
@@ -797,13 +830,16 @@ def shard(cfg: ShardConfig, *, executor: cf.Executor | None = None) -> dict:
         raise UserError(f"OUT {cfg.out!r}: shards are written to a local (or mounted shared) directory; "
                         f"copy them to object storage afterwards")
     out = Path(cfg.out.removeprefix("file://")).absolute()
-    cfg = cfg.model_copy(update={"out": str(out)})
+    # A local SRC counts by its real absolute path (URLs as written): the plan, and so resuming,
+    # then holds however it is spelled (./src/, src, /abs/src) and from whatever directory.
+    src = os.path.realpath(cfg.src) if local_path(cfg.src) == cfg.src else cfg.src
+    cfg = cfg.model_copy(update={"out": str(out), "src": src})
     source = list_source(cfg.src, path_column=cfg.path_column, label_column=cfg.label_column,
                          split_from_source=cfg.split_by == "source")
     tasks = plan_shards(source, cfg)
     fingerprint = plan_fingerprint(cfg, tasks)
     with _exclusive(out):
-        _prepare_out(out, fingerprint, cfg.overwrite)
+        _prepare_out(out, fingerprint, cfg)
         save_config(cfg, out / "config.yaml")
         return _write_all(cfg, out, source, tasks, fingerprint, executor, start)
 
@@ -863,6 +899,14 @@ def _write_all(cfg: ShardConfig, out: Path, source: Source, tasks: list[ShardTas
     }
     _write_json_atomic(out / "stats.json", stats)
     _write_json_atomic(out / INDEX_NAME, index)  # last: its presence means the set is complete
+    if failures and not stats["num_samples"]:
+        # Written anyway, so the reasons are on record, but an empty shard set is no success:
+        # a script or flow must not go on to train on it.
+        reason, n = Counter(f["reason"] for f in failures).most_common(1)[0]
+        example = next(f for f in failures if f["reason"] == reason)
+        raise UserError(f"no image could be read: all {len(failures)} inputs failed, most often {reason} "
+                        f"({n} of {len(failures)}, e.g. {example['source']}: {example['detail']}); "
+                        f"see {out / 'failures.jsonl'} for each file and its reason")
     splits = " / ".join(f"{s} {n}" for s, n in stats["splits"].items())
     print(f"sharded {stats['num_samples']} images ({splits}) into {len(tasks)} shards "
           f"[{len(todo)} written, {len(done)} resumed], {len(failures)} failures, "

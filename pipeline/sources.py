@@ -15,6 +15,7 @@ items in the same order, which is what lets the shard stage plan its output up f
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import os
 import re
@@ -40,6 +41,10 @@ PATH_COLUMNS = ("path", "url", "file", "filename", "image", "image_path", "image
 LABEL_COLUMNS = ("label", "class", "cls", "category")
 SPLIT_COLUMN = "split"
 KEY_COLUMN = "key"
+# Folder names taken as a sign of SRC/<split>/<class>/... (only to warn or refuse, never to decide).
+SPLIT_LIKE_NAMES = ("train", "val", "valid", "validation", "test")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -171,10 +176,22 @@ def list_folder(root: str | Path, *, split_from_source: bool = False) -> Source:
         if not subdirs:
             raise UserError(f"{str(root)!r} has no split folders; with --split-by source the tree must be "
                             f"SRC/<split>/<class>/..., e.g. SRC/train/cat/1.jpg, or use --split-by hash")
+        if not any(d.lower() in SPLIT_LIKE_NAMES for d in subdirs) and any(_holds_images(root / d) for d in subdirs):
+            # A plain class tree: each class would become a split of unlabelled images.
+            raise UserError(f"--split-by source expects SRC/<split>/<class>/..., but {str(root)!r} holds images "
+                            f"directly in its folders ({_names(subdirs)}), none named like a split "
+                            f"({', '.join(SPLIT_LIKE_NAMES)}): they look like classes. Drop --split-by source "
+                            f"(train/val by a hash of each key), or lay SRC out as SRC/train/<class>/..., "
+                            f"SRC/val/<class>/...")
         for split in subdirs:
             for rel, label, path, st in _list_classes(root / split, rejected):
                 entries.append((f"{split}/{rel}", split, label, path, st))
     else:
+        if subdirs and all(d.lower() in SPLIT_LIKE_NAMES for d in subdirs):
+            # Only a hint: a class may well be called "test".
+            log.warning(f"{str(root)!r}: class folders {subdirs} look like splits; if SRC is laid out as "
+                        f"SRC/<split>/<class>/..., pass --split-by source (without it they are classes, and "
+                        f"train/val is by a hash of each key)")
         for rel, label, path, st in _list_classes(root, rejected):
             entries.append((rel, None, label, path, st))
 
@@ -189,6 +206,20 @@ def list_folder(root: str | Path, *, split_from_source: bool = False) -> Source:
     items.sort(key=attrgetter("key"))
     labels = [it.label for it in items if it.label is not None]
     return Source(kind="folder", uri=str(root), items=items, classes=sort_labels(labels), rejected=rejected)
+
+
+def _holds_images(folder: Path) -> bool:
+    """Whether `folder` has an image file directly in it (stops at the first)."""
+    try:
+        with os.scandir(folder) as it:
+            return any(not e.name.startswith(".") and os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS
+                       and not e.is_dir() for e in it)
+    except OSError:
+        return False  # listing reports it
+
+
+def _names(names: list[str], most: int = 10) -> str:
+    return ", ".join(names[:most]) + (f", ... ({len(names)} in all)" if len(names) > most else "")
 
 
 def _list_classes(root: Path, rejected: list[dict]):

@@ -16,7 +16,7 @@ import tarfile
 import fsspec
 from tqdm.auto import tqdm
 
-from pipeline.index import INDEX_NAME, load_index
+from pipeline.index import INDEX_NAME, index_location, load_index
 
 _TMP_MARK = ".tmp-"
 
@@ -135,7 +135,7 @@ def verify(out: str) -> list[str]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("out", metavar="OUT",
-                        help=f"shard set directory (local or fsspec URL) holding {INDEX_NAME}")
+                        help=f"shard set directory (local or fsspec URL) holding {INDEX_NAME}, or that {INDEX_NAME}")
 
 
 def run_cli(args: argparse.Namespace) -> int:
@@ -148,5 +148,5 @@ def run_cli(args: argparse.Namespace) -> int:
         return 1
     t = index["totals"]
     print(f"verify: OK, {t['num_shards']} shards, {t['num_samples']} samples, "
-          f"{t['num_bytes'] / 1e6:.1f} MB match {args.out}/{INDEX_NAME}")
+          f"{t['num_bytes'] / 1e6:.1f} MB match {index_location(args.out)[0]}")
     return 0

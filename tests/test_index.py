@@ -62,3 +62,10 @@ def test_validation_names_what_is_wrong(digits_shards, tmp_path, edit, message):
     (tmp_path / "copy" / INDEX_NAME).write_text(json.dumps(index))
     with pytest.raises(UserError, match="re-create it with 'vitpipe shard"):
         load_index(str(tmp_path / "copy"))
+
+
+def test_counts_must_be_integers(digits_shards):
+    index = json.loads((digits_shards / INDEX_NAME).read_text())
+    index["splits"]["train"]["num_samples"] = str(index["splits"]["train"]["num_samples"])
+    with pytest.raises(UserError, match=r"split 'train': num_samples must be an integer, got '\d+'"):
+        validate_index(index)

@@ -192,8 +192,54 @@ def test_files_bigger_than_a_shard_are_rejected(messy_dir, tmp_path):
     index = load_index(str(out))
     assert index["totals"]["num_samples"] == 7 - len(big)
     assert all(s["num_bytes"] <= cap for s in index["splits"]["train"]["shards"])
-    with pytest.raises(UserError, match="every image .* is bigger than --max-shard-size 1000"):
+    with pytest.raises(UserError, match="no image in .* fits in a shard of --max-shard-size 1000 bytes"):
         shard(ShardConfig(src=str(photos), out=str(tmp_path / "out2"), max_shard_size=1000))
+
+
+def _few_digits(digits_dir: Path, root: Path, n: int = 5) -> Path:
+    """A small class tree: the first `n` digits of class 0, copied."""
+    (root / "0").mkdir(parents=True)
+    for p in sorted((digits_dir / "0").glob("*.png"))[:n]:
+        (root / "0" / p.name).write_bytes(p.read_bytes())
+    return root
+
+
+def test_a_cap_below_the_tar_overhead_names_the_size_that_fits(digits_dir, tmp_path):
+    # ~700-byte images, but a shard also holds tar headers, the .cls and .json members and the
+    # 10 KiB end record: the message gives that size, not "every image is bigger".
+    src = _few_digits(digits_dir, tmp_path / "src")
+    with pytest.raises(UserError, match="at least") as e:
+        shard(ShardConfig(src=str(src), out=str(tmp_path / "o"), max_shard_size="12KB"))
+    assert "bigger" not in str(e.value) and "tar headers" in str(e.value)
+    need = int(re.search(r"at least (\d+) bytes", str(e.value)).group(1))
+    assert 12_000 < need < 16_000
+    with pytest.raises(UserError, match=f"at least {need} bytes"):
+        shard(ShardConfig(src=str(src), out=str(tmp_path / "o"), max_shard_size=need - 1))
+    stats = shard(ShardConfig(src=str(src), out=str(tmp_path / "o"), max_shard_size=need, val_ratio=0.0))
+    assert stats["num_samples"] >= 1 and verify(str(tmp_path / "o")) == []
+
+
+def test_a_run_where_no_image_can_be_read_fails_after_writing_its_record(digits_dir, tmp_path, capsys):
+    src = tmp_path / "src" / "cls"
+    src.mkdir(parents=True)
+    png = next((digits_dir / "0").glob("*.png")).read_bytes()
+    (src / "empty.png").write_bytes(b"")
+    (src / "half.png").write_bytes(png[: len(png) // 2])
+    (src / "text.jpg").write_text("this is not an image, just text named .jpg\n")
+    (src / "text2.jpg").write_text("nor is this\n")
+    out = tmp_path / "out"
+    rc, err = _cli(["shard", str(tmp_path / "src"), str(out)], capsys)
+    line = err.splitlines()[-1]
+    assert rc == 2 and line.startswith("vitpipe shard: error: no image could be read"), err
+    assert "all 4 inputs failed" in line and "not_an_image (2 of 4" in line and str(out / "failures.jsonl") in line
+    # the record stays: the reasons, the stats and an index with no samples
+    assert len((out / "failures.jsonl").read_text().splitlines()) == 4
+    assert json.loads((out / "stats.json").read_text())["failures_by_reason"] == \
+        {"empty": 1, "not_an_image": 2, "truncated": 1}
+    assert load_index(str(out))["totals"]["num_samples"] == 0
+    few = _few_digits(digits_dir, tmp_path / "few")
+    rc, err = _cli(["shard", str(few), str(tmp_path / "out2"), "--max-image-pixels", "10"], capsys)
+    assert rc == 2 and "decompression_bomb (5 of 5" in err and "max_image_pixels 10" in err
 
 
 def test_own_pixel_limit_names_the_bomb(messy_dir, tmp_path):
@@ -235,9 +281,12 @@ def test_reencode_and_resize(messy_dir, tmp_path, mode, fmt):
             assert max(img.size) == min(64, max(w, h)) and abs(img.size[0] / img.size[1] - w / h) < 0.05
 
 
-def test_resize_without_encode_is_a_config_error(tmp_path):
+def test_resize_without_encode_is_a_config_error(tmp_path, capsys):
     with pytest.raises(ValueError, match="--encode jpg"):
         ShardConfig(src="x", out=str(tmp_path), resize="shorter")
+    rc, err = _cli(["shard", "x", str(tmp_path / "o"), "--resize", "shorter", "--size", "16"], capsys)
+    assert rc == 2 and "\n  resize: needs re-encoding, which --encode none does not do: add --encode jpg" in err
+    assert "Value error" not in err and "\n  :" not in err
 
 
 # ---------------------------------------------------------------------------------------------
@@ -495,12 +544,34 @@ def test_a_killed_pool_worker_is_explained_and_the_rerun_resumes(tmp_path):
 def test_out_holding_another_dataset_needs_overwrite(digits_dir, tmp_path):
     out = tmp_path / "out"
     shard(ShardConfig(src=str(digits_dir), out=str(out), max_samples_per_shard=500))
-    with pytest.raises(UserError, match="holds another shard set.*--overwrite"):
+    with pytest.raises(UserError, match="holds another shard set: its --max-samples-per-shard was 500, now 900; "
+                                        "pass --overwrite"):
         shard(ShardConfig(src=str(digits_dir), out=str(out), max_samples_per_shard=900))
     stats = shard(ShardConfig(src=str(digits_dir), out=str(out), max_samples_per_shard=900, overwrite=True))
     assert stats["num_shards_resumed"] == 0
     assert sorted(p.name for p in out.glob("*.tar")) == ["train-000000.tar", "train-000001.tar", "val-000000.tar"]
     assert verify(str(out)) == []
+
+
+def test_resume_however_src_is_written(digits_dir, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    cfg = dict(out=str(out), max_samples_per_shard=500)
+    monkeypatch.chdir(digits_dir.parent)
+    first = shard(ShardConfig(src=digits_dir.name, **cfg))
+    for src in (f"./{digits_dir.name}/", str(digits_dir)):
+        assert shard(ShardConfig(src=src, **cfg))["num_shards_resumed"] == first["num_shards"]
+    monkeypatch.chdir(tmp_path)
+    assert shard(ShardConfig(src=os.path.relpath(digits_dir), **cfg))["num_shards_resumed"] == first["num_shards"]
+    assert load_index(str(out))["source"]["uri"] == os.path.realpath(digits_dir)
+    # another source, or the same one with other files, is refused, saying which
+    other = _few_digits(digits_dir, tmp_path / "other")
+    with pytest.raises(UserError, match=f"its SRC was {re.escape(repr(os.path.realpath(digits_dir)))}, now "
+                                        f"{re.escape(repr(os.path.realpath(other)))}"):
+        shard(ShardConfig(src=str(other), **cfg))
+    shard(ShardConfig(src=str(other), out=str(tmp_path / "out2")))
+    (other / "0" / "new.png").write_bytes(next((digits_dir / "1").glob("*.png")).read_bytes())
+    with pytest.raises(UserError, match="same options, but the files in SRC changed"):
+        shard(ShardConfig(src=str(other), out=str(tmp_path / "out2")))
 
 
 def test_overwrite_refuses_to_delete_foreign_files(digits_dir, tmp_path):

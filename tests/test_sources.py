@@ -189,3 +189,24 @@ def test_a_folder_reached_by_two_paths_is_listed_under_both(tree, tmp_path):
     sevens = sorted(it.key.split("/", 1)[1] for it in src.items if it.label == "7")
     assert sevens and sorted(it.key.split("/", 1)[1] for it in src.items if it.label == "7bis") == sevens
     assert len(src.items) == 30 + len(sevens) and src.rejected == []
+
+
+def test_split_by_source_on_a_class_tree_is_refused(tree, tmp_path, caplog):
+    # SRC/<class>/<image> read as SRC/<split>/...: every class would become a split without classes.
+    with pytest.raises(UserError, match=r"--split-by source expects SRC/<split>/<class>/.*holds images directly in "
+                                        r"its folders \(0, 1, 2, .*\).*Drop --split-by source.*SRC/train/<class>/"):
+        list_source(str(tree), split_from_source=True)
+    # the other way round: split folders read as classes is allowed (a class may be called 'test'), with a hint
+    from pipeline.packaged_data import write_digits
+
+    for split in ("train", "test"):
+        write_digits(tmp_path / split, size=8, limit=10)
+    with caplog.at_level("WARNING", logger="pipeline.sources"):
+        src = list_source(str(tmp_path))
+    assert src.classes == ["test", "train"]
+    assert "class folders ['test', 'train'] look like splits" in caplog.text and "--split-by source" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="pipeline.sources"):
+        assert list_source(str(tmp_path), split_from_source=True).classes == [str(d) for d in range(10)]
+        list_source(str(tree))
+    assert caplog.text == ""

@@ -81,3 +81,15 @@ def test_sample_count_and_class_ids_are_checked(shards):
 def test_failures_count_must_match(shards):
     (shards / "failures.jsonl").write_text('{"source": "x", "reason": "empty", "detail": ""}\n')
     assert verify(str(shards)) == ["failures.jsonl: 1 lines, index says num_failures=0"]
+
+
+def test_a_file_or_the_index_itself_as_out(shards, tmp_path, capsys):
+    # A regular file is not a shard set: one line, as for a missing folder, not a traceback.
+    stray = tmp_path / "photo.png"
+    stray.write_bytes(b"\x89PNG")
+    assert main(["verify", str(stray)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{str(stray)!r} is a file, not a shard set folder" in err
+    # index.json itself names the shard set, and is named once in the message
+    assert main(["verify", str(shards / INDEX_NAME)]) == 0
+    assert capsys.readouterr().out.strip().endswith(f"match {shards / INDEX_NAME}")
