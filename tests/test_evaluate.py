@@ -220,6 +220,27 @@ def test_unlabelled_shards_are_refused(tmp_path, export_dir, capsys):
     assert rc == 2 and "unlabelled" in capsys.readouterr().err
 
 
+def test_a_split_without_samples_is_refused(tmp_path, export_dir, capsys):
+    """Every input failed when sharding: evaluation and training say so instead of scoring nothing."""
+    from pipeline.shard import ShardConfig, shard
+    from vitpipe.errors import UserError
+
+    src = tmp_path / "src" / "7"
+    src.mkdir(parents=True)
+    for i in range(12):
+        (src / f"{i}.png").write_bytes(b"")  # empty files, each a failure
+    with pytest.raises(UserError, match="no image could be read"):
+        shard(ShardConfig(src=str(tmp_path / "src"), out=str(tmp_path / "shards"), val_ratio=0.5, workers=1))
+    args = ["--data.shards", str(tmp_path / "shards"), "--data.channels", "1", "--data.mean", "0.5", "--data.std",
+            "0.5", "--data.num-workers", "0", "--no-tracking.enabled"]
+    assert vitpipe(["evaluate", "--model", str(export_dir), "--out", str(tmp_path / "o"), *args]) == 2
+    err = capsys.readouterr().err
+    assert "split 'val' of" in err and "has no samples" in err, err  # the index keeps both splits, with empty shards
+    assert vitpipe(["pretrain", "--model.preset", "micro/4", "--out", str(tmp_path / "p"), *args]) == 2
+    err = capsys.readouterr().err
+    assert "split 'train' of" in err and "has no samples" in err, err
+
+
 def _rank_main(rank: int, world: int, port: int, shards: str, queue) -> None:
     import os
 
