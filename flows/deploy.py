@@ -50,13 +50,26 @@ def dataset_ready_trigger(dataset_glob: str = "*"):
     )
 
 
-def _absolute(path: str | None) -> str | None:
-    """Config files are read by the worker, maybe from another directory: pass absolute paths."""
+def _absolute(path: str | None, cls) -> str | None:
+    """Config files are read by the worker, maybe from another directory: pass absolute paths.
+    Each is checked now against its stage's config (`cls`): a typo would otherwise surface only
+    when the schedule or trigger fires. Fields it may leave out (the flow passes the data) pass."""
     if path is None:
         return None
+    from pydantic import ValidationError
+
+    from vitpipe.config import ConfigError, format_validation_error, read_yaml
+
     p = Path(path)
     if not p.is_file():
         raise UserError(f"config file {path!r} does not exist; pass an existing YAML file")
+    try:
+        cls.model_validate(read_yaml(p))
+    except ValidationError as e:
+        wrong = [err for err in e.errors() if err["type"] != "missing"]
+        if wrong:
+            shown = ValidationError.from_exception_data(e.title, wrong)
+            raise ConfigError(f"config file {path!r}: " + format_validation_error(cls, shown)) from None
     return str(p.resolve())
 
 
@@ -75,6 +88,8 @@ def build_deployments(*, pretrain_config: str | None = None, pretrain_dataset: s
 
     from flows.pipeline import pipeline_flow
     from flows.stages import REGISTERED_MODEL, evaluate_flow, finetune_flow, pretrain_flow, shard_flow
+    from vit.config import FinetuneConfig, PretrainConfig
+    from vit.evaluate import EvaluateConfig
 
     register_as = register_as or REGISTERED_MODEL
 
@@ -90,12 +105,12 @@ def build_deployments(*, pretrain_config: str | None = None, pretrain_dataset: s
     return [
         make(shard_flow, "shard", common),
         make(pretrain_flow, "pretrain",
-             {**training, "config": _absolute(pretrain_config), "dataset": pretrain_dataset},
+             {**training, "config": _absolute(pretrain_config, PretrainConfig), "dataset": pretrain_dataset},
              cron=pretrain_cron),
         make(finetune_flow, FINETUNE_DEPLOYMENT,
-             {**training, "config": _absolute(finetune_config), "register_as": register_as},
+             {**training, "config": _absolute(finetune_config, FinetuneConfig), "register_as": register_as},
              triggers=[dataset_ready_trigger(dataset_glob)]),
-        make(evaluate_flow, "evaluate", {**common, "config": _absolute(evaluate_config)}),
+        make(evaluate_flow, "evaluate", {**common, "config": _absolute(evaluate_config, EvaluateConfig)}),
         make(pipeline_flow, "pipeline", {**common, "nproc": nproc, "launcher": launcher}),
     ]
 
@@ -166,6 +181,18 @@ def run_cli(args: argparse.Namespace) -> int:
         # a schedule without a config would fail every night; deploy pretraining on demand only
         print("vitpipe deploy: no --pretrain-config, so pretraining is deployed without its schedule")
         cron = None
+    from prefect.settings import PREFECT_API_URL
+
+    from vit.config import FinetuneConfig, PretrainConfig
+    from vit.evaluate import EvaluateConfig
+
+    for path, cls in ((args.pretrain_config, PretrainConfig), (args.finetune_config, FinetuneConfig),
+                      (args.evaluate_config, EvaluateConfig)):
+        _absolute(path, cls)  # config mistakes first: they need no server
+    if not PREFECT_API_URL.value():
+        # Prefect would register everything on a temporary server that vanishes when this exits.
+        raise UserError("no Prefect server to deploy to: start one ('prefect server start') and set "
+                        "PREFECT_API_URL=http://127.0.0.1:4200/api (or 'prefect config set PREFECT_API_URL=...')")
     ids = deploy(args.work_pool, pretrain_config=args.pretrain_config, pretrain_dataset=args.pretrain_dataset,
                  finetune_config=args.finetune_config, evaluate_config=args.evaluate_config,
                  pretrain_cron=cron, dataset_glob=args.dataset_glob, tracking_uri=args.tracking_uri,

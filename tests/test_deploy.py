@@ -101,6 +101,26 @@ def test_deploy_rejects_a_bad_cron_and_a_missing_config(tmp_path, capsys):
     assert "nope.yaml" in capsys.readouterr().err
 
 
+def test_deploy_checks_config_files_and_needs_a_server(tmp_path, capsys):
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("optim:\n  lrr: 0.001\n")
+    assert vitpipe_main(["deploy", "--pretrain-config", str(typo)]) == 2
+    err = capsys.readouterr().err
+    assert "typo.yaml" in err and "unknown key 'optim.lrr'" in err
+    text = tmp_path / "notes.yaml"
+    text.write_text("just some notes\n")
+    assert vitpipe_main(["deploy", "--evaluate-config", str(text)]) == 2
+    assert "must hold a mapping" in capsys.readouterr().err
+    partial = tmp_path / "recipe.yaml"  # no data.shards or init: the trigger passes those
+    partial.write_text("mode: linear_probe\n")
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):
+        assert vitpipe_main(["deploy", "--finetune-config", str(partial)]) == 2
+    err = capsys.readouterr().err
+    assert "no Prefect server to deploy to" in err and "PREFECT_API_URL" in err
+
+
 def test_deployments_describe_schedule_trigger_and_module_entrypoints(tmp_path):
     cfg = tmp_path / "ft.yaml"
     cfg.write_text("init: models:/vitpipe-vit@champion\n")
