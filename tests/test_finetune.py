@@ -3,6 +3,8 @@ new head, higher resolution, full (LLRD) and linear-probe modes, and bad input r
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -129,9 +131,9 @@ def test_unset_data_options_follow_the_init(digits_shards, tmp_path):
                                 train={"steps": 2, "eval_every": 0, "log_every": 1}, schedule={"warmup_steps": 1},
                                 checkpoint={"every_steps": 0}, tracking={"enabled": False}, out=str(tmp_path / "pre")))
 
-    def run(name: str, **data):
+    def run(name: str, model=None, **data):
         cfg = FinetuneConfig(init=r["export"], data={"shards": str(digits_shards), "batch_size": 16,
-                                                      "num_workers": 0, **data},
+                                                      "num_workers": 0, **data}, model=model or {},
                              out=str(tmp_path / name), train={"steps": 2, "eval_every": 0, "log_every": 1},
                              schedule={"warmup_steps": 1}, checkpoint={"every_steps": 0}, tracking={"enabled": False})
         finetune(cfg)
@@ -144,6 +146,10 @@ def test_unset_data_options_follow_the_init(digits_shards, tmp_path):
         (24, 1, [0.5], [0.5], 0.9)
     with pytest.raises(UserError, match="takes 1-channel images but data.channels=3"):
         run("rgb", channels=3)
+    assert run("model_size", model={"image_size": 24})["image_size"] == 24  # model.image_size resizes too
+    assert json.loads((tmp_path / "model_size" / "export" / "config.json").read_text())["image_size"] == 24
+    with pytest.raises(UserError, match="model.image_size=24 and data.image_size=32 differ"):
+        run("both", model={"image_size": 24}, image_size=32)
 
 
 @pytest.mark.slow

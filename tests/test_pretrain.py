@@ -97,6 +97,12 @@ def test_pretrain_in_process_then_extend(digits_shards, tmp_path, mlflow_uri):
     norms = client.get_metric_history(r["run_id"], "train/grad_norm")
     assert [m.step for m in norms] == steps and all(m.value > 0 for m in norms)
 
+    # Relaunched with another model into the same --out: one line, not DeepSpeed's size mismatch.
+    other = cfg.model_copy(deep=True)
+    other.data.image_size, other.train.steps = 24, 20
+    with pytest.raises(UserError, match=r"step_00000016 is of another run \(image_size 16 -> 24\).*--no-resume"):
+        pretrain(other)
+
 
 def test_summary_gives_one_loss_for_one_logging_window():
     from vit.train import _summary

@@ -75,6 +75,10 @@ def load_init(cfg: FinetuneConfig, *, num_classes: int) -> nn.Module:
 
     init = cfg.init
     image_size = cfg.data.image_size if "image_size" in cfg.data.model_fields_set else None
+    if cfg.model.image_size and image_size and cfg.model.image_size != image_size:
+        raise UserError(f"model.image_size={cfg.model.image_size} and data.image_size={image_size} differ; the "
+                        f"model sees what the loader crops: set one of them")
+    image_size = cfg.model.image_size or image_size  # either one resizes the position embedding
     preset = cfg.model.preset or None
     if is_mlflow_uri(init):
         model = _load_mlflow(init, cfg, num_classes=num_classes, image_size=image_size)

@@ -135,6 +135,8 @@ def run_training(cfg: TrainingConfig, *, stage: str, build: Callable[[Any], Mode
         _say(world, f"{stage}: starting over (--no-resume): deleting the checkpoints in {ckpt_root}")
         ckpt.clear()
     tag = ckpt.latest_complete(warn=lambda m: _say(world, m)) if cfg.checkpoint.resume else None
+    if tag is not None:
+        _check_same_model(ckpt.marker(tag), built.model_config, cfg, where=ckpt_root / tag)
     if tag is not None and ckpt.prepare_resize(tag, zero_stage=cfg.deepspeed.zero_stage,
                                                say=lambda m: _say(world, f"{stage}: {m}")):
         ds = {**ds, "checkpoint": {**ds.get("checkpoint", {}), "load_universal": True}}
@@ -198,6 +200,22 @@ def run_training(cfg: TrainingConfig, *, stage: str, build: Callable[[Any], Mode
             (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
             _say(world, _summary(results))
     return results
+
+
+def _check_same_model(saved: dict, model_config: dict, cfg: TrainingConfig, *, where: Path) -> None:
+    """Refuse to resume a checkpoint of another model (architecture, classes, image size, what is
+    trained, ZeRO layout) in one line, rather than fail inside DeepSpeed's state loading."""
+    now = {**json.loads(json.dumps(model_config, default=str)), "zero_stage": cfg.deepspeed.zero_stage,
+           "mode": getattr(cfg, "mode", None)}
+    before = {**(saved.get("model_config") or {}), "zero_stage": saved.get("zero_stage"),
+              "mode": (saved.get("config") or {}).get("mode")}
+    regularizers = {"drop_rate", "attn_drop_rate", "drop_path_rate", "head_drop_rate"}  # same weights: may change
+    diff = [f"{k} {before.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(before) | set(now) - regularizers)
+            if before.get(k) != now.get(k) and before.get(k) is not None]
+    if diff:
+        raise UserError(f"checkpoint {where} is of another run ({'; '.join(diff[:4])}"
+                        f"{'; ...' if len(diff) > 4 else ''}); to resume, use the settings it was saved with; "
+                        f"otherwise start over with --no-resume or pick another --out")
 
 
 def _warn_batch_change(world: dist.World, saved: dict | None, saved_ranks: int, now: int, cfg: TrainingConfig,
