@@ -30,6 +30,7 @@ from typing import Literal
 
 from pydantic import Field
 
+from vit.launch import read_hostfile
 from vitpipe.config import StageConfig, add_config_arguments, config_from_args
 from vitpipe.errors import UserError
 
@@ -116,28 +117,6 @@ def local_launch(cfg: LaunchConfig, command: list[str]) -> Launch:
     return Launch(launcher_argv(opts, command, module=cfg.module))
 
 
-def read_hostfile(path: str | Path) -> dict[str, int]:
-    """Parse an MPI-style hostfile ('HOST slots=N', '#' comments) into {host: slots}."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"--deepspeed.hostfile {str(path)!r} does not exist; write one line "
-                        "'HOST slots=GPUS' per machine (see cluster/hostfile.example)")
-    hosts: dict[str, int] = {}
-    for n, raw in enumerate(path.read_text().splitlines(), 1):
-        line = raw.split("#", 1)[0].strip()
-        if not line:
-            continue
-        parts = line.split()
-        slots = parts[1].removeprefix("slots=") if len(parts) == 2 else ""
-        if not slots.isdigit() or int(slots) < 1 or parts[0] in hosts:
-            raise UserError(f"{path}:{n}: {raw.strip()!r} is not 'HOST slots=N' with N >= 1 and a new "
-                            "HOST; e.g. 'worker-1 slots=8'")
-        hosts[parts[0]] = int(slots)
-    if not hosts:
-        raise UserError(f"--deepspeed.hostfile {str(path)!r} lists no hosts; add 'HOST slots=GPUS' lines")
-    return hosts
-
-
 def _is_this_machine(host: str) -> bool:
     return host in {"localhost", "127.0.0.1", "::1", socket.gethostname(), socket.getfqdn()}
 
@@ -152,7 +131,7 @@ def deepspeed_launch(cfg: LaunchConfig, command: list[str]) -> Launch:
     argv = [sys.executable, "-m", "deepspeed.launcher.runner"]
     master_addr = ds.master_addr
     if ds.hostfile:
-        hosts = read_hostfile(ds.hostfile)
+        hosts = read_hostfile(ds.hostfile, option="--deepspeed.hostfile")
         if cfg.nodes > len(hosts):
             raise UserError(f"--nodes {cfg.nodes}: the hostfile {ds.hostfile} lists only {len(hosts)} "
                             f"host(s) ({', '.join(hosts)}); add hosts or lower --nodes")
@@ -299,12 +278,41 @@ def exit_status(final, first_error: str = "") -> int:
     return 1
 
 
+RANKED = ("pretrain", "finetune", "evaluate")  # the stages that run as ranks of one job
+
+
+def check_command(cfg: LaunchConfig, command: list[str]) -> None:
+    """Parse the vitpipe command and run its stage's cheap input checks here, once: launched as is,
+    each rank would print the same error under the launcher's report of failed children."""
+    import importlib
+
+    from vitpipe.cli import COMMANDS, build_parser
+
+    name = command[0]
+    if name not in COMMANDS:
+        raise UserError(f"{name!r} is not a vitpipe command; launch one of {', '.join(RANKED)}")
+    if name not in RANKED:
+        if cfg.nodes * cfg.nproc_per_node > 1:
+            raise UserError(f"'vitpipe {name}' runs as one process; launch runs {', '.join(RANKED)} on several "
+                            f"ranks (run 'vitpipe {name}' directly)")
+        return
+    parser = build_parser(name)
+    args, unknown = parser.parse_known_args(command)
+    if unknown:
+        raise UserError(f"vitpipe {name}: unrecognized arguments: {' '.join(unknown)}; see 'vitpipe {name} --help'")
+    stage = importlib.import_module(COMMANDS[name][0])
+    stage.preflight(stage.cli_config(args))
+
+
 def launch(cfg: LaunchConfig, command: list[str], *, dry_run: bool = False) -> int:
     """Run (or with `dry_run`, print) `command` through the configured backend; the exit status."""
     plan = build_launch(cfg, command)
     if dry_run:
         print(plan.shell())
         return 0
+    if cfg.module == "vitpipe.cli" and cfg.backend != "slurm":
+        # Not for Slurm: its nodes may see paths (a cluster filesystem) that the submitting host does not.
+        check_command(cfg, command)
     if cfg.backend == "slurm":
         return run_slurm(cfg, command)
     print(f"vitpipe launch: {plan.shell()}", file=sys.stderr, flush=True)

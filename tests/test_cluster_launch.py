@@ -13,7 +13,8 @@ import sys
 
 import pytest
 
-from cluster.launch import SBATCH_SCRIPT, LaunchConfig, build_launch, read_hostfile
+from cluster.launch import SBATCH_SCRIPT, LaunchConfig, build_launch
+from vit.launch import read_hostfile
 from vitpipe.cli import main
 from vitpipe.errors import UserError
 
@@ -100,6 +101,21 @@ def test_hostfile_checks(tmp_path):
         hostfile.write_text(bad)
         with pytest.raises(UserError, match="hostfile|slots"):
             read_hostfile(hostfile)
+
+
+@pytest.mark.parametrize("command, message", [
+    (["pretrain", "--data.shards", "nope"], "no shard index at 'nope/index.json'"),
+    (["frobnicate"], "'frobnicate' is not a vitpipe command"),
+    (["shard", "a", "b"], "'vitpipe shard' runs as one process"),
+    (["pretrain", "--data.bogus", "1"], "vitpipe pretrain: unrecognized arguments: --data.bogus"),
+    (["evaluate", "--model", "nope", "--data.shards", "SHARDS"], "--model nope: no such file"),
+])
+def test_launch_checks_the_command_once_before_starting_ranks(command, message, digits_shards, capsys):
+    """Each rank would print the same error under torchrun's report (exit 1); checked here: exit 2."""
+    command = [str(digits_shards) if c == "SHARDS" else c for c in command]
+    assert main(["launch", "--nproc-per-node", "2", *command]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "torch.distributed.run" not in err and "Traceback" not in err, err
 
 
 def test_sbatch_script_is_valid_bash():

@@ -21,6 +21,7 @@ class OptimSection(StageConfig):
 class ToyConfig(StageConfig):
     src: str = Field("", description="where to read")
     mean: tuple[float, ...] = Field((0.5,), description="one value or one per channel")
+    extra: list[str] = Field(default_factory=list, description="arguments passed on")
     out: str = Field("", description="where to write")
     name: str = Field("run", description="a name (text: '007' must stay a string)")
     steps: int = Field(10, gt=0, description="how many steps")
@@ -86,6 +87,9 @@ def test_sequence_options_take_values_as_their_help_shows(argv):
     assert parse(["a", "b", "--mean", "0.25"]).mean == (0.25,)  # one value for every channel
     with pytest.raises(ConfigError, match=r"optim.betas.*(at most|2 items)"):
         parse(["a", "b", "--optim.betas", "0.8", "0.9", "0.99"])
+    # a list of text is one value, so positionals may follow it
+    cfg = parse(["--extra", "[--exclusive, --qos=high]", "a", "b"])
+    assert cfg.extra == ["--exclusive", "--qos=high"] and (cfg.src, cfg.out) == ("a", "b")
 
 
 class NeedsInit(StageConfig):

@@ -145,6 +145,11 @@ def test_launcher_command_lines(tmp_path):
     assert pinned[pinned.index("--master_addr") + 1] == "10.1.2.3"
     with pytest.raises(UserError, match="--hostfile 'missing' does not exist"):
         launcher_argv(_launch_args(["--hostfile", "missing"]), worker)
+    hostfile.write_text("worker-1 eight\n")  # DeepSpeed's runner would die on it with a traceback
+    with pytest.raises(UserError, match="hosts:1: 'worker-1 eight' is not 'HOST slots=N'"):
+        launcher_argv(_launch_args(["--hostfile", str(hostfile)]), worker)
+    with pytest.raises(UserError, match="--hostfile .* is a folder"):
+        launcher_argv(_launch_args(["--hostfile", str(tmp_path)]), worker)
     with pytest.raises(UserError, match="--node-rank 2"):
         launcher_argv(_launch_args(["--nnodes", "2", "--node-rank", "2"]), worker)
     assert is_worker({"RANK": "0", "WORLD_SIZE": "2"}) and not is_worker({}) and not is_worker(

@@ -272,8 +272,8 @@ def _check_split(cfg: EvaluateConfig) -> str:
     return split_fingerprint(cfg.data.shards, cfg.split or cfg.data.val_split)
 
 
-def _preflight(cfg: EvaluateConfig) -> None:
-    """What `vitpipe evaluate --nproc N` checks once before starting N processes."""
+def preflight(cfg: EvaluateConfig) -> None:
+    """What a launch of N processes checks once first (else every rank prints the same error)."""
     _check_split(cfg)
     _check_model_path(cfg.model)
 
@@ -422,16 +422,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_launch_arguments(parser)
 
 
-def run_cli(args: argparse.Namespace) -> int:
-    from vit.launch import maybe_relaunch
-
+def cli_config(args: argparse.Namespace) -> EvaluateConfig:
     if args.config_file:
         if args.config and args.config != args.config_file:
             raise UserError(f"two config files given ({args.config_file!r} and --config {args.config!r}); pass one")
         args.config = args.config_file
-    cfg = config_from_args(EvaluateConfig, args)  # a bad option fails here, before any process starts
+    return config_from_args(EvaluateConfig, args)  # a bad option fails here, before any process starts
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    from vit.launch import maybe_relaunch
+
+    cfg = cli_config(args)
     # --nproc N: every sample still counts once, split over N ranks
-    maybe_relaunch(args, preflight=lambda: _preflight(cfg))
+    maybe_relaunch(args, preflight=lambda: preflight(cfg))
     from vit.distributed import destroy_process_group
 
     try:

@@ -59,8 +59,8 @@ def _check_init(init: str) -> None:
                         f"config.json), a timm checkpoint file, or runs:/RUN_ID/model / models:/NAME@ALIAS")
 
 
-def _preflight(cfg: FinetuneConfig) -> None:
-    """What `vitpipe finetune --nproc N` checks once before starting N processes."""
+def preflight(cfg: FinetuneConfig) -> None:
+    """What a launch of N processes checks once first (else every rank prints the same error)."""
     from pipeline.index import load_index
 
     load_index(cfg.data.shards)
@@ -207,10 +207,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_stage_arguments(parser, FinetuneConfig)
 
 
+def cli_config(args: argparse.Namespace) -> FinetuneConfig:
+    return stage_config_from_args(FinetuneConfig, args)
+
+
 def run_cli(args: argparse.Namespace) -> int:
     from vit.launch import maybe_relaunch
 
-    cfg = stage_config_from_args(FinetuneConfig, args)
-    maybe_relaunch(args, preflight=lambda: _preflight(cfg))
+    cfg = cli_config(args)
+    maybe_relaunch(args, preflight=lambda: preflight(cfg))
     finetune(cfg)
     return 0

@@ -88,8 +88,7 @@ def launcher_argv(args: argparse.Namespace, worker_argv: list[str], *, module: s
     if launcher == "deepspeed":
         cmd = [sys.executable, "-m", "deepspeed.launcher.runner"]
         if args.hostfile:  # every host of the file, reached over ssh/pdsh
-            if not Path(args.hostfile).is_file():
-                raise UserError(f"--hostfile {args.hostfile!r} does not exist")
+            read_hostfile(args.hostfile)  # a bad file is one line here, not DeepSpeed's traceback
             cmd += ["--hostfile", args.hostfile]
             if args.master_addr:  # else DeepSpeed's runner takes the first host of the file, as node 0 is
                 cmd += ["--master_addr", args.master_addr]
@@ -128,3 +127,28 @@ def maybe_relaunch(args: argparse.Namespace, argv: list[str] | None = None, *,
     env.setdefault("OMP_NUM_THREADS", "1")  # N processes x all cores each would thrash the CPU
     sys.stdout.flush()
     os.execvpe(cmd[0], cmd, env)
+
+
+def read_hostfile(path: str | Path, option: str = "--hostfile") -> dict[str, int]:
+    """Parse an MPI-style hostfile ('HOST slots=N', '#' comments) into {host: slots}."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{option} {str(path)!r} is a folder; pass the hostfile itself, one line "
+                        "'HOST slots=GPUS' per machine (see cluster/hostfile.example)")
+    if not path.is_file():
+        raise UserError(f"{option} {str(path)!r} does not exist; write one line "
+                        "'HOST slots=GPUS' per machine (see cluster/hostfile.example)")
+    hosts: dict[str, int] = {}
+    for n, raw in enumerate(path.read_text().splitlines(), 1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        parts = line.split()
+        slots = parts[1].removeprefix("slots=") if len(parts) == 2 else ""
+        if not slots.isdigit() or int(slots) < 1 or parts[0] in hosts:
+            raise UserError(f"{path}:{n}: {raw.strip()!r} is not 'HOST slots=N' with N >= 1 and a new "
+                            "HOST; e.g. 'worker-1 slots=8'")
+        hosts[parts[0]] = int(slots)
+    if not hosts:
+        raise UserError(f"{option} {str(path)!r} lists no hosts; add 'HOST slots=GPUS' lines")
+    return hosts

@@ -53,11 +53,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_stage_arguments(parser, PretrainConfig)
 
 
-def run_cli(args: argparse.Namespace) -> int:
+def cli_config(args: argparse.Namespace) -> PretrainConfig:
+    return stage_config_from_args(PretrainConfig, args)  # bad config fails before launching N processes
+
+
+def preflight(cfg: PretrainConfig) -> None:
+    """What a launch of N processes checks once first (else every rank prints the same error)."""
     from pipeline.index import load_index
+
+    load_index(cfg.data.shards)
+
+
+def run_cli(args: argparse.Namespace) -> int:
     from vit.launch import maybe_relaunch
 
-    cfg = stage_config_from_args(PretrainConfig, args)  # bad config fails before launching N processes
-    maybe_relaunch(args, preflight=lambda: load_index(cfg.data.shards))
+    cfg = cli_config(args)
+    maybe_relaunch(args, preflight=lambda: preflight(cfg))
     pretrain(cfg)
     return 0

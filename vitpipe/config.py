@@ -193,14 +193,19 @@ def _is_text(annotation: Any) -> bool:
     return False
 
 
-def _is_sequence(annotation: Any) -> bool:
-    """tuple/list fields: several values on the command line (`--data.mean 0.485 0.456 0.406`)."""
+def _is_number_sequence(annotation: Any) -> bool:
+    """tuple/list-of-numbers fields: several values on the command line (`--data.mean 0.485 0.456 0.406`).
+    Lists of text stay one value (YAML or commas): `--slurm.extra-args` is followed by the command."""
     origin = get_origin(annotation)
     if origin is Annotated:
-        return _is_sequence(get_args(annotation)[0])
+        return _is_number_sequence(get_args(annotation)[0])
     if origin in (Union, types.UnionType):
-        return any(_is_sequence(a) for a in get_args(annotation) if a is not type(None))
-    return origin in (tuple, list)
+        return any(_is_number_sequence(a) for a in get_args(annotation) if a is not type(None))
+    if origin not in (tuple, list):
+        return False
+    items = [a for a in get_args(annotation) if a is not Ellipsis]
+    unwrap = lambda a: get_args(a)[0] if get_origin(a) is Annotated else a  # noqa: E731
+    return bool(items) and all(unwrap(a) in (int, float) for a in items)
 
 
 class _Values(argparse.Action):
@@ -270,7 +275,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type[BaseModel],
         if _is_bool(field.annotation):
             group.add_argument(*flags, dest=dotted, default=UNSET,
                                action=argparse.BooleanOptionalAction, help=help_s)
-        elif _is_sequence(field.annotation):
+        elif _is_number_sequence(field.annotation):
             group.add_argument(*flags, dest=dotted, default=UNSET, metavar="V", nargs="+", action=_Values,
                                help=help_s, type=_yaml_value)
         else:
