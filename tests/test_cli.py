@@ -66,6 +66,7 @@ def test_evaluate_help_leaves_out_the_training_only_data_options(capsys):
         main(["evaluate", "--help"])
     out = capsys.readouterr().out
     assert "--data.eval-batch-size" in out and "--data.image-size" in out
+    assert "[default: the model's]" in " ".join(out.split())  # size, channels, mean, std follow the model
     for hidden in ("--data.augment", "--data.batch-size", "--data.shuffle-buffer", "--data.epoch-fill"):
         assert hidden not in out, hidden
     # still accepted: one config file may serve training and evaluation

@@ -4,6 +4,7 @@ new head, higher resolution, full (LLRD) and linear-probe modes, and bad input r
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -53,8 +54,13 @@ def unlabelled_shards(tmp_path_factory):
 def test_bad_input_rejected_before_training(pretrained, digits_shards, unlabelled_shards, tmp_path):
     r, _ = pretrained
     export = r["export"]
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a model\n")
     cases = [
         (_cfg(digits_shards, tmp_path, tmp_path / "missing"), "does not exist"),
+        (_cfg(digits_shards, tmp_path, ""), "init is empty; pass --init"),
+        (_cfg(digits_shards, tmp_path, Path(export) / "config.json"), "not a weights file .*pass its folder"),
+        (_cfg(digits_shards, tmp_path, notes), r"notes.txt' is not a weights file"),
         (_cfg(digits_shards, tmp_path, export, model={"preset": "ti/4"}), "another architecture than model.preset"),
         (_cfg(digits_shards, tmp_path, export, model={"overrides": {"num_classes": 0}}),
          "model.overrides.num_classes"),

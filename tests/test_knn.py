@@ -74,6 +74,17 @@ def test_real_digits_through_an_untrained_vit_beat_chance_by_far():
     assert 0.3 < res["knn_top1_k20"] <= 1.0, res
 
 
+def test_a_k_above_the_memory_size_is_said(capsys):
+    from vit.model import create_model
+
+    torch.manual_seed(0)
+    model = create_model("micro/4", in_chans=1, num_classes=0)
+    train, val = _digits_batches()
+    res = knn_evaluate(model, train[:1], val[:1], num_classes=10, ks=(5, 5000), progress=True)
+    n = res["knn_memory_size"]
+    assert f"k=5000 is more than the {n} memory samples" in capsys.readouterr().err
+
+
 def _rank_main(rank: int, world: int, port: int, queue) -> None:
     import os
 

@@ -143,6 +143,10 @@ class FinetuneConfig(TrainingConfig):
 # Command line of the training stages
 
 
+# Data options that fine-tuning and evaluation take from the model when left unset (vit.weights.data_for_model).
+FROM_MODEL = ("data.image_size", "data.channels", "data.mean", "data.std", "data.eval_crop_pct")
+
+
 def add_stage_arguments(parser, cls: type[TrainingConfig]) -> None:
     """`CONFIG` positional + one option per field + launch options + `--no-resume`."""
     from vit.launch import add_launch_arguments
@@ -150,7 +154,7 @@ def add_stage_arguments(parser, cls: type[TrainingConfig]) -> None:
 
     parser.add_argument("config_file", nargs="?", default=None, metavar="CONFIG",
                         help="YAML file with any of the options below (same as --config)")
-    add_config_arguments(parser, cls)
+    add_config_arguments(parser, cls, from_model=FROM_MODEL if cls is FinetuneConfig else ())
     parser.add_argument("--no-resume", action="store_true",
                         help="start over: delete this run's checkpoints instead of resuming from the latest")
     add_launch_arguments(parser)

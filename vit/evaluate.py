@@ -412,13 +412,14 @@ def summary_line(results: dict[str, Any]) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from vit.config import FROM_MODEL
     from vit.launch import add_launch_arguments
 
     parser.add_argument("config_file", nargs="?", default=None, metavar="CONFIG",
                         help="YAML file with any of the options below (same as --config)")
     # The data options only training reads (batches, shuffling, augmentation) stay out of --help.
     add_config_arguments(parser, EvaluateConfig, unused=("data.augment.", "data.batch_size", "data.shuffle_buffer",
-                                                         "data.epoch_fill"))
+                                                         "data.epoch_fill"), from_model=FROM_MODEL)
     add_launch_arguments(parser)
 
 

@@ -13,6 +13,8 @@ counts are summed, so each query counts once.
 
 from __future__ import annotations
 
+import sys
+
 from contextlib import nullcontext
 from typing import Iterable, Sequence
 
@@ -106,6 +108,10 @@ def knn_evaluate(model: torch.nn.Module, train_loader: Iterable, val_loader: Ite
     memory = _all_gather_rows(memory)
     if memory.shape[0] == 0:
         raise ValueError("the train split has no labelled samples; k-NN needs labels in the memory")
+    capped = [k for k in ks if k > memory.shape[0]]
+    if capped and progress:  # progress: the rank that talks
+        print(f"k-NN: k={', '.join(map(str, capped))} is more than the {memory.shape[0]} memory samples; "
+              f"the vote uses all of them", file=sys.stderr)
     correct = []
     for k in ks:
         if queries.shape[0]:

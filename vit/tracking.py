@@ -237,7 +237,8 @@ def tracked(tracker: Tracker) -> Iterator[Tracker]:
     caught, and a relaunch reopens that run instead.
     """
     def _raise(signum, frame):
-        print(f"received {signal.Signals(signum).name}; closing the MLflow run as FAILED", file=sys.stderr)
+        what = "closing the MLflow run as FAILED" if tracker.active else "stopping"
+        print(f"received {signal.Signals(signum).name}; {what}", file=sys.stderr)
         raise _Signalled(128 + signum)  # the shell's convention for "killed by signal N"
 
     previous = {}

@@ -244,10 +244,12 @@ UNSET = _Unset()
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, cls: type[BaseModel],
-                         positional: tuple[str, ...] = (), unused: tuple[str, ...] = ()) -> None:
+                         positional: tuple[str, ...] = (), unused: tuple[str, ...] = (),
+                         from_model: tuple[str, ...] = ()) -> None:
     """Add `--config FILE` and one `--dotted.key VALUE` option per field of `cls`. Options starting
     with a prefix in `unused` are accepted (a config file shared by stages may set them) but left
-    out of --help: this stage ignores them."""
+    out of --help: this stage ignores them. Fields in `from_model` default to the model's value
+    (the stage reads it from the model it loads), and their help says so."""
     for name in positional:
         field = cls.model_fields[name]
         parser.add_argument(name, nargs="?", default=UNSET, metavar=name.upper(),
@@ -267,6 +269,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type[BaseModel],
         default_s = (" [required]" if field.is_required() else "" if default is None else
                      f" [default: {' '.join(map(str, default))}]" if isinstance(default, (tuple, list)) and default
                      else f" [default: {default}]")
+        if dotted in from_model:
+            default_s = " [default: the model's]"
         help_s = (field.description or "").replace("%", "%%") + default_s.replace("%", "%%")
         if dotted.startswith(unused):
             help_s = argparse.SUPPRESS
