@@ -108,6 +108,9 @@ def local_launch(cfg: LaunchConfig, command: list[str]) -> Launch:
     if cfg.nodes != 1:
         raise UserError(f"--nodes {cfg.nodes} with --backend local: local runs on this machine only; "
                         "use --backend deepspeed (hostfile) or --backend slurm for several machines")
+    if cfg.deepspeed.hostfile:
+        raise UserError(f"--deepspeed.hostfile {cfg.deepspeed.hostfile!r} is read by --backend deepspeed; "
+                        "add it, or drop the hostfile to run on this machine")
     if cfg.nproc_per_node == 1:
         return Launch([sys.executable, "-m", cfg.module, *command])
     # The same torchrun command `vitpipe pretrain --nproc N` builds for itself.

@@ -36,6 +36,8 @@ def test_local_dry_run_forwards_the_command(capsys):
     # one rank: no launcher at all, the stage runs in one plain process
     assert _dry_run(capsys, "--", "pretrain", "cfg.yaml") == [sys.executable, "-m", "vitpipe.cli",
                                                              "pretrain", "cfg.yaml"]
+    with pytest.raises(UserError, match="--deepspeed.hostfile 'hosts' is read by --backend deepspeed"):
+        build_launch(LaunchConfig(deepspeed={"hostfile": "hosts"}), ["pretrain"])  # not silently ignored
 
 
 def test_slurm_dry_run_requests_nodes_and_gpus(capsys):

@@ -104,6 +104,13 @@ def test_pretrain_in_process_then_extend(digits_shards, tmp_path, mlflow_uri):
         pretrain(other)
 
 
+def test_a_warmup_as_long_as_the_run_is_said(digits_shards, tmp_path, capsys):
+    cfg = PretrainConfig(**_config(digits_shards, tmp_path / "run", train={"steps": 3, "eval_every": 0},
+                                   checkpoint={"every_steps": 0}, schedule={"warmup_steps": 100}))
+    pretrain(cfg)
+    assert "schedule.warmup_steps=100 is not below the 3 steps of this run" in capsys.readouterr().err
+
+
 def test_summary_gives_one_loss_for_one_logging_window():
     from vit.train import _summary
 

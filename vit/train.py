@@ -128,6 +128,9 @@ def run_training(cfg: TrainingConfig, *, stage: str, build: Callable[[Any], Mode
     steps_per_epoch = max(1, train_loader.steps_per_epoch // accum)
     total_steps = cfg.train.steps or max(1, math.ceil(cfg.train.epochs * steps_per_epoch))
     global_batch = cfg.data.batch_size * accum * world.world_size
+    if cfg.schedule.warmup_steps >= total_steps > 1:
+        _say(world, f"{stage}: schedule.warmup_steps={cfg.schedule.warmup_steps} is not below the {total_steps} "
+                    f"steps of this run: warming up over {total_steps - 1} and never decaying; lower it")
 
     ckpt = CheckpointManager(ckpt_root, world, keep_last=cfg.checkpoint.keep_last)
     step, epoch, history, run_id = 0, 0, [], None
