@@ -77,6 +77,11 @@ def _run(argv: list[str], *, env: Mapping[str, str] | None = None,
                           env=None if env is None else {**os.environ, **env}, cwd=cwd, timeout=120)
 
 
+# What sbatch says when this host knows no cluster (no slurm.conf, no controller), not a bad option.
+_NO_CLUSTER = ("Could not establish a configuration source", "Unable to contact slurm controller",
+               "slurm.conf", "configuration source")
+
+
 def submit(script: str | Path, args: Sequence[str] = (), *, sbatch_args: Sequence[str] = (),
            env: Mapping[str, str] | None = None, cwd: str | Path | None = None) -> str:
     """Submit `script args...` with `sbatch sbatch_args...`; returns the job id.
@@ -90,9 +95,13 @@ def submit(script: str | Path, args: Sequence[str] = (), *, sbatch_args: Sequenc
                         "or your own copy of it")
     res = _run(["sbatch", "--parsable", *sbatch_args, str(script), *args], env=env, cwd=cwd)
     if res.returncode != 0:
-        raise UserError(f"sbatch refused the job: {res.stderr.strip() or res.stdout.strip()}\n"
-                        f"  command: sbatch {' '.join([*sbatch_args, str(script), *args])}\n"
-                        "  fix the option it names (partition, account, --gpus-per-node...) and retry")
+        said = res.stderr.strip() or res.stdout.strip()
+        no_cluster = any(s in said for s in _NO_CLUSTER)
+        raise UserError(f"sbatch {'found no Slurm cluster' if no_cluster else 'refused the job'}: {said}\n"
+                        f"  command: sbatch {' '.join([*sbatch_args, str(script), *args])}\n" +
+                        ("  this host has no working Slurm client setup (slurm.conf or a reachable controller); "
+                         "submit from a login node of the cluster" if no_cluster else
+                         "  fix the option it names (partition, account, --gpus-per-node...) and retry"))
     # --parsable prints "JOBID" or "JOBID;CLUSTER"
     return res.stdout.strip().split(";")[0]
 

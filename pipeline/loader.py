@@ -601,7 +601,8 @@ class TrainLoader:
             steps = min(self.steps_per_epoch, seen // (self.cfg.batch_size * self.world_size))
             if self.rank == 0:
                 log.warning(f"resuming epoch {epoch} with a changed layout ({changed or 'split size'}): "
-                            f"restarting at step {steps}/{self.steps_per_epoch} by sample count; this "
+                            f"continuing at loader batch {steps}/{self.steps_per_epoch} of the epoch (by sample "
+                            f"count; with grad_accum several batches make one optimizer step); this "
                             f"epoch's remaining samples will not exactly complement the ones already seen")
         self.epoch, self._step = epoch, min(steps, self.steps_per_epoch)
         self._resume_epoch = epoch

@@ -191,7 +191,7 @@ def test_resume_with_another_world_size_restarts_the_epoch_by_sample_count(three
             break
     resumed = make_train_loader(cfg, rank=0, world_size=4)
     resumed.load_state_dict(saving.state_dict())
-    assert "world_size 2 -> 4" in caplog.text
+    assert "world_size 2 -> 4" in caplog.text and f"at loader batch 3/{resumed.steps_per_epoch} of the epoch" in caplog.text
     assert resumed.epoch == 1
     assert sum(1 for _ in resumed) == resumed.steps_per_epoch - 3  # 6 x 64 samples = 3 x 128
 

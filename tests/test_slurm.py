@@ -99,6 +99,17 @@ def test_submit_errors_name_the_problem(slurm_cluster, tmp_path):
         slurm.status("999999")
 
 
+def test_a_host_without_a_slurm_setup_is_told_so(tmp_path, monkeypatch):
+    """sbatch installed but no slurm.conf or controller: the hint is about the host, not an option."""
+    import shutil
+
+    if not shutil.which("sbatch") or Path("/etc/slurm/slurm.conf").exists():
+        pytest.skip("needs sbatch installed and no system Slurm config (tests/system-deps.sh installs it)")
+    monkeypatch.delenv("SLURM_CONF", raising=False)
+    with pytest.raises(UserError, match="sbatch found no Slurm cluster(.|\n)*submit from a login node"):
+        slurm.submit(_script(tmp_path, "true"))
+
+
 def _micro_pretrain_yaml(path: Path, shards: Path, out: Path, uri: str, experiment: str, **model) -> Path:
     import yaml
 
