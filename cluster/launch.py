@@ -92,13 +92,27 @@ class Launch:
         return (env + " " if env else "") + shlex.join(self.argv)
 
 
+RANKED = ("pretrain", "finetune", "evaluate")  # the stages that run as ranks of one job
+
+
 def _check_command(cfg: LaunchConfig, command: list[str]) -> None:
-    if cfg.module == "vitpipe.cli" and not command:
+    """What the command must be, whatever the backend (dry runs included)."""
+    if cfg.module != "vitpipe.cli":
+        return
+    from vitpipe.cli import COMMANDS
+
+    if not command:
         raise UserError("no vitpipe command to launch; add one after the options, "
                         "e.g. 'vitpipe launch --nproc-per-node 2 pretrain cfg.yaml'")
-    if command and command[0] == "launch":
+    name = command[0]
+    if name == "launch":
         raise UserError("'vitpipe launch launch ...': the command to launch is a stage "
                         "(pretrain, finetune, evaluate...), not launch itself")
+    if name not in COMMANDS:
+        raise UserError(f"{name!r} is not a vitpipe command; launch one of {', '.join(RANKED)}")
+    if name not in RANKED and cfg.nodes * cfg.nproc_per_node > 1:
+        raise UserError(f"'vitpipe {name}' runs as one process; launch runs {', '.join(RANKED)} on several "
+                        f"ranks (run 'vitpipe {name}' directly)")
 
 
 def local_launch(cfg: LaunchConfig, command: list[str]) -> Launch:
@@ -281,26 +295,17 @@ def exit_status(final, first_error: str = "") -> int:
     return 1
 
 
-RANKED = ("pretrain", "finetune", "evaluate")  # the stages that run as ranks of one job
-
-
-def check_command(cfg: LaunchConfig, command: list[str]) -> None:
-    """Parse the vitpipe command and run its stage's cheap input checks here, once: launched as is,
-    each rank would print the same error under the launcher's report of failed children."""
+def _preflight(command: list[str]) -> None:
+    """Parse a stage command and run its cheap input checks here, once: launched as is, each rank
+    would print the same error under the launcher's report of failed children."""
     import importlib
 
     from vitpipe.cli import COMMANDS, build_parser
 
     name = command[0]
-    if name not in COMMANDS:
-        raise UserError(f"{name!r} is not a vitpipe command; launch one of {', '.join(RANKED)}")
     if name not in RANKED:
-        if cfg.nodes * cfg.nproc_per_node > 1:
-            raise UserError(f"'vitpipe {name}' runs as one process; launch runs {', '.join(RANKED)} on several "
-                            f"ranks (run 'vitpipe {name}' directly)")
         return
-    parser = build_parser(name)
-    args, unknown = parser.parse_known_args(command)
+    args, unknown = build_parser(name).parse_known_args(command)
     if unknown:
         raise UserError(f"vitpipe {name}: unrecognized arguments: {' '.join(unknown)}; see 'vitpipe {name} --help'")
     stage = importlib.import_module(COMMANDS[name][0])
@@ -315,7 +320,7 @@ def launch(cfg: LaunchConfig, command: list[str], *, dry_run: bool = False) -> i
         return 0
     if cfg.module == "vitpipe.cli" and cfg.backend != "slurm":
         # Not for Slurm: its nodes may see paths (a cluster filesystem) that the submitting host does not.
-        check_command(cfg, command)
+        _preflight(command)
     if cfg.backend == "slurm":
         return run_slurm(cfg, command)
     print(f"vitpipe launch: {plan.shell()}", file=sys.stderr, flush=True)

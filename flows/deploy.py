@@ -140,7 +140,13 @@ def deploy(work_pool: str = DEFAULT_POOL, **kwargs: Any) -> dict[str, str]:
     """Create the work pool if needed and register every deployment; returns {'flow/deployment': id}."""
     from prefect import deploy as prefect_deploy
 
-    deployments = build_deployments(**kwargs)  # bad paths fail here, before a server is contacted
+    from prefect.settings import PREFECT_API_URL
+
+    deployments = build_deployments(**kwargs)  # bad paths and configs fail here, before a server is needed
+    if not PREFECT_API_URL.value():
+        # Prefect would register everything on a temporary server that vanishes when this exits.
+        raise UserError("no Prefect server to deploy to: start one ('prefect server start') and set "
+                        "PREFECT_API_URL=http://127.0.0.1:4200/api (or 'prefect config set PREFECT_API_URL=...')")
     ensure_process_pool(work_pool)
     ids = prefect_deploy(*deployments, work_pool_name=work_pool, print_next_steps_message=False)
     return {f"{d.flow_name}/{d.name}": str(i) for d, i in zip(deployments, ids)}
@@ -181,18 +187,6 @@ def run_cli(args: argparse.Namespace) -> int:
         # a schedule without a config would fail every night; deploy pretraining on demand only
         print("vitpipe deploy: no --pretrain-config, so pretraining is deployed without its schedule")
         cron = None
-    from prefect.settings import PREFECT_API_URL
-
-    from vit.config import FinetuneConfig, PretrainConfig
-    from vit.evaluate import EvaluateConfig
-
-    for path, cls in ((args.pretrain_config, PretrainConfig), (args.finetune_config, FinetuneConfig),
-                      (args.evaluate_config, EvaluateConfig)):
-        _absolute(path, cls)  # config mistakes first: they need no server
-    if not PREFECT_API_URL.value():
-        # Prefect would register everything on a temporary server that vanishes when this exits.
-        raise UserError("no Prefect server to deploy to: start one ('prefect server start') and set "
-                        "PREFECT_API_URL=http://127.0.0.1:4200/api (or 'prefect config set PREFECT_API_URL=...')")
     ids = deploy(args.work_pool, pretrain_config=args.pretrain_config, pretrain_dataset=args.pretrain_dataset,
                  finetune_config=args.finetune_config, evaluate_config=args.evaluate_config,
                  pretrain_cron=cron, dataset_glob=args.dataset_glob, tracking_uri=args.tracking_uri,

@@ -95,10 +95,10 @@ def test_hostfile_checks(tmp_path):
     hostfile.write_text("a slots=2\nb slots=4\n")
     assert read_hostfile(hostfile) == {"a": 2, "b": 4}
     with pytest.raises(UserError, match="--nodes 3: the hostfile .* lists only 2"):
-        build_launch(LaunchConfig(backend="deepspeed", nodes=3, deepspeed={"hostfile": str(hostfile)}), ["x"])
+        build_launch(LaunchConfig(backend="deepspeed", nodes=3, deepspeed={"hostfile": str(hostfile)}), ["pretrain"])
     with pytest.raises(UserError, match=r"--nproc-per-node 4: host\(s\) a \(slots=2\)"):
         build_launch(LaunchConfig(backend="deepspeed", nodes=2, nproc_per_node=4,
-                                  deepspeed={"hostfile": str(hostfile)}), ["x"])
+                                  deepspeed={"hostfile": str(hostfile)}), ["pretrain"])
     for bad in ("a slots=0\n", "a\n", "a slots=2\na slots=2\n", "# only a comment\n"):
         hostfile.write_text(bad)
         with pytest.raises(UserError, match="hostfile|slots"):

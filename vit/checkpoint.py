@@ -193,7 +193,7 @@ class CheckpointManager:
             raise UserError(f"checkpoint {path} was written by {before} ranks with ZeRO-3 and this run has {now}; "
                             f"DeepSpeed cannot yet restore a ZeRO-3 run exactly on another number of ranks. "
                             f"Relaunch with {before} ranks, or start over with --no-resume")
-        partitioned = any(path.glob("*optim_states.pt"))
+        partitioned = _partitioned(path)
         if self.world.is_main:
             if partitioned and not (path / UNIVERSAL).is_dir():
                 say(f"checkpoint {path} was written by {before} ranks, this run has {now}: rewriting its ZeRO "
@@ -208,11 +208,12 @@ class CheckpointManager:
         """Restore engine (weights, optimizer) and this rank's RNG; returns (meta, rank_state).
         A checkpoint of another number of ranks needs `prepare_resize` first."""
         path = self.root / tag
-        resized = self.written_by(tag) != self.world.world_size
+        marker = self.marker(tag)
+        resized = marker["world_size"] != self.world.world_size
         if resized and engine.load_universal_checkpoint():
             load_dir, load_tag = path, UNIVERSAL
-        elif resized and any(path.glob("*optim_states.pt")):
-            raise RuntimeError(f"checkpoint {path} holds ZeRO state of {self.written_by(tag)} ranks; call "
+        elif resized and _partitioned(path):
+            raise RuntimeError(f"checkpoint {path} holds ZeRO state of {marker['world_size']} ranks; call "
                                f"prepare_resize and build the engine with checkpoint.load_universal")
         else:
             load_dir, load_tag = self.root, tag
@@ -224,8 +225,13 @@ class CheckpointManager:
         rank_state = torch.load(mine if mine.is_file() else path / "vitpipe_rank00000.pt", weights_only=False)
         set_rng_state(rank_state.pop("rng"))
         if resized:  # a rank of the old layout has no say over this one's dropout masks
-            reseed(int(self.marker(tag)["step"]), self.world.rank)
+            reseed(int(marker["step"]), self.world.rank)
         return client.get("vitpipe", {}), rank_state
+
+
+def _partitioned(path: Path) -> bool:
+    """Whether a checkpoint holds optimizer state split per rank (ZeRO-1/2, DeepSpeed's bf16 optimizer)."""
+    return any(path.glob("*optim_states.pt"))
 
 
 def reseed(step: int, rank: int) -> None:

@@ -53,21 +53,23 @@ class LinearProbe(nn.Module):
 _FINETUNE_OVERRIDES = {"attn_drop_rate", "head_drop_rate", "global_pool"}
 
 
-_WEIGHT_FILES = (".safetensors", ".pt", ".pth", ".bin")
+_WEIGHT_FILES = (".safetensors", ".pt", ".pth")  # what vit.weights.load_pretrained reads
+_INIT_KINDS = ("an export directory (model.safetensors + config.json), a timm checkpoint file, or "
+               "runs:/RUN_ID/model / models:/NAME@ALIAS")
 
 
 def _check_init(init: str) -> None:
     if not init.strip():
-        raise UserError("init is empty; pass --init with an export directory (model.safetensors + config.json), "
-                        "a timm checkpoint file, or runs:/RUN_ID/model / models:/NAME@ALIAS")
+        raise UserError(f"init is empty; pass --init with {_INIT_KINDS}")
+    if is_mlflow_uri(init):
+        return
     path = Path(init)
-    if not is_mlflow_uri(init) and path.is_file() and path.suffix not in _WEIGHT_FILES:
+    if path.is_file() and path.suffix not in _WEIGHT_FILES:
         hint = f"; pass its folder, {str(path.parent)!r}" if path.name == "config.json" else ""
         raise UserError(f"init={init!r} is not a weights file ({', '.join(_WEIGHT_FILES)}) nor an export "
                         f"directory{hint}")
-    if not is_mlflow_uri(init) and not path.exists():
-        raise UserError(f"init={init!r} does not exist; pass an export directory (model.safetensors + "
-                        f"config.json), a timm checkpoint file, or runs:/RUN_ID/model / models:/NAME@ALIAS")
+    if not path.exists():
+        raise UserError(f"init={init!r} does not exist; pass {_INIT_KINDS}")
 
 
 def preflight(cfg: FinetuneConfig) -> None:
