@@ -25,9 +25,9 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_pretrain import PlainLoop, _cfg, time_rounds  # noqa: E402
-from vit.distributed import World, device_for, init_process_group  # noqa: E402
-from vit.engine import Stepper, build_optimizer, create_engine, ds_config, param_groups  # noqa: E402
-from vit.model import create_model  # noqa: E402
+from vit.train.distributed import World, device_for, init_process_group  # noqa: E402
+from vit.train.engine import Stepper, build_optimizer, create_engine, ds_config, param_groups  # noqa: E402
+from vit.models.vit import create_model  # noqa: E402
 
 
 def _no_lower_precision_comm(c: dict) -> bool:
@@ -56,7 +56,7 @@ VARIANTS = {"ds": lambda c: True, "ds-deepspeed-clip": _deepspeed_clipping, "ds-
 
 
 class VariantLoop:
-    """vitpipe's engine and step (vit.engine.Stepper) with one change to its DeepSpeed config."""
+    """vitpipe's engine and step (vit.train.engine.Stepper) with one change to its DeepSpeed config."""
 
     def __init__(self, name: str, model, batch: int, device):
         self.name = name

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from vit.model import VisionTransformer, preset_config  # noqa: E402
+from vit.models.vit import VisionTransformer, preset_config  # noqa: E402
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -39,7 +39,7 @@ def build_models(preset: str, *, image_size: int | None, depth: int | None, devi
         try:
             from timm.models.vision_transformer import VisionTransformer as TimmViT
 
-            from vit.weights import timm_model_kwargs, vitpipe_to_timm  # needs safetensors, as timm does
+            from vit.models.weights import timm_model_kwargs, vitpipe_to_timm  # needs safetensors, as timm does
         except ImportError:
             print("timm is not importable: timing ours only", file=sys.stderr)
         else:

@@ -3,7 +3,7 @@
 One rank. The two loops alternate in rounds (plain, DeepSpeed, DeepSpeed, plain, ...) inside one
 process so machine noise hits both alike; each round times `--steps` steps after `--warmup`
 untimed ones. Prints one line per loop, the ratio DeepSpeed/plain (goal <= 1.10), images/s and MFU
-where the GPU's peak is known (vit.train.GPU_PEAK_FLOPS); the last stdout line is JSON.
+where the GPU's peak is known (vit.train.loop.GPU_PEAK_FLOPS); the last stdout line is JSON.
 
     python bench/bench_pretrain.py                                         # CPU: ti/4, 32px, fp32
     python bench/bench_pretrain.py --preset b/16 --batch 128 --zero-stage 0 1 2   # GPU: bf16 by default
@@ -29,12 +29,12 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from vit.config import PretrainConfig  # noqa: E402
-from vit.distributed import World, device_for, init_process_group  # noqa: E402
-from vit.engine import (Stepper, build_optimizer, create_engine, ds_config, input_dtype,  # noqa: E402
+from vit.train.config import PretrainConfig  # noqa: E402
+from vit.train.distributed import World, device_for, init_process_group  # noqa: E402
+from vit.train.engine import (Stepper, build_optimizer, create_engine, ds_config, input_dtype,  # noqa: E402
                         param_groups, resolve_precision)
-from vit.model import create_model  # noqa: E402
-from vit.train import peak_flops  # noqa: E402
+from vit.models.vit import create_model  # noqa: E402
+from vit.train.loop import peak_flops  # noqa: E402
 
 
 def _sync(device: torch.device) -> None:
@@ -67,7 +67,7 @@ class PlainLoop:
 
 
 class DeepSpeedLoop:
-    """The same step through vitpipe's engine (vit.engine.create_engine)."""
+    """The same step through vitpipe's engine (vit.train.engine.create_engine)."""
 
     def __init__(self, model, cfg: PretrainConfig, device, precision: str):
         self.name = f"deepspeed-zero{cfg.deepspeed.zero_stage}"

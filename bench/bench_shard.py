@@ -95,7 +95,7 @@ def run_shard(src: Path, out: Path, **kw) -> None:
 
 def run_shard_without_hashing(src: Path, out: Path) -> None:
     """Diagnostic: the same run with sha256 replaced by a no-op, to show what hashing costs."""
-    import pipeline.shard as stage
+    import pipeline.tar_writer as stage
 
     class NoHash:
         def update(self, data):

@@ -8,7 +8,7 @@ the last stdout line is one JSON object with every result.
     python bench/gpu_check.py                                   # the GPU run (defaults)
     python bench/gpu_check.py --device cpu --dtype fp32 --preset micro/4 --batch 4 --steps 2 --no-compile
 
-MFU = flops_per_image(training=True) * images/s / peak dense bf16 FLOP/s of the GPU (vit.train).
+MFU = flops_per_image(training=True) * images/s / peak dense bf16 FLOP/s of the GPU (vit.train.loop).
 timm is optional: without it only our model is timed.
 """
 
@@ -25,11 +25,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 from bench_model import DTYPES, build_models, make_batch, summarize, time_interleaved, train_step  # noqa: E402
-from vit.train import peak_flops as device_peak_flops  # noqa: E402
+from vit.train.loop import peak_flops as device_peak_flops  # noqa: E402
 
 
 def peak_flops(device: str, dtype: str) -> float | None:
-    """Peak dense FLOP/s of this device for bf16/fp16 matmuls (vit.train.GPU_PEAK_FLOPS, the table
+    """Peak dense FLOP/s of this device for bf16/fp16 matmuls (vit.train.loop.GPU_PEAK_FLOPS, the table
     `vitpipe pretrain` logs MFU with), or None where unknown (CPU, fp32, GPUs not in the table)."""
     if not device.startswith("cuda") or dtype == "fp32":
         return None

@@ -30,7 +30,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from vit.launch import read_hostfile
+from vit.train.launch import read_hostfile
 from vitpipe.config import StageConfig, add_config_arguments, config_from_args
 from vitpipe.errors import UserError
 
@@ -117,7 +117,7 @@ def _check_command(cfg: LaunchConfig, command: list[str]) -> None:
 
 def local_launch(cfg: LaunchConfig, command: list[str]) -> Launch:
     """This machine: one plain process, or `torchrun --standalone` for several ranks."""
-    from vit.launch import launcher_argv
+    from vit.train.launch import launcher_argv
 
     if cfg.nodes != 1:
         raise UserError(f"--nodes {cfg.nodes} with --backend local: local runs on this machine only; "
@@ -141,7 +141,7 @@ def _is_this_machine(host: str) -> bool:
 def deepspeed_launch(cfg: LaunchConfig, command: list[str]) -> Launch:
     """DeepSpeed's launcher: pdsh/ssh to the first `nodes` hosts of the hostfile, `nproc_per_node` ranks each.
 
-    Built here rather than by vit.launch.launcher_argv, which uses every host and slot of the file
+    Built here rather than by vit.train.launch.launcher_argv, which uses every host and slot of the file
     (`vitpipe pretrain --hostfile`); this one selects the hosts and GPUs a launch profile asks for.
     """
     ds = cfg.deepspeed

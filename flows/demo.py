@@ -101,7 +101,7 @@ def build_collections(images: Path, size: DemoSize) -> tuple[Path, Path]:
 
 def _prepare_tracking(out: Path) -> str:
     """A SQLite store in OUT; its experiment keeps the artifacts in OUT too (OUT/mlartifacts)."""
-    from vit.tracking import experiment_id
+    from vit.tracking.tracker import experiment_id
 
     uri = f"sqlite:///{out / 'mlflow.db'}"
     experiment_id(uri, EXPERIMENT)

@@ -88,7 +88,7 @@ def build_deployments(*, pretrain_config: str | None = None, pretrain_dataset: s
 
     from flows.pipeline import pipeline_flow
     from flows.stages import REGISTERED_MODEL, evaluate_flow, finetune_flow, pretrain_flow, shard_flow
-    from vit.config import FinetuneConfig, PretrainConfig
+    from vit.train.config import FinetuneConfig, PretrainConfig
     from vit.evaluate import EvaluateConfig
 
     register_as = register_as or REGISTERED_MODEL

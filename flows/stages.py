@@ -427,7 +427,7 @@ def pretrain_flow(config: str | None = None, overrides: dict[str, Any] | None = 
                   tracking_uri: str | None = None, experiment: str = tracking.DEFAULT_EXPERIMENT,
                   parent_run_id: str | None = None, launch_options: dict[str, Any] | None = None) -> dict:
     """Pretrain a ViT on a shard set with `nproc` DeepSpeed ranks; returns its MLflow run and metrics."""
-    from vit.config import PretrainConfig
+    from vit.train.config import PretrainConfig
 
     uri = tracking_uri or tracking.default_tracking_uri()
     cfg = resolve_config(PretrainConfig, config, overrides,
@@ -455,7 +455,7 @@ def finetune_flow(dataset: str | None = None, dataset_name: str | None = None, c
     the result is then evaluated on the val split, registered as `candidate` of that model and
     promoted to `champion` if it beats the champion on the same split.
     """
-    from vit.config import FinetuneConfig
+    from vit.train.config import FinetuneConfig
 
     uri = tracking_uri or tracking.default_tracking_uri()
     if out is None and dataset is not None:
@@ -524,8 +524,8 @@ def register_task(export: str, name: str, run_id: str, evaluation: dict, uri: st
     The version carries its evaluation as tags, so `promote_if_better` compares it with the
     champion on the same split only.
     """
-    from vit import registry
-    from vit.weights import load_pretrained
+    from vit.tracking import registry
+    from vit.models.weights import load_pretrained
 
     logger = get_run_logger()
     model = load_pretrained(export)

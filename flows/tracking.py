@@ -36,7 +36,7 @@ def _client(uri: str):
 
 def experiment_id(uri: str, name: str) -> str:
     """Id of experiment `name`, created on first use (the training stages' own helper)."""
-    from vit.tracking import experiment_id as _experiment_id
+    from vit.tracking.tracker import experiment_id as _experiment_id
 
     return _experiment_id(uri, name)
 

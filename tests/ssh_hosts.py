@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from vit.distributed import free_port
+from vit.train.distributed import free_port
 
 PROGRAMS = {"sshd": "openssh-server", "ssh": "openssh-client", "ssh-keygen": "openssh-client", "pdsh": "pdsh"}
 

@@ -11,11 +11,11 @@ import textwrap
 import pytest
 import torch
 
-from vit.checkpoint import LATEST, MARKER, CheckpointManager, consolidated_state_dict, export_checkpoint
-from vit.config import PretrainConfig
-from vit.distributed import World, init_process_group
-from vit.engine import build_optimizer, create_engine, ds_config, param_groups
-from vit.model import create_model
+from vit.train.checkpoint import LATEST, MARKER, CheckpointManager, consolidated_state_dict, export_checkpoint
+from vit.train.config import PretrainConfig
+from vit.train.distributed import World, init_process_group
+from vit.train.engine import build_optimizer, create_engine, ds_config, param_groups
+from vit.models.vit import create_model
 
 CPU = torch.device("cpu")
 
@@ -126,8 +126,8 @@ _RESIZE_SCRIPT = textwrap.dedent("""
     from pathlib import Path
     sys.path.insert(0, {tests!r})
     from test_checkpoint import _engine, _train, _save, _weights
-    from vit.checkpoint import CheckpointManager
-    from vit.distributed import World, init_process_group
+    from vit.train.checkpoint import CheckpointManager
+    from vit.train.distributed import World, init_process_group
     world = World.from_env()
     init_process_group(world, torch.device("cpu"))
     out, stage, mode = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
@@ -181,7 +181,7 @@ def test_resume_on_another_number_of_ranks_continues_exactly(tmp_path, stage, sa
 def test_export_equals_live_weights(tmp_path, stage):
     import deepspeed
 
-    from vit.weights import load_pretrained
+    from vit.models.weights import load_pretrained
 
     engine = _engine(stage=stage)
     _train(engine, 3)
@@ -204,10 +204,10 @@ _ZERO3_SCRIPT = textwrap.dedent("""
     from pathlib import Path
     sys.path.insert(0, {tests!r})
     from test_checkpoint import _engine, _train, _save
-    from vit.checkpoint import CheckpointManager, export_checkpoint
-    from vit.distributed import World, init_process_group
-    from vit.model import create_model
-    from vit.weights import load_pretrained
+    from vit.train.checkpoint import CheckpointManager, export_checkpoint
+    from vit.train.distributed import World, init_process_group
+    from vit.models.vit import create_model
+    from vit.models.weights import load_pretrained
     world = World.from_env()
     init_process_group(world, torch.device("cpu"))
     out = Path(sys.argv[1])

@@ -14,7 +14,7 @@ import sys
 import pytest
 
 from cluster.launch import SBATCH_SCRIPT, LaunchConfig, build_launch
-from vit.launch import read_hostfile
+from vit.train.launch import read_hostfile
 from vitpipe.cli import main
 from vitpipe.errors import UserError
 
@@ -168,7 +168,7 @@ def _check_pod_command(container: dict, config_map: dict, tmp_path) -> tuple:
     and that file is a valid PretrainConfig. Returns torchrun's parsed arguments."""
     from torch.distributed.run import get_args_parser
 
-    from vit.config import PretrainConfig
+    from vit.train.config import PretrainConfig
     from vitpipe.cli import build_parser
     from vitpipe.config import build_config
 

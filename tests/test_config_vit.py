@@ -6,7 +6,7 @@ import argparse
 
 import pytest
 
-from vit.config import FinetuneConfig, PretrainConfig, add_stage_arguments, stage_config_from_args
+from vit.train.config import FinetuneConfig, PretrainConfig, add_stage_arguments, stage_config_from_args
 from vitpipe.config import ConfigError, build_config
 from vitpipe.errors import UserError
 

@@ -81,7 +81,7 @@ def test_finetuned_model_is_registered_as_candidate_and_champion(runs, small_dem
     import mlflow
     import torch
 
-    from vit.registry import load_registered
+    from vit.tracking.registry import load_registered
 
     client, _, children = runs
     (ft,) = children["finetune"]

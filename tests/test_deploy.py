@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from flows.deploy import FINETUNE_DEPLOYMENT, build_deployments, deploy
-from vit.distributed import free_port
+from vit.train.distributed import free_port
 from vitpipe.cli import main as vitpipe_main
 
 PREFECT = str(Path(sys.executable).with_name("prefect"))
@@ -143,8 +143,8 @@ def _register_champion(uri: str, image_size: int) -> None:
     """A tiny real ViT registered as vitpipe-vit@champion: the backbone new datasets start from."""
     import mlflow
 
-    from vit import registry
-    from vit.model import create_model
+    from vit.tracking import registry
+    from vit.models.vit import create_model
 
     model = create_model("micro/4", image_size=image_size, in_chans=1, num_classes=10)
     previous = mlflow.get_tracking_uri()

@@ -10,8 +10,8 @@ import sys
 import pytest
 
 from ssh_hosts import ssh_hosts  # noqa: F401  (pytest fixture)
-from vit.distributed import World, backend_for, first_host
-from vit.launch import add_launch_arguments, is_worker, launcher_argv, strip_launch_options
+from vit.train.distributed import World, backend_for, first_host
+from vit.train.launch import add_launch_arguments, is_worker, launcher_argv, strip_launch_options
 from vitpipe.errors import UserError
 
 
@@ -64,7 +64,7 @@ def test_first_host(nodelist, host):
 def test_single_process_group_then_a_launch_from_the_same_process():
     import torch
 
-    from vit.distributed import init_process_group
+    from vit.train.distributed import init_process_group
 
     init_process_group(World(), torch.device("cpu"))
     assert torch.distributed.is_initialized() and torch.distributed.get_world_size() == 1
@@ -82,7 +82,7 @@ def test_torchrun_of_one_rank_keeps_its_store_port():
 
 _TORCHRUN_OF_ONE = """
 import torch
-from vit.distributed import World, init_process_group
+from vit.train.distributed import World, init_process_group
 world = World.from_env()
 init_process_group(world, torch.device("cpu"), timeout_s=60)
 t = torch.ones(1)
@@ -177,7 +177,7 @@ def test_bad_inputs_fail_once_before_launching_ranks(argv, message, digits_shard
 @pytest.mark.multiprocess
 def test_two_nodes_on_localhost(digits_shards, tmp_path):
     """Two launcher processes (node ranks 0 and 1, one rank each) rendezvous on 127.0.0.1 and train."""
-    from vit.distributed import free_port
+    from vit.train.distributed import free_port
 
     port = str(free_port())
     common = [sys.executable, "-m", "vitpipe.cli", "pretrain", "--data.shards", str(digits_shards),
@@ -210,7 +210,7 @@ def test_hostfile_launch_over_ssh_to_two_hosts(digits_shards, tmp_path, ssh_host
 
     from mlflow import MlflowClient
 
-    from vit.distributed import free_port
+    from vit.train.distributed import free_port
 
     hostfile = tmp_path / "hosts"
     hostfile.write_text("127.0.0.1 slots=1\nlocalhost slots=1\n")
@@ -240,7 +240,7 @@ def test_deepspeed_launcher_on_this_machine(digits_shards, tmp_path):
     (with --hostfile, over ssh: test_hostfile_launch_over_ssh_to_two_hosts)."""
     import json
 
-    from vit.distributed import free_port
+    from vit.train.distributed import free_port
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "vitpipe.cli", "pretrain", "--data.shards", str(digits_shards),
@@ -261,10 +261,10 @@ def test_engine_builds_again_after_the_process_group_is_recreated():
     reuse DeepSpeed's cached sub-groups of the destroyed group ('Group ... is not registered')."""
     import torch
 
-    from vit.config import PretrainConfig
-    from vit.distributed import World, destroy_process_group, init_process_group
-    from vit.engine import build_optimizer, create_engine, ds_config, param_groups
-    from vit.model import create_model
+    from vit.train.config import PretrainConfig
+    from vit.train.distributed import World, destroy_process_group, init_process_group
+    from vit.train.engine import build_optimizer, create_engine, ds_config, param_groups
+    from vit.models.vit import create_model
 
     cpu = torch.device("cpu")
     cfg = PretrainConfig(data={"shards": "s", "batch_size": 4})

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vit.config import OptimSection, PretrainConfig, ScheduleSection
-from vit.engine import (Stepper, build_optimizer, clips_itself, create_engine, ds_config, layer_id, lr_at,
+from vit.train.config import OptimSection, PretrainConfig, ScheduleSection
+from vit.train.engine import (Stepper, build_optimizer, clips_itself, create_engine, ds_config, layer_id, lr_at,
                         merge_extra, param_groups, resolve_precision, set_lr)
-from vit.model import create_model
+from vit.models.vit import create_model
 from vitpipe.errors import UserError
 
 CPU = torch.device("cpu")
@@ -20,7 +20,7 @@ def _cfg(**deepspeed) -> PretrainConfig:
 
 def _micro_engine(cfg: PretrainConfig, *, layer_decay: float = 1.0, compile: bool = False):
     """A real DeepSpeed engine (one gloo rank) around a seeded micro ViT for 16x16 inputs, 4 classes."""
-    from vit.distributed import World, init_process_group
+    from vit.train.distributed import World, init_process_group
 
     init_process_group(World(), CPU)
     torch.manual_seed(0)
@@ -68,7 +68,7 @@ def test_precision_choice():
 @pytest.mark.parametrize("precision,weight_dtype", [("bf16", torch.float32), ("bf16_full", torch.bfloat16)])
 def test_bf16_modes_train_on_cpu(precision, weight_dtype):
     """bf16 = autocast over fp32 weights (bf16 matmuls); bf16_full = bf16 weights fed bf16 inputs."""
-    from vit.engine import input_dtype
+    from vit.train.engine import input_dtype
 
     engine = _micro_engine(_cfg(zero_stage=0, precision=precision))
     set_lr(engine, 2e-3)
@@ -155,7 +155,7 @@ def test_own_clipping_at_zero0_matches_deepspeeds(precision):
     with a clip low enough to act on every step, and the norm is reported (DeepSpeed reports none)."""
     from two_rank_clip import clip_config, engine_pair
 
-    from vit.distributed import World, init_process_group
+    from vit.train.distributed import World, init_process_group
 
     cfg = clip_config(precision)
     assert ds_config(cfg, device=CPU)["gradient_clipping"] == 0.0
@@ -236,6 +236,6 @@ def test_compiled_engine_trains_and_keeps_plain_parameter_names():
     ("NVIDIA GeForce GTX 1080", "bf16", None),  # unknown: no MFU rather than a wrong one
 ])
 def test_gpu_peak_table_matches_the_most_specific_name(name, precision, peak):
-    from vit.train import peak_flops_by_name
+    from vit.train.loop import peak_flops_by_name
 
     assert peak_flops_by_name(name, precision) == peak

@@ -21,7 +21,7 @@ def _data(shards: Path, **kw) -> DataConfig:
 
 
 def _model(num_classes: int = 10, seed: int = 0):
-    from vit.model import create_model
+    from vit.models.vit import create_model
 
     torch.manual_seed(seed)
     model = create_model("micro/4", in_chans=1, num_classes=num_classes)
@@ -34,7 +34,7 @@ def _model(num_classes: int = 10, seed: int = 0):
 
 @pytest.fixture(scope="module")
 def export_dir(tmp_path_factory) -> Path:
-    from vit.weights import save_pretrained
+    from vit.models.weights import save_pretrained
 
     return save_pretrained(_model(), tmp_path_factory.mktemp("export") / "export")
 
@@ -133,7 +133,7 @@ def test_vitpipe_evaluate_writes_and_logs_one_run(digits_shards, export_dir, tmp
 
 def test_backbone_without_head_gets_knn_only(digits_shards, tmp_path):
     from vit.evaluate import EvaluateConfig, evaluate
-    from vit.weights import save_pretrained
+    from vit.models.weights import save_pretrained
 
     backbone = save_pretrained(_model(num_classes=0), tmp_path / "backbone")
     cfg = EvaluateConfig(model=str(backbone), data=_data(digits_shards), out=str(tmp_path / "out"),
@@ -146,7 +146,7 @@ def test_backbone_without_head_gets_knn_only(digits_shards, tmp_path):
 def test_a_head_for_other_classes_gets_knn_only_when_asked(digits_shards, tmp_path, capsys):
     """--knn.enabled measures the features of a model whose head was trained on other classes."""
     from vit.evaluate import EvaluateConfig, evaluate
-    from vit.weights import save_pretrained
+    from vit.models.weights import save_pretrained
 
     five = save_pretrained(_model(num_classes=5), tmp_path / "five")
     cfg = EvaluateConfig(model=str(five), data=_data(digits_shards), out=str(tmp_path / "out"),
@@ -176,7 +176,7 @@ DIGITS = [str(i) for i in range(10)]
     (["--knn.enabled", "FLAG", "--knn.k", "0"], "knn.k.0: Input should be greater than 0"),  # before any work
 ])
 def test_bad_input_is_one_clear_line(args, message, digits_shards, export_dir, tmp_path, capsys):
-    from vit.weights import save_pretrained
+    from vit.models.weights import save_pretrained
 
     models = {"BACKBONE": save_pretrained(_model(0), tmp_path / "b"), "FIVE": save_pretrained(_model(5), tmp_path / "f"),
               "LETTERS": save_pretrained(_named(list("abcdefghij")), tmp_path / "l"),
@@ -195,7 +195,7 @@ def test_bad_input_is_one_clear_line(args, message, digits_shards, export_dir, t
 def test_recorded_class_names_are_checked_against_the_data(digits_shards, tmp_path, capsys):
     """An export that names its classes is scored only on data with the same classes in the same
     order; --no-check-classes accepts other names (e.g. renamed folders)."""
-    from vit.weights import save_pretrained
+    from vit.models.weights import save_pretrained
 
     base = ["evaluate", "--data.shards", str(digits_shards), "--data.channels", "1", "--data.mean", "[0.5]",
             "--data.std", "[0.5]", "--data.num-workers", "0", "--no-tracking.enabled"]
@@ -259,7 +259,7 @@ def _rank_main(rank: int, world: int, port: int, shards: str, queue) -> None:
 @pytest.mark.multiprocess
 @pytest.mark.slow
 def test_two_ranks_count_every_val_sample_once(digits_shards):
-    from vit.distributed import free_port
+    from vit.train.distributed import free_port
 
     ctx = torch.multiprocessing.get_context("spawn")
     queue = ctx.SimpleQueue()
@@ -298,9 +298,9 @@ def test_vitpipe_evaluate_nproc_2_equals_one_process(digits_shards, export_dir, 
 def _export_with_training(tmp_path: Path, shards: Path, *, train_config: bool = True) -> Path:
     """A 16x16 grayscale model exported as training exports it: weights + config.json, and the
     training config (vitpipe.config.save_config of a real PretrainConfig) as train_config.yaml."""
-    from vit.config import PretrainConfig
-    from vit.model import create_model
-    from vit.weights import save_pretrained
+    from vit.train.config import PretrainConfig
+    from vit.models.vit import create_model
+    from vit.models.weights import save_pretrained
     from vitpipe.config import save_config
 
     torch.manual_seed(0)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from vit.config import FinetuneConfig, PretrainConfig
+from vit.train.config import FinetuneConfig, PretrainConfig
 from vit.finetune import LinearProbe, finetune, load_init
 from vit.pretrain import pretrain
 from vitpipe.errors import UserError
@@ -79,8 +79,8 @@ def test_timm_checkpoint_and_mlflow_uris_load(pretrained, digits_shards, tmp_pat
     import mlflow
     import timm
 
-    from vit.registry import register_model
-    from vit.weights import load_pretrained
+    from vit.tracking.registry import register_model
+    from vit.models.weights import load_pretrained
 
     # A timm ViT of the micro/4 architecture, saved the way timm users save theirs.
     torch.manual_seed(0)
@@ -114,7 +114,7 @@ def test_timm_checkpoint_and_mlflow_uris_load(pretrained, digits_shards, tmp_pat
 
 
 def test_linear_probe_never_backpropagates_into_the_backbone():
-    from vit.model import create_model
+    from vit.models.vit import create_model
 
     model = create_model("micro/4", num_classes=3, image_size=16)
     probe = LinearProbe(model).train()
@@ -162,7 +162,7 @@ def test_unset_data_options_follow_the_init(digits_shards, tmp_path):
 def test_full_finetune_at_higher_resolution(pretrained, digits_shards, tmp_path, mlflow_uri):
     from mlflow import MlflowClient
 
-    from vit.weights import load_pretrained
+    from vit.models.weights import load_pretrained
 
     r, _ = pretrained
     cfg = _cfg(digits_shards, tmp_path, r["export"], data={"image_size": 24}, layer_decay=0.7,
@@ -185,7 +185,7 @@ def test_full_finetune_at_higher_resolution(pretrained, digits_shards, tmp_path,
 
 @pytest.mark.slow
 def test_linear_probe_run_changes_only_the_head(pretrained, digits_shards, tmp_path):
-    from vit.weights import load_pretrained
+    from vit.models.weights import load_pretrained
 
     r, _ = pretrained
     res = finetune(_cfg(digits_shards, tmp_path, r["export"], mode="linear_probe", optim={"lr": 3e-3},

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vit.knn import extract_features, knn_evaluate, knn_predict
+from vit.evaluation.knn import extract_features, knn_evaluate, knn_predict
 
 
 def _digits_batches(batch: int = 128):
@@ -60,7 +60,7 @@ def test_bad_arguments_name_the_value():
 
 
 def test_real_digits_through_an_untrained_vit_beat_chance_by_far():
-    from vit.model import create_model
+    from vit.models.vit import create_model
 
     torch.manual_seed(0)
     model = create_model("micro/4", in_chans=1, num_classes=0)  # a backbone without a head
@@ -75,7 +75,7 @@ def test_real_digits_through_an_untrained_vit_beat_chance_by_far():
 
 
 def test_a_k_above_the_memory_size_is_said(capsys):
-    from vit.model import create_model
+    from vit.models.vit import create_model
 
     torch.manual_seed(0)
     model = create_model("micro/4", in_chans=1, num_classes=0)
@@ -90,7 +90,7 @@ def _rank_main(rank: int, world: int, port: int, queue) -> None:
 
     import torch.distributed as dist
 
-    from vit.model import create_model
+    from vit.models.vit import create_model
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -108,8 +108,8 @@ def _rank_main(rank: int, world: int, port: int, queue) -> None:
 @pytest.mark.multiprocess
 @pytest.mark.slow
 def test_two_ranks_give_the_single_process_result():
-    from vit.distributed import free_port
-    from vit.model import create_model
+    from vit.train.distributed import free_port
+    from vit.models.vit import create_model
 
     ctx = torch.multiprocessing.get_context("spawn")
     queue = ctx.SimpleQueue()

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from sklearn import metrics as skm
 
-from vit.metrics import ClassificationMetrics, confusion_matrix, per_class_metrics, topk_correct
+from vit.evaluation.metrics import ClassificationMetrics, confusion_matrix, per_class_metrics, topk_correct
 
 
 def _data(n: int = 300, c: int = 7, seed: int = 0):
@@ -108,7 +108,7 @@ def _rank_main(rank: int, world: int, port: int, parts, queue) -> None:
 
 @pytest.mark.multiprocess
 def test_reduce_over_two_gloo_ranks_counts_each_sample_once():
-    from vit.distributed import free_port
+    from vit.train.distributed import free_port
 
     logits, targets = _data(n=301, c=7, seed=3)
     # Unequal shares, as with a split whose shards do not divide evenly over ranks.

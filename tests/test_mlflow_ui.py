@@ -38,7 +38,7 @@ def artifacts_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def mlflow_ui(small_demo, tmp_path_factory):
     """`mlflow server` on the demo's SQLite store, on a free 127.0.0.1 port; stopped at the end."""
-    from vit.distributed import free_port
+    from vit.train.distributed import free_port
 
     port = free_port()
     log = tmp_path_factory.mktemp("mlflow_ui") / "server.log"

@@ -1,4 +1,4 @@
-"""vit/model.py: shapes of every preset, the paper's architecture choices, and the model's methods."""
+"""vit/models/vit.py: shapes of every preset, the paper's architecture choices, and the model's methods."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-import vit.model
-from vit.model import PRESETS, VisionTransformer, ViTConfig, create_model, preset_config
+import vit.models.vit
+from vit.models.vit import PRESETS, VisionTransformer, ViTConfig, create_model, preset_config
 from vitpipe.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -53,7 +53,7 @@ def test_paper_sizes():
 
 def test_num_params_matches_timm_and_counts_embeddings():
     timm = pytest.importorskip("timm")
-    from vit.weights import timm_model_kwargs
+    from vit.models.weights import timm_model_kwargs
 
     cfg = preset_config("s/16", depth=2)
     ours = VisionTransformer(cfg)
@@ -232,7 +232,7 @@ def test_flops_match_pytorch_flop_counter():
 
 
 def test_model_file_imports_only_torch_and_stdlib():
-    tree = ast.parse(Path(vit.model.__file__).read_text())
+    tree = ast.parse(Path(vit.models.vit.__file__).read_text())
     modules = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
     modules |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
     tops = {m.split(".")[0] for m in modules}

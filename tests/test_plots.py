@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vit.plots import plot_confusion_matrix, plot_curves, plot_run_curves
+from vit.evaluation.plots import plot_confusion_matrix, plot_curves, plot_run_curves
 
 
 def _pixels(path) -> np.ndarray:

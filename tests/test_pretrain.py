@@ -16,9 +16,9 @@ import pytest
 import torch
 import yaml
 
-from vit.config import PretrainConfig
+from vit.train.config import PretrainConfig
 from vit.pretrain import pretrain
-from vit.weights import load_pretrained
+from vit.models.weights import load_pretrained
 from vitpipe.errors import UserError
 
 # Small and quick on a CPU: 16x16 digits, the micro model, gentle crops, no flips (digits have handedness).
@@ -70,7 +70,7 @@ def test_pretrain_in_process_then_extend(digits_shards, tmp_path, mlflow_uri):
     """The plain Python call (what Prefect flows use); relaunching with more steps resumes the same job."""
     from mlflow import MlflowClient
 
-    from vit.weights import load_pretrained
+    from vit.models.weights import load_pretrained
 
     out = tmp_path / "run"
     cfg = PretrainConfig(**_config(digits_shards, out, mlflow_uri,
@@ -112,7 +112,7 @@ def test_a_warmup_as_long_as_the_run_is_said(digits_shards, tmp_path, capsys):
 
 
 def test_summary_gives_one_loss_for_one_logging_window():
-    from vit.train import _summary
+    from vit.train.loop import _summary
 
     r = {"stage": "pretrain", "steps_this_launch": 4, "seconds": 3.0, "step": 4, "export": "e"}
     assert "loss 2.306, " in _summary({**r, "first_loss": 2.306, "final_loss": 2.306})  # steps <= log_every
@@ -135,7 +135,7 @@ def two_rank_run(digits_shards, tmp_path_factory):
 def test_two_ranks_zero2_loss_falls_and_one_mlflow_run(two_rank_run):
     from mlflow import MlflowClient
 
-    from vit.weights import load_pretrained
+    from vit.models.weights import load_pretrained
 
     root, uri, _, proc = two_rank_run
     assert "torch.distributed.run --nproc-per-node 2" in proc.stderr

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from vit.registry import (CANDIDATE, CHAMPION, SPLIT_TAG, load_registered, promote_if_better, register_model,
+from vit.tracking.registry import (CANDIDATE, CHAMPION, SPLIT_TAG, load_registered, promote_if_better, register_model,
                           version_by_alias)
 
 
@@ -26,7 +26,7 @@ def tracking(mlflow_uri):
 
 
 def _model(seed: int = 0):
-    from vit.model import create_model
+    from vit.models.vit import create_model
 
     torch.manual_seed(seed)
     model = create_model("micro/4", in_chans=1, num_classes=10)
@@ -81,7 +81,7 @@ def test_versions_are_stored_without_pickle_and_old_pickled_ones_still_load(trac
         info = mlflow.pytorch.log_model(model, name="model", serialization_format="pickle")
     version = mlflow.register_model(info.model_uri, "legacy")
     MlflowClient().set_registered_model_alias("legacy", CANDIDATE, version.version)
-    with caplog.at_level("WARNING", logger="vit.registry"):
+    with caplog.at_level("WARNING", logger="vit.tracking.registry"):
         old = load_registered("legacy")
     assert torch.allclose(old(x), model(x), atol=1e-6)
     assert "unpickles it on load" in caplog.text
@@ -134,7 +134,7 @@ def test_registered_model_is_served_over_http_by_mlflow(tracking, tmp_path):
     import urllib.request
 
     from local_server import local_server, venv_command, venv_path_env
-    from vit.distributed import free_port
+    from vit.train.distributed import free_port
 
     model, x = _model(), _images(3)
     register_model(model, "served", alias=CHAMPION)

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from cluster.object_store import upload_shard_set
-from vit.distributed import free_port
+from vit.train.distributed import free_port
 from vitpipe.errors import UserError
 
 BUCKET = "vitpipe-test"

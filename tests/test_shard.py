@@ -19,7 +19,8 @@ import webdataset as wds
 from PIL import Image
 
 from pipeline.index import load_index, shard_urls
-from pipeline.shard import ShardConfig, _order_key, shard, split_of
+from pipeline.plan import _order_key, split_of
+from pipeline.shard import ShardConfig, shard
 from pipeline.verify import verify
 from vitpipe.config import ConfigError
 from vitpipe.errors import UserError
@@ -344,7 +345,7 @@ def test_reencoding_on_two_workers_matches_one_with_the_same_failures(messy_dir,
 def test_threaded_reads_give_the_same_shards(messy_dir, tmp_path, monkeypatch):
     """Slow storage moves reads onto threads (decided per shard from the first reads): forcing
     that path, and forcing it for every file, changes nothing in the output."""
-    import pipeline.shard as stage
+    import pipeline.run as stage
 
     src, expected = messy_dir
     cfg = dict(src=str(src), val_ratio=0.2, max_samples_per_shard=40)
@@ -363,7 +364,7 @@ def test_samples_read_on_threads_once_reads_are_slow(tmp_path, monkeypatch):
     """The probe: fast reads stay on the calling thread, slow ones move to reader threads."""
     import threading
 
-    import pipeline.shard as stage
+    import pipeline.run as stage
     from pipeline.packaged_data import write_digits
     from pipeline.sources import list_source
 
@@ -710,7 +711,7 @@ def test_tar_writer_matches_tarfile_byte_for_byte(background, tmp_path):
     """The fast header path writes exactly what Python's tarfile writes with the same fixed fields,
     whether a second thread writes the chunks or the caller does (pool workers); 1 KiB chunks
     make each sample a chunk of its own, and writeback is started every 2 KiB of a real file."""
-    from pipeline.shard import ShardTarWriter
+    from pipeline.tar_writer import ShardTarWriter
 
     members = [("0/0001.png", b"p" * 700), ("0/0001.cls", b"3"), ("k" * 100 + ".json", b"{}"),
                ("deep/" + "n" * 150 + ".jpg", b"j" * 1025), ("e.json", b""), ("x.bin", b"b" * 512)]
@@ -877,7 +878,7 @@ def test_sorted_sample_order_keeps_keys_sorted(digits_dir, tmp_path):
 def test_read_bytes_reads_to_the_end_whatever_the_listed_size(tmp_path):
     """The listed size is a hint for one read; a file that grew or shrank since, or a short read,
     still comes back whole."""
-    from pipeline.shard import read_bytes
+    from pipeline.run import read_bytes
 
     path = tmp_path / "f.bin"
     data = os.urandom(3 << 20)

@@ -9,8 +9,8 @@ import time
 import pytest
 from mlflow import MlflowClient
 
-from vit.config import TrackingSection
-from vit.tracking import Tracker, check_reachable, flatten, resolve_uri, tracked
+from vit.train.config import TrackingSection
+from vit.tracking.tracker import Tracker, check_reachable, flatten, resolve_uri, tracked
 from vitpipe.errors import UserError
 
 
@@ -44,7 +44,7 @@ def test_run_finished_with_params_metrics_tags(mlflow_uri):
 def test_sqlite_store_keeps_artifacts_beside_the_database(tmp_path, monkeypatch):
     """An experiment a stage creates in a SQLite store puts its artifacts in mlartifacts/ next to
     the .db (a relative database path counts from the working directory), not in ./mlruns."""
-    from vit.tracking import artifact_location
+    from vit.tracking.tracker import artifact_location
 
     store = tmp_path / "store"
     store.mkdir()
@@ -107,7 +107,7 @@ def test_other_ranks_and_disabled_tracking_do_nothing(mlflow_uri):
 
 
 def test_unreachable_server_warns_fast_or_fails_fast():
-    from vit.distributed import free_port
+    from vit.train.distributed import free_port
 
     uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     assert check_reachable(uri) is not None and check_reachable("sqlite:///x.db") is None

@@ -1,4 +1,4 @@
-"""vit/weights.py: our safetensors format, timm checkpoints both ways, position-embedding resampling."""
+"""vit/models/weights.py: our safetensors format, timm checkpoints both ways, position-embedding resampling."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from vit.model import VisionTransformer, ViTConfig
-from vit.weights import (config_from_timm, load_pretrained, load_timm_checkpoint, resample_pos_embed,
+from vit.models.vit import VisionTransformer, ViTConfig
+from vit.models.weights import (config_from_timm, load_pretrained, load_timm_checkpoint, resample_pos_embed,
                          save_pretrained, timm_model_kwargs, timm_to_vitpipe, vitpipe_to_timm)
 from vitpipe.errors import UserError
 
@@ -155,7 +155,7 @@ def test_save_and_load_round_trip(tmp_path):
 
 
 def test_class_names_travel_with_the_export_until_the_head_changes(tmp_path):
-    from vit.weights import read_class_names
+    from vit.models.weights import read_class_names
     from vitpipe.errors import UserError
 
     model = randomized(VisionTransformer(SMALL))
@@ -190,7 +190,7 @@ def test_load_at_a_new_resolution_resamples_pos_embed(tmp_path):
 def test_load_with_another_class_count_gets_a_fresh_head_and_says_so(tmp_path, caplog):
     model = randomized(VisionTransformer(SMALL))
     save_pretrained(model, tmp_path)
-    with caplog.at_level(logging.WARNING, logger="vit.weights"):
+    with caplog.at_level(logging.WARNING, logger="vit.models.weights"):
         loaded = load_pretrained(tmp_path, num_classes=3)
     assert "head has 5 classes" in caplog.text and "fresh" in caplog.text
     assert loaded.head.out_features == 3 and torch.count_nonzero(loaded.head.weight) == 0
@@ -287,7 +287,7 @@ def test_pickled_code_is_refused_not_run(tmp_path):
 
 def test_load_as_a_backbone_drops_the_head(tmp_path, caplog):
     save_pretrained(randomized(VisionTransformer(SMALL)), tmp_path)
-    with caplog.at_level(logging.WARNING, logger="vit.weights"):
+    with caplog.at_level(logging.WARNING, logger="vit.models.weights"):
         backbone = load_pretrained(tmp_path, num_classes=0)
     assert "dropping it" in caplog.text
     assert backbone(images(SMALL)).shape == (3, SMALL.embed_dim)

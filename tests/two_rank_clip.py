@@ -1,5 +1,5 @@
 """Run by tests/test_engine.py under torchrun with 2 ranks: vitpipe's own gradient clipping at ZeRO-0
-(vit.engine.Stepper) must equal DeepSpeed's when each rank sees different data, i.e. it must clip
+(vit.train.engine.Stepper) must equal DeepSpeed's when each rank sees different data, i.e. it must clip
 the gradients after DeepSpeed averaged them over the ranks, not each rank's own. Prints the largest
 difference; exits non-zero on a mismatch."""
 
@@ -10,10 +10,10 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from vit.config import PretrainConfig
-from vit.distributed import World, destroy_process_group, init_process_group
-from vit.engine import Stepper, build_optimizer, create_engine, ds_config, param_groups, set_lr
-from vit.model import create_model
+from vit.train.config import PretrainConfig
+from vit.train.distributed import World, destroy_process_group, init_process_group
+from vit.train.engine import Stepper, build_optimizer, create_engine, ds_config, param_groups, set_lr
+from vit.models.vit import create_model
 
 CPU = torch.device("cpu")
 

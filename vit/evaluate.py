@@ -9,7 +9,7 @@ From a training loop, call `evaluate_model(model, loader, class_names=..., devic
 rank, then `log_evaluation(results)` on rank 0 to log into the stage's own MLflow run. Results:
 top-1, top-5 (>= 5 classes), loss, per-class precision/recall/F1, the confusion matrix (PNG and
 JSON) and `results.json`; every sample of the split counts once over all ranks (see
-`vit.metrics.ClassificationMetrics`). `vitpipe evaluate` on its own opens one MLflow run for
+`vit.evaluation.metrics.ClassificationMetrics`). `vitpipe evaluate` on its own opens one MLflow run for
 itself (or resumes `MLFLOW_RUN_ID` when a flow created it), on rank 0.
 """
 
@@ -30,8 +30,8 @@ import torch
 from pydantic import Field, PositiveInt
 
 from pipeline.loader import DataConfig
-from vit.config import TrackingSection
-from vit.tracking import is_mlflow_uri
+from vit.train.config import TrackingSection
+from vit.tracking.tracker import is_mlflow_uri
 from vitpipe.config import StageConfig, add_config_arguments, config_from_args, save_config
 from vitpipe.errors import UserError
 
@@ -110,7 +110,7 @@ def evaluate_model(model: torch.nn.Module, loader: Iterable, *, class_names: Seq
     """
     from tqdm.auto import tqdm
 
-    from vit.metrics import ClassificationMetrics
+    from vit.evaluation.metrics import ClassificationMetrics
 
     num_classes = len(class_names)
     if num_classes == 0:
@@ -161,7 +161,7 @@ def evaluate_model(model: torch.nn.Module, loader: Iterable, *, class_names: Seq
 
 def write_evaluation(results: dict[str, Any], out_dir: str | Path) -> dict[str, str]:
     """Write results.json and the confusion matrix as JSON and PNG into `out_dir`; returns their paths."""
-    from vit.plots import plot_confusion_matrix
+    from vit.evaluation.plots import plot_confusion_matrix
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -230,11 +230,11 @@ def log_evaluation(results: dict[str, Any], run_id: str | None = None, *, prefix
 
 
 def load_model(source: str, *, map_location: str | torch.device = "cpu") -> torch.nn.Module:
-    """A model from an export folder / weights file (`vit.weights`) or an MLflow URI, in eval mode."""
+    """A model from an export folder / weights file (`vit.models.weights`) or an MLflow URI, in eval mode."""
     if is_mlflow_uri(source):
         from mlflow.exceptions import MlflowException
 
-        from vit.registry import load_logged_model
+        from vit.tracking.registry import load_logged_model
 
         try:
             model = load_logged_model(source, map_location=map_location)
@@ -243,10 +243,10 @@ def load_model(source: str, *, map_location: str | torch.device = "cpu") -> torc
                             f"registered name and alias, and --tracking.uri") from None
         if not isinstance(model, torch.nn.Module):
             raise UserError(f"--model {source}: holds a {type(model).__name__}, not a torch module; "
-                            f"log it with vit.registry.register_model")
+                            f"log it with vit.tracking.registry.register_model")
         return model.eval()
     _check_model_path(source)
-    from vit.weights import load_pretrained
+    from vit.models.weights import load_pretrained
 
     return load_pretrained(source).eval()
 
@@ -294,7 +294,7 @@ def fit_data_to_model(cfg: EvaluateConfig, model: torch.nn.Module, say=print) ->
     config from a model): image size and channels from its architecture; mean, std and eval crop
     from the training config beside an export. An image size given explicitly evaluates
     there (position embedding resampled, said once); a different channel count is an error."""
-    from vit.weights import data_for_model
+    from vit.models.weights import data_for_model
 
     data = data_for_model(cfg.data, model, cfg.model, name=f"--model {cfg.model}")
     arch = getattr(model, "cfg", None)
@@ -312,7 +312,7 @@ def fit_data_to_model(cfg: EvaluateConfig, model: torch.nn.Module, say=print) ->
 def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     """Run the evaluate stage on every rank: load, evaluate the split (and k-NN), write and log results."""
     from pipeline.loader import make_eval_loader
-    from vit import distributed as dist
+    from vit.train import distributed as dist
 
     split = cfg.split or cfg.data.val_split
     memory_split = cfg.knn.memory_split or cfg.data.train_split
@@ -358,7 +358,7 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
         results = evaluate_model(model, loader, class_names=class_names, device=device,
                                  world_size=world.world_size, split=split, split_id=split_id)
     if cfg.knn.enabled:
-        from vit.knn import knn_evaluate
+        from vit.evaluation.knn import knn_evaluate
 
         memory = make_eval_loader(cfg.data, memory_split, rank=world.rank, world_size=world.world_size)
         results.update(knn_evaluate(model, memory, loader, num_classes=len(class_names), ks=cfg.knn.k,
@@ -377,7 +377,7 @@ def _log_stage_run(cfg: EvaluateConfig, results: dict[str, Any]) -> None:
     """One MLflow run for a stand-alone evaluation (resumes MLFLOW_RUN_ID when a flow made it)."""
     import mlflow
 
-    from vit.tracking import experiment_id, resolve_uri
+    from vit.tracking.tracker import experiment_id, resolve_uri
 
     # The process-wide URI is borrowed for the run and given back: a caller that runs stages one
     # after another in one process (flows, notebooks) keeps its own tracking store and experiment.
@@ -412,8 +412,8 @@ def summary_line(results: dict[str, Any]) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from vit.config import FROM_MODEL
-    from vit.launch import add_launch_arguments
+    from vit.train.config import FROM_MODEL
+    from vit.train.launch import add_launch_arguments
 
     parser.add_argument("config_file", nargs="?", default=None, metavar="CONFIG",
                         help="YAML file with any of the options below (same as --config)")
@@ -432,12 +432,12 @@ def cli_config(args: argparse.Namespace) -> EvaluateConfig:
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    from vit.launch import maybe_relaunch
+    from vit.train.launch import maybe_relaunch
 
     cfg = cli_config(args)
     # --nproc N: every sample still counts once, split over N ranks
     maybe_relaunch(args, preflight=lambda: preflight(cfg))
-    from vit.distributed import destroy_process_group
+    from vit.train.distributed import destroy_process_group
 
     try:
         results = evaluate(cfg)

@@ -22,10 +22,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from vit.config import FinetuneConfig, add_stage_arguments, stage_config_from_args
-from vit.engine import param_groups
-from vit.tracking import is_mlflow_uri
-from vit.train import Model, run_training
+from vit.train.config import FinetuneConfig, add_stage_arguments, stage_config_from_args
+from vit.train.engine import param_groups
+from vit.tracking.tracker import is_mlflow_uri
+from vit.train.loop import Model, run_training
 from vitpipe.errors import UserError
 
 
@@ -53,7 +53,7 @@ class LinearProbe(nn.Module):
 _FINETUNE_OVERRIDES = {"attn_drop_rate", "head_drop_rate", "global_pool"}
 
 
-_WEIGHT_FILES = (".safetensors", ".pt", ".pth")  # what vit.weights.load_pretrained reads
+_WEIGHT_FILES = (".safetensors", ".pt", ".pth")  # what vit.models.weights.load_pretrained reads
 _INIT_KINDS = ("an export directory (model.safetensors + config.json), a timm checkpoint file, or "
                "runs:/RUN_ID/model / models:/NAME@ALIAS")
 
@@ -83,8 +83,8 @@ def preflight(cfg: FinetuneConfig) -> None:
 def load_init(cfg: FinetuneConfig, *, num_classes: int) -> nn.Module:
     """The starting model: weights from `cfg.init`, new head for `num_classes`, resized to
     data.image_size if that is set (else at its own size; a timm file at its preset's)."""
-    from vit.model import VisionTransformer, preset_config
-    from vit.weights import load_pretrained
+    from vit.models.vit import VisionTransformer, preset_config
+    from vit.models.weights import load_pretrained
 
     init = cfg.init
     image_size = cfg.data.image_size if "image_size" in cfg.data.model_fields_set else None
@@ -132,7 +132,7 @@ def load_init(cfg: FinetuneConfig, *, num_classes: int) -> nn.Module:
 def _timm_config(path: Path, preset: str | None, image_size: int | None):
     """None for our exports (they carry their config); for a timm file, the named preset's
     architecture (load_pretrained takes the head size the file has, then the new head replaces it)."""
-    from vit.model import preset_config
+    from vit.models.vit import preset_config
 
     if path.is_dir() or (path.suffix == ".safetensors" and _has_vitpipe_config(path)):
         return None
@@ -158,8 +158,8 @@ def _load_mlflow(uri: str, cfg: FinetuneConfig, *, num_classes: int, image_size:
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from vit.registry import load_logged_model
-    from vit.tracking import resolve_uri
+    from vit.tracking.registry import load_logged_model
+    from vit.tracking.tracker import resolve_uri
 
     tracking_uri = resolve_uri(cfg.tracking)
     mlflow.set_tracking_uri(tracking_uri)
@@ -181,7 +181,7 @@ def fit_data_to_init(cfg: FinetuneConfig, model: nn.Module) -> FinetuneConfig:
     resolves a data config from a pretrained model): image size and input channels from its
     architecture; mean, std and eval crop from the training config beside an export, so it goes on
     learning from pixels prepared as before. A channel count given explicitly must match."""
-    from vit.weights import data_for_model
+    from vit.models.weights import data_for_model
 
     arch = model.cfg
     data = data_for_model(cfg.data, model, cfg.init, name=f"init={cfg.init!r}")
@@ -225,7 +225,7 @@ def cli_config(args: argparse.Namespace) -> FinetuneConfig:
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    from vit.launch import maybe_relaunch
+    from vit.train.launch import maybe_relaunch
 
     cfg = cli_config(args)
     maybe_relaunch(args, preflight=lambda: preflight(cfg))

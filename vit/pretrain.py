@@ -13,9 +13,9 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from vit.config import PretrainConfig, add_stage_arguments, stage_config_from_args
-from vit.engine import param_groups
-from vit.train import Model, run_training
+from vit.train.config import PretrainConfig, add_stage_arguments, stage_config_from_args
+from vit.train.engine import param_groups
+from vit.train.loop import Model, run_training
 from vitpipe.errors import UserError
 
 
@@ -36,7 +36,7 @@ def model_overrides(cfg, num_classes: int) -> dict[str, Any]:
 
 def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     """Pretrain as configured and export; returns final metrics, export dir, MLflow run id, checkpoint dir."""
-    from vit.model import create_model, preset_config
+    from vit.models.vit import create_model, preset_config
 
     preset_config(cfg.model.preset)  # an unknown preset fails before any process group or data
 
@@ -65,7 +65,7 @@ def preflight(cfg: PretrainConfig) -> None:
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    from vit.launch import maybe_relaunch
+    from vit.train.launch import maybe_relaunch
 
     cfg = cli_config(args)
     maybe_relaunch(args, preflight=lambda: preflight(cfg))

@@ -98,7 +98,7 @@ def prepare_data(root: Path, *, fraction: float | None = None, shapes_per_class:
 
 def pretrain_shapes(root: Path, shards: Path, *, tracking_uri: str | None = None, **overrides: Any) -> Path:
     """The shapes backbone (recipe shapes_pretrain.yaml); returns its export folder (reused if present)."""
-    from vit.config import PretrainConfig
+    from vit.train.config import PretrainConfig
     from vit.pretrain import pretrain
     from vitpipe.config import build_config
 
@@ -117,7 +117,7 @@ def train_digits(root: Path, shards: Path, *, name: str, init: Path | None, trac
 
     With `tracking_uri`, the evaluation is logged into the training run and the model registered
     as `register_as` (default NAME-vit) with alias candidate, and promoted to champion if better."""
-    from vit.config import FinetuneConfig, PretrainConfig
+    from vit.train.config import FinetuneConfig, PretrainConfig
     from vit.evaluate import EvaluateConfig, evaluate
     from vit.finetune import finetune
     from vit.pretrain import pretrain
@@ -151,7 +151,7 @@ def _log_and_register(tracking_uri: str, run_id: str, export: str, results: dict
     import mlflow
 
     from vit.evaluate import load_model, log_evaluation
-    from vit.registry import promote_if_better, register_model
+    from vit.tracking.registry import promote_if_better, register_model
 
     mlflow.set_tracking_uri(tracking_uri)
     with mlflow.start_run(run_id=run_id):

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vit.config import DeepSpeedSection, OptimSection, ScheduleSection, TrainingConfig
+from vit.train.config import DeepSpeedSection, OptimSection, ScheduleSection, TrainingConfig
 from vitpipe.errors import UserError
 
 # Keys the typed config owns; setting them through `extra` would silently disagree with it.

@@ -3,7 +3,7 @@
 `vitpipe pretrain CFG --nproc 2` is the user's whole interface: the command sees that it is not a
 launched worker yet (no RANK in the environment), builds the launcher's command line around its
 own arguments minus the launch options, and replaces itself with it. Each worker then runs the
-same command and reads its rank from the environment (vit.distributed.World).
+same command and reads its rank from the environment (vit.train.distributed.World).
 
     one process          vitpipe pretrain run.yaml
     one node, 4 procs    vitpipe pretrain run.yaml --nproc 4                       (torchrun --standalone)
@@ -52,7 +52,7 @@ def add_launch_arguments(parser: argparse.ArgumentParser) -> None:
 
 def is_worker(env=None) -> bool:
     """True inside a process of a multi-process job (torchrun, the DeepSpeed launcher, srun)."""
-    from vit.distributed import World
+    from vit.train.distributed import World
 
     return World.from_env(os.environ if env is None else env).is_distributed
 

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from vit.distributed import World, barrier, broadcast_object
+from vit.train.distributed import World, barrier, broadcast_object
 
 MARKER = "COMPLETE.json"
 LATEST = "latest"
@@ -292,8 +292,8 @@ def export_checkpoint(root: str | Path, tag: str, out_dir: str | Path, *, model_
                       zero_stage: int, prefix: str = "", class_names: list[str] | None = None) -> Path:
     """Write the artifact fine-tuning loads (safetensors + config.json) from a complete checkpoint;
     `class_names`: the head's classes in output order, recorded in config.json."""
-    from vit.model import ViTConfig, VisionTransformer
-    from vit.weights import save_pretrained
+    from vit.models.vit import ViTConfig, VisionTransformer
+    from vit.models.weights import save_pretrained
 
     state = consolidated_state_dict(root, tag, zero_stage=zero_stage, prefix=prefix)
     model = VisionTransformer(ViTConfig.from_dict(model_config))

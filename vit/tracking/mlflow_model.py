@@ -1,10 +1,10 @@
 """The MLflow model of a registered vitpipe ViT, logged as code: no pickle anywhere.
 
-`vit.registry.register_model` logs this file as the model's code and the export (model.safetensors
+`vit.tracking.registry.register_model` logs this file as the model's code and the export (model.safetensors
 + config.json) as its artifact. `mlflow.pyfunc.load_model` and `mlflow models serve` run it:
 predict takes float32 images N x C x H x W, normalised as in training, and returns logits
 N x classes. vitpipe itself loads registered models without running any of it
-(`vit.registry.load_logged_model` reads the safetensors).
+(`vit.tracking.registry.load_logged_model` reads the safetensors).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from mlflow.pyfunc import PythonModel
 
 class ViTModel(PythonModel):
     def load_context(self, context) -> None:
-        from vit.weights import load_pretrained
+        from vit.models.weights import load_pretrained
 
         self.model = load_pretrained(context.artifacts["export"]).eval()
 

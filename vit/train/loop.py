@@ -20,13 +20,13 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from vit import distributed as dist
-from vit.checkpoint import CheckpointManager, export_checkpoint, tag_for
-from vit.config import TrainingConfig
-from vit.engine import (Stepper, build_optimizer, create_engine, ds_config, input_dtype, lr_at, resolve_precision,
+from vit.train import distributed as dist
+from vit.train.checkpoint import CheckpointManager, export_checkpoint, tag_for
+from vit.train.config import TrainingConfig
+from vit.train.engine import (Stepper, build_optimizer, create_engine, ds_config, input_dtype, lr_at, resolve_precision,
                         set_lr)
 from vit.objectives import build_objective
-from vit.tracking import Tracker, flatten, git_commit, resolve_uri, tracked
+from vit.tracking.tracker import Tracker, flatten, git_commit, resolve_uri, tracked
 from vitpipe.config import save_config
 from vitpipe.errors import UserError
 
@@ -75,7 +75,7 @@ class Model:
     """What a stage builds for the loop: the module to train and how to export it."""
 
     module: nn.Module                  # what DeepSpeed wraps (the ViT, or a wrapper around it)
-    param_groups: list[dict[str, Any]]  # from vit.engine.param_groups
+    param_groups: list[dict[str, Any]]  # from vit.train.engine.param_groups
     model_config: dict[str, Any]       # ViTConfig.to_dict() of the exported model
     flops_per_image: int               # forward+backward matmul FLOPs, for MFU
     export_prefix: str = ""            # key prefix of the ViT inside `module`
@@ -364,7 +364,7 @@ def evaluate(engine, eval_loader, device: torch.device, *, dtype: torch.dtype | 
 def _plot_history(history: list, path: Path) -> Path | None:
     if not history:
         return None
-    from vit.plots import plot_curves
+    from vit.evaluation.plots import plot_curves
 
     return plot_curves({"train/loss": [(int(s), float(v)) for s, v in history]}, path, title="Training loss")
 

@@ -25,7 +25,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
-from vit.model import (PRESETS, VisionTransformer, ViTConfig, preset_config,
+from vit.models.vit import (PRESETS, VisionTransformer, ViTConfig, preset_config,
                        resample_pos_embed)
 from vitpipe.errors import UserError
 

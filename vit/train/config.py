@@ -20,7 +20,7 @@ from vitpipe.config import StageConfig
 class ModelSection(StageConfig):
     """Which architecture to build; the class count always comes from the dataset's index."""
 
-    preset: str = Field("ti/4", description="named architecture from vit.model.PRESETS, e.g. micro/4, s/16, b/16")
+    preset: str = Field("ti/4", description="named architecture from vit.models.vit.PRESETS, e.g. micro/4, s/16, b/16")
     image_size: int | None = Field(None, description="input side in pixels; empty = data.image_size")
     drop_path_rate: float = Field(0.0, ge=0.0, lt=1.0,
                                   description="stochastic depth at the last block; ~0.1 for S, more for bigger models")
@@ -143,13 +143,13 @@ class FinetuneConfig(TrainingConfig):
 # Command line of the training stages
 
 
-# Data options that fine-tuning and evaluation take from the model when left unset (vit.weights.data_for_model).
+# Data options that fine-tuning and evaluation take from the model when left unset (vit.models.weights.data_for_model).
 FROM_MODEL = ("data.image_size", "data.channels", "data.mean", "data.std", "data.eval_crop_pct")
 
 
 def add_stage_arguments(parser, cls: type[TrainingConfig]) -> None:
     """`CONFIG` positional + one option per field + launch options + `--no-resume`."""
-    from vit.launch import add_launch_arguments
+    from vit.train.launch import add_launch_arguments
     from vitpipe.config import add_config_arguments
 
     parser.add_argument("config_file", nargs="?", default=None, metavar="CONFIG",

@@ -10,7 +10,7 @@ evaluations are comparable only when their `split` fingerprints (shard names and
 equal: a score on another split, or on a re-sharded one, says nothing about which model is better.
 
 A version is stored without pickle: the export's safetensors and config as an artifact, and
-`vit/mlflow_model.py` as MLflow model code (so `mlflow.pyfunc.load_model` and `mlflow models serve`
+`vit/tracking/mlflow_model.py` as MLflow model code (so `mlflow.pyfunc.load_model` and `mlflow models serve`
 work). `load_logged_model` reads the weights only and runs nothing from the artifact store.
 Versions registered with the pytorch flavor before this format still load, with a warning,
 through MLflow's pickle loader.
@@ -96,8 +96,8 @@ def register_model(model: torch.nn.Module, name: str, *, alias: str = CANDIDATE,
     import mlflow
     from mlflow import MlflowClient
 
-    from vit.model import VisionTransformer
-    from vit.weights import save_pretrained
+    from vit.models.vit import VisionTransformer
+    from vit.models.weights import save_pretrained
 
     if not name or "/" in name or "@" in name:
         raise ValueError(f"registered model name {name!r}: use a plain name such as 'digits-vit'")
@@ -137,7 +137,7 @@ def load_logged_model(uri: str, *, map_location: str | torch.device = "cpu") -> 
     Download errors raise MlflowException; artifacts that hold neither raise UserError."""
     import mlflow
 
-    from vit.weights import WEIGHTS_NAME, load_pretrained
+    from vit.models.weights import WEIGHTS_NAME, load_pretrained
 
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp))
@@ -147,10 +147,10 @@ def load_logged_model(uri: str, *, map_location: str | torch.device = "cpu") -> 
         mlmodel = local / "MLmodel"
         if mlmodel.is_file() and "pytorch" in (mlflow.models.Model.load(str(mlmodel)).flavors or {}):
             log.warning("%s was logged with MLflow's pytorch flavor, which unpickles it on load (it can run "
-                        "code); re-register it with vit.registry.register_model to store it as safetensors", uri)
+                        "code); re-register it with vit.tracking.registry.register_model to store it as safetensors", uri)
             return mlflow.pytorch.load_model(str(local), map_location=map_location)
     raise UserError(f"{uri} holds neither a vitpipe export ({WEIGHTS_NAME}) nor a PyTorch MLflow model; "
-                    f"log models with vit.registry.register_model")
+                    f"log models with vit.tracking.registry.register_model")
 
 
 def version_by_alias(name: str, alias: str):

@@ -119,7 +119,7 @@ def knn_evaluate(model: torch.nn.Module, train_loader: Iterable, val_loader: Ite
             correct.append(float((preds == query_labels).sum()))
         else:
             correct.append(0.0)
-    from vit.distributed import all_reduce_sum
+    from vit.train.distributed import all_reduce_sum
 
     totals = all_reduce_sum(correct + [float(queries.shape[0])], torch.device(device))
     n = int(totals[-1])

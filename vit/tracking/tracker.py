@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-from vit.config import TrackingSection
+from vit.train.config import TrackingSection
 from vitpipe.errors import UserError
 
 DEFAULT_URI = "sqlite:///mlflow.db"

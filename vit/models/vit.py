@@ -11,7 +11,7 @@ ViT-H/14 trains under DeepSpeed. Parallelism is applied from the outside (vit/pr
       -> pool (class token or mean of patch tokens) -> pre_logits -> head   = forward_head
 
 Parameter names follow timm's `VisionTransformer` (`blocks.0.attn.qkv.weight`, ...) so its checkpoints
-map onto this model with a small, pure filter (vit/weights.py) and tools written for timm's layout keep
+map onto this model with a small, pure filter (vit/models/weights.py) and tools written for timm's layout keep
 working.
 
     model = create_model("s/16", num_classes=10)
@@ -422,7 +422,7 @@ def resample_pos_embed(pos_embed: torch.Tensor, new_grid: tuple[int, int], num_p
     """Position embedding for a new patch grid: bicubic 2-D interpolation, prefix tokens kept.
 
     pos_embed is (1, prefix + h*w, D); old_grid defaults to a square grid. Same grid -> returned as is.
-    Lives here so set_image_size needs no other module; vit.weights re-exports it.
+    Lives here so set_image_size needs no other module; vit.models.weights re-exports it.
     """
     if pos_embed.ndim != 3 or pos_embed.shape[0] != 1:
         raise ValueError(f"pos_embed must be (1, tokens, dim), got {tuple(pos_embed.shape)}")

@@ -1,0 +1,1 @@
+"""Evaluators and their plots: classification metrics, k-NN on frozen features, curves and matrices."""
