@@ -55,6 +55,7 @@ class ShardResult:
     num_bytes: int
     sha256: str
     failures: list[dict] = field(default_factory=list)
+    conversions: dict[str, int] = field(default_factory=dict)  # images per pipeline.images.CONVERSIONS id
 
 
 def _json_len_bound(text: str | None) -> int:

@@ -18,7 +18,7 @@ import os
 import select
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -82,6 +82,8 @@ def encode_sample(item: SourceItem, data: bytes, digest: str, class_ids: dict[st
         payload, ext = data, FORMAT_EXTENSIONS[info.format]
     meta = {"source": item.uri, "width": info.width, "height": info.height, "format": info.format,
             "label": item.label, "sha256": digest, "extra": item.extra}
+    if info.conversions:  # what turns its values into 8-bit L/RGB (docs/formats.md, "Image modes")
+        meta["conversions"] = list(info.conversions)
     members = [(f"{item.key}.{ext}", payload)]
     if item.label is not None:
         members.append((f"{item.key}.cls", str(class_ids[item.label]).encode()))
@@ -90,6 +92,12 @@ def encode_sample(item: SourceItem, data: bytes, digest: str, class_ids: dict[st
 
 
 _JSON = json.JSONEncoder(ensure_ascii=False)  # json.dumps(..., ensure_ascii=False) builds one per call
+
+
+def _conversions(members: list[tuple[str, bytes]]) -> list[str]:
+    """The `conversions` encode_sample recorded in a sample's .json (its last member); most have none."""
+    meta = members[-1][1]
+    return json.loads(meta).get("conversions", []) if b'"conversions"' in meta else []
 
 
 # One sample, ready for the tar: its members, or the failure record of a skipped input.
@@ -174,6 +182,7 @@ def write_shard(task: ShardTask, progress: Callable[[int, int], None] | None = N
     final = out / task.name
     tmp = out / f"{task.name}{TMP_MARK}{os.getpid()}"
     failures: list[dict] = []
+    conversions: Counter[str] = Counter()
     n = 0
     if samples is None:
         samples = iter_samples(task.items, task.class_ids, task.options)
@@ -185,6 +194,7 @@ def write_shard(task: ShardTask, progress: Callable[[int, int], None] | None = N
                 else:
                     writer.add(sample)
                     n += 1
+                    conversions.update(_conversions(sample))
                 if progress:
                     progress(1, len(failures))
             writer.close()
@@ -194,7 +204,8 @@ def write_shard(task: ShardTask, progress: Callable[[int, int], None] | None = N
     finally:
         if tmp.exists():
             tmp.unlink()
-    result = ShardResult(task.name, task.split, n, writer.num_bytes, writer.sha256.hexdigest(), failures)
+    result = ShardResult(task.name, task.split, n, writer.num_bytes, writer.sha256.hexdigest(), failures,
+                         dict(sorted(conversions.items())))
     _write_json_atomic(out / STATE_DIR / f"{task.name}.json", asdict(result))
     return result
 

@@ -36,6 +36,7 @@ from pydantic import Field, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 from tqdm.auto import tqdm
 
+from pipeline.images import describe_conversions
 from pipeline.index import FORMAT, INDEX_NAME, VERSION
 from pipeline.plan import _NOT_PLANNED, ShardResult, ShardTask, plan_fingerprint, plan_shards
 from pipeline.run import STATE_DIR, TMP_MARK, _receipt, _write_json_atomic, run_tasks
@@ -222,6 +223,7 @@ def _write_all(cfg: ShardConfig, out: Path, source: Source, tasks: list[ShardTas
         "num_samples": index["totals"]["num_samples"],
         "num_failures": len(failures),
         "failures_by_reason": dict(sorted(Counter(f["reason"] for f in failures).items())),
+        "conversions": dict(sorted(sum((Counter(r.conversions) for r in results), Counter()).items())),
         "num_shards": len(tasks),
         "num_shards_written": len(todo),
         "num_shards_resumed": len(done),
@@ -245,6 +247,8 @@ def _write_all(cfg: ShardConfig, out: Path, source: Source, tasks: list[ShardTas
     print(f"sharded {stats['num_samples']} images ({splits}) into {len(tasks)} shards "
           f"[{len(todo)} written, {len(done)} resumed], {len(failures)} failures, "
           f"{stats['num_bytes'] / 1e6:.1f} MB in {duration:.1f}s -> {out}")
+    if stats["conversions"]:
+        print(describe_conversions(stats["conversions"], encoded=cfg.encode != "none"))
     return stats
 
 

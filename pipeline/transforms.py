@@ -2,8 +2,10 @@
 
 The loaders (`pipeline/loader.py`) call these; a training script never does. The split of work:
 
-- `decode_image(data, mode=..., min_side=...)`: bytes -> PIL image in RGB or L. JPEGs are decoded
-  at a reduced scale when the image is much larger than what the crop needs (`Image.draft`).
+- `decode_image(data, mode=..., min_side=...)`: bytes -> upright 8-bit PIL image in RGB or L, any
+  source mode converted by `pipeline.images.to_model_mode` (16-bit, float, alpha, CMYK...: the
+  table in docs/formats.md). JPEGs are decoded at a reduced scale when the image is much larger
+  than what the crop needs (`Image.draft`).
 - `train_transform(aug, image_size)` / `eval_transform(image_size, crop_pct)`: PIL image -> uint8
   tensor [C, H, W] (RandomResizedCrop, flip, optional RandAugment / resize + center crop).
 - `normalize_batch(images, mean, std, out=batch_buffer(...))`: uint8 crops -> one normalised
@@ -28,6 +30,7 @@ from torch.utils.data import get_worker_info
 from pydantic import Field, model_validator
 from torchvision.transforms import v2
 
+from pipeline.images import to_model_mode
 from vitpipe.config import StageConfig
 from vitpipe.errors import UserError
 
@@ -73,7 +76,9 @@ class AugmentConfig(StageConfig):
 
 
 def decode_image(data: bytes, *, mode: str, min_side: int | None = None) -> Image.Image:
-    """Decode one sample's image bytes to `mode` ("RGB" or "L"); raises on corrupt data.
+    """Decode one sample's image bytes to upright 8-bit `mode` ("RGB" or "L"); raises on corrupt
+    data, and BadImage("unsupported_mode") for an image with no faithful 8-bit form (a float
+    image outside [0, 1]...).
 
     `min_side`: the smallest side the transforms need. JPEGs larger than twice that are decoded
     at 1/2, 1/4 or 1/8 scale by libjpeg itself, which is several times cheaper than decoding at
@@ -83,12 +88,7 @@ def decode_image(data: bytes, *, mode: str, min_side: int | None = None) -> Imag
     if min_side and img.format == "JPEG":
         img.draft(mode, (min_side, min_side))
     img.load()  # decode now, so corrupt data fails here and not inside a transform
-    if img.mode != mode:
-        # palette/transparency images go through RGBA so the transparent colour is not garbage
-        if img.mode == "P" and "transparency" in img.info:
-            img = img.convert("RGBA")
-        img = img.convert(mode)
-    return img
+    return to_model_mode(img, mode)
 
 
 def train_min_side(aug: AugmentConfig, image_size: int) -> int:

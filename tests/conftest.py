@@ -35,6 +35,16 @@ def digits_shards(digits_dir, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def mode_dir(tmp_path_factory) -> tuple[Path, dict]:
+    """A flat folder of real images in every mode the pipeline converts or refuses (16-bit, 32-bit,
+    float, alpha, palette, CMYK, EXIF-rotated...), and file name -> `image_modes.ModeCase`."""
+    from image_modes import write_mode_files
+
+    root = tmp_path_factory.mktemp("modes") / "images"
+    return root, write_mode_files(root)
+
+
 @pytest.fixture
 def mlflow_uri(tmp_path) -> str:
     """A fresh SQLite-backed MLflow tracking store for one test."""

@@ -11,13 +11,17 @@ import shutil
 import subprocess
 import tarfile
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
+from image_modes import ModeCase, assert_pixels, luma
 from pipeline.index import load_index
-from pipeline.loader import DataConfig, make_eval_loader, make_train_loader
+from pipeline.loader import AugmentConfig, DataConfig, make_eval_loader, make_train_loader
 from pipeline.shard import ShardConfig, shard
 from vitpipe.config import ConfigError, build_config
 from vitpipe.errors import UserError
@@ -341,6 +345,101 @@ def test_grayscale_loader(three_shards):
     assert x.shape == (32, 1, 32, 32)
     x, y, _ = next(iter(make_eval_loader(cfg)))
     assert x.shape[1:] == (1, 32, 32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Image modes: what the model reads from 16-bit, float, alpha, palette, CMYK and rotated files
+
+
+@pytest.fixture(scope="module")
+def mode_shards(mode_dir, tmp_path_factory) -> dict[str, Path]:
+    """The mode_dir images sharded as they are ("none") and re-encoded to PNG ("png")."""
+    src, _ = mode_dir
+    root = tmp_path_factory.mktemp("mode_shards")
+    for encode in ("none", "png"):
+        shard(ShardConfig(src=str(src), out=str(root / encode), val_ratio=0.0, encode=encode))
+    return {encode: root / encode for encode in ("none", "png")}
+
+
+def _as_uint8(x: torch.Tensor) -> np.ndarray:
+    """A [C, H, W] batch image normalised with mean 0, std 1 -> uint8 [H, W, C]."""
+    return (x * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+
+
+def _in_channels(case: ModeCase, want: np.ndarray, channels: int) -> ModeCase:
+    if channels == 1:
+        want = luma(want) if want.ndim == 3 else want
+        return replace(case, expected=np.repeat(want[..., None], 3, -1) if case.name == "cmyk_icc" else want)
+    return replace(case, expected=want if want.ndim == 3 else np.repeat(want[..., None], 3, -1))
+
+
+@pytest.mark.parametrize("channels", [3, 1])
+@pytest.mark.parametrize("encode", ["none", "png"])
+def test_eval_loader_reads_every_mode_upright_and_scaled(mode_dir, mode_shards, encode, channels):
+    """What evaluation (and `vitpipe evaluate`) feeds the model, pixel for pixel: a 16-bit
+    gradient as the matching 8-bit one, transparency on white, CMYK through its profile, EXIF
+    rotations upright; the same from pass-through and re-encoded shards, in RGB and in L."""
+    _, cases = mode_dir
+    by_key = {c.name: c for c in cases.values()}
+    cfg = _cfg(mode_shards[encode], image_size=48, channels=channels, mean=[0.0], std=[1.0], eval_batch_size=8,
+               num_workers=1)
+    loader = make_eval_loader(cfg, "train")
+    seen = set()
+    for x, _, keys in loader:
+        for img, key in zip(x, keys):
+            case = by_key[key]
+            got = _as_uint8(img)
+            if channels == 1:
+                got = np.repeat(got, 3, -1) if key == "cmyk_icc" else got[..., 0]
+            # eval: the shorter side is 48 already, then the centre 48 x 48 of the 64-wide image
+            assert_pixels(got, _in_channels(case, case.expected[:, 8:56], channels),
+                          what=f" (encode {encode}, channels {channels})")
+            seen.add(key)
+    assert seen == {c.name for c in cases.values() if not c.refused}
+    assert loader.stats["decode_failures"] == 0
+
+
+def test_train_loader_reads_every_mode_upright_and_scaled(mode_dir, mode_shards):
+    """Training crops of the whole image (scale 1, no flip) match the expected pixels resized."""
+    _, cases = mode_dir
+    by_key = {c.name: c for c in cases.values()}
+    cfg = _cfg(mode_shards["none"], image_size=32, batch_size=4, num_workers=1, mean=[0.0], std=[1.0],
+               augment=AugmentConfig(crop_scale=(1.0, 1.0), hflip=0.0))
+    loader = make_train_loader(cfg, return_keys=True)
+    seen = set()
+    for x, _, keys in loader:
+        for img, key in zip(x, keys):
+            case = by_key[key]
+            want = np.asarray(Image.fromarray(case.expected).resize((32, 32), Image.Resampling.BILINEAR))
+            got = _as_uint8(img)
+            assert_pixels(got, _in_channels(case, want, 3), lossy=True)
+            if key == "gray16_png":
+                assert (got == 255).mean() < 0.05  # a gradient, not the clipped 255s of old
+            seen.add(key)
+    assert seen == {c.name for c in cases.values() if not c.refused}
+    assert loader.stats["decode_failures"] == 0
+
+
+def test_a_foreign_shard_with_an_unconvertible_image_skips_it_with_the_reason(mode_dir, mode_shards, tmp_path):
+    """A shard set written elsewhere may hold what the shard stage refuses (a float image
+    outside [0, 1]): the loaders skip it and say why, the rest trains."""
+    out = tmp_path / "foreign"
+    shutil.copytree(mode_shards["none"], out)
+    wide = mode_dir[1]["float_wide.tiff"].data
+    name = load_index(out)["splits"]["train"]["shards"][0]["name"]
+    with tarfile.open(out / name) as tf:
+        members = [(m, tf.extractfile(m).read()) for m in tf.getmembers()]
+    with tarfile.open(out / name, "w") as tf:
+        for m, data in members:
+            if m.name == "float.tiff":
+                data = wide
+                m.size = len(data)
+            tf.addfile(m, __import__("io").BytesIO(data))
+    loader = make_eval_loader(_cfg(out, num_workers=0), "train")
+    keys = [k for _, _, batch in loader for k in batch]
+    assert "float" not in keys and len(keys) == loader.num_samples - 1
+    (failed,) = loader.stats["failed_samples"]
+    assert failed["key"] == "float" and "unsupported_mode: float pixels range 0..1000" in failed["detail"]
 
 
 def _gloo_rank(rank: int, world_size: int, shards: str, port: int, out: str) -> None:

@@ -9,6 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
+from image_modes import ModeCase, assert_pixels, luma, mode_cases
+from pipeline.images import BadImage
 from pipeline.transforms import (AugmentConfig, BatchMixer, batch_buffer, decode_image, eval_transform,
                                  normalize_batch, train_min_side, train_transform)
 from vitpipe.config import ConfigError, build_config
@@ -75,6 +77,39 @@ def test_decode_image_uses_jpeg_draft_but_keeps_enough_pixels():
         decode_image(b"not an image at all", mode="RGB")
     with pytest.raises(Exception):
         decode_image(data[: len(data) // 3], mode="RGB")  # cut short
+
+
+@pytest.mark.parametrize("case", mode_cases(), ids=lambda c: c.file)
+def test_decode_image_reads_every_mode_as_documented(case: ModeCase):
+    """The loader's decode (training and evaluation, data.channels 3 and 1): upright 8-bit
+    pixels as docs/formats.md says, or BadImage naming why (a shard set written elsewhere may
+    hold what the shard stage would refuse)."""
+    if case.refused:
+        for mode in ("RGB", "L"):
+            with pytest.raises(BadImage) as e:
+                decode_image(case.data, mode=mode)
+            assert e.value.reason == case.refused
+        return
+    color, gray = decode_image(case.data, mode="RGB"), decode_image(case.data, mode="L")
+    assert (color.mode, gray.mode, color.size, gray.size) == ("RGB", "L", (64, 48), (64, 48))
+    color, gray = np.asarray(color), np.asarray(gray)
+    if case.mode == "L":
+        assert_pixels(gray, case)
+        assert (color == gray[..., None]).all()
+    else:
+        assert_pixels(color, case)
+        if case.name != "cmyk_icc":
+            assert np.abs(gray.astype(int) - luma(color)).max() <= 1
+
+
+@pytest.mark.parametrize("orientation", [3, 6, 8])
+def test_jpeg_draft_and_exif_orientation_together(orientation):
+    """A rotated JPEG decoded at reduced scale still comes out upright, with enough pixels."""
+    case = next(c for c in mode_cases() if c.name == f"exif{orientation}")
+    small = decode_image(case.data, mode="RGB", min_side=20)
+    assert small.size == (32, 24)  # 1/2 scale of the upright 64 x 48
+    want = np.asarray(Image.fromarray(case.expected).resize((32, 24), Image.Resampling.BOX))
+    assert np.abs(np.asarray(small).astype(int) - want).mean() < 8
 
 
 def test_train_min_side_leaves_the_smallest_crop_at_full_resolution():
