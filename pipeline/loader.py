@@ -69,8 +69,9 @@ class DataConfig(StageConfig):
     val_split: str = Field("val", description="split of the index used for evaluation")
     image_size: int = Field(32, gt=0, description="side of the square images fed to the model (224 for "
                             "ImageNet-sized photos, 32 for digits)")
-    channels: Literal[1, 3] = Field(3, description="images are converted to RGB (3) or grayscale L (1); "
-                                    "must match the model's input channels")
+    channels: Literal[1, 3] = Field(3, description="images are converted to 8-bit RGB (3) or grayscale L (1), "
+                                    "any source mode as docs/formats.md 'Image modes' says; must match the "
+                                    "model's input channels")
     mean: tuple[float, ...] = Field((0.5,), description="per-channel mean subtracted after scaling "
                                     "to [0, 1] (ImageNet: 0.485 0.456 0.406); one value or one per channel")
     std: tuple[float, ...] = Field((0.5,), description="per-channel std divided by after the mean "

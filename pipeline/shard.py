@@ -69,7 +69,8 @@ class ShardConfig(StageConfig):
     overwrite: bool = Field(False, description="delete a previous shard set in OUT and start over; "
                                                "without it, a re-run resumes an interrupted one")
     encode: Literal["none", "jpg", "webp", "png"] = Field(
-        "none", description="'none' stores the source bytes untouched; else re-encode to this format")
+        "none", description="'none' stores the source bytes untouched; else re-encode to this format, as 8-bit "
+                            "L or RGB (16-bit, alpha, CMYK... converted as docs/formats.md 'Image modes' says)")
     quality: int = Field(90, ge=1, le=100, description="jpg/webp quality when re-encoding")
     resize: Literal["none", "shorter", "longer", "center_crop"] = Field(
         "none", description="scale the shorter or longer side down to --size, or scale the shorter side "
