@@ -28,6 +28,10 @@ How a training epoch is laid out, and why every rank runs the same number of ste
    resumed epoch yields exactly the batches the uninterrupted one would have.
 5. Augmentation randomness is seeded per batch from (seed, epoch, rank, worker, batch), so the
    batches are a function of seed, world size and worker count only.
+
+With `data.decode: gpu` (or auto on CUDA) the same streams run with their decoding replaced: the
+workers only read, and the training device decodes and augments whole batches
+(pipeline/device_loader.py). Steps 1-5 hold unchanged.
 """
 
 from __future__ import annotations
@@ -90,6 +94,10 @@ class DataConfig(StageConfig):
     eval_crop_pct: float = Field(1.0, gt=0.0, le=1.0, description="evaluation resizes the shorter side to "
                                  "image_size / eval_crop_pct, then center-crops (timm uses 0.875-0.9 at 224 px)")
     augment: AugmentConfig = Field(default_factory=AugmentConfig, description="training augmentation")
+    decode: Literal["auto", "cpu", "gpu"] = Field(
+        "auto", description="where images are decoded and augmented: 'cpu' in the DataLoader workers (Pillow); "
+        "'gpu' on the training device, whole batches at once (nvJPEG; pipeline/device_loader.py), the workers "
+        "only read; 'auto' = gpu when training on CUDA with a torchvision that decodes there, else cpu")
 
     @model_validator(mode="after")
     def _check_channel_stats(self) -> "DataConfig":
@@ -489,6 +497,8 @@ class TrainLoader:
     [B, K] soft targets when mixup, cutmix or label smoothing is on. Every rank yields exactly
     `steps_per_epoch` batches per epoch."""
 
+    _stream_class: type = _TrainStream  # pipeline.device_loader swaps in one that leaves batches encoded
+
     def __init__(self, cfg: DataConfig, index: dict, *, rank: int, world_size: int, seed: int, return_keys: bool):
         if not 0 <= rank < world_size:
             raise UserError(f"rank {rank} is outside world size {world_size}; need 0 <= rank < world_size")
@@ -519,7 +529,7 @@ class TrainLoader:
         self._step = 0
         self._resume_epoch: int | None = None
         self._control = torch.zeros(2, dtype=torch.int64).share_memory_()
-        self._stream = _TrainStream(shards=shards, cfg=cfg, steps=self.steps_per_epoch, rank=rank,
+        self._stream = self._stream_class(shards=shards, cfg=cfg, steps=self.steps_per_epoch, rank=rank,
                                     world_size=world_size, seed=seed, labelled=self.num_classes > 0,
                                     num_classes=self.num_classes, return_keys=return_keys, control=self._control)
         self._loader = _data_loader(self._stream, cfg.num_workers)
@@ -563,6 +573,7 @@ class TrainLoader:
             return
         self._control[0], self._control[1] = self.epoch, self._step
         for batch in self._loader:
+            batch = self._prepare(batch)
             self.report.add(batch["events"], batch["filled"])
             self._step += 1
             if "keys" in batch:
@@ -576,6 +587,10 @@ class TrainLoader:
         # collectives the others will wait in.
         raise RuntimeError(f"train loader rank {self.rank} produced {self._step} of {self.steps_per_epoch} "
                            f"batches of epoch {self.epoch}; this is a bug, please report it")
+
+    def _prepare(self, batch: dict) -> dict:
+        """A worker's batch as the step gets it (the device loader decodes and augments here)."""
+        return batch
 
     def state_dict(self) -> dict:
         """Where this epoch stands; identical on every rank, so save it from rank 0."""
@@ -610,9 +625,19 @@ class TrainLoader:
 
 
 def make_train_loader(cfg: DataConfig, *, rank: int = 0, world_size: int = 1, seed: int = 0,
-                      return_keys: bool = False) -> TrainLoader:
-    """Build this rank's training loader from `cfg.shards`/index.json; call once per process."""
-    return TrainLoader(cfg, _load(cfg), rank=rank, world_size=world_size, seed=seed, return_keys=return_keys)
+                      return_keys: bool = False, device: torch.device | str | None = None,
+                      dtype: torch.dtype | None = None) -> TrainLoader:
+    """Build this rank's training loader from `cfg.shards`/index.json; call once per process.
+
+    `device`: where training runs. Given, and data.decode is gpu (or auto on CUDA), batches are
+    decoded there and come as `dtype` (default float32) on it (pipeline/device_loader.py)."""
+    from pipeline.device_loader import DeviceTrainLoader, resolve_decode
+
+    index = _load(cfg)
+    if device is not None and resolve_decode(cfg.decode, torch.device(device)) == "gpu":
+        return DeviceTrainLoader(cfg, index, rank=rank, world_size=world_size, seed=seed, return_keys=return_keys,
+                                 device=device, dtype=dtype)
+    return TrainLoader(cfg, index, rank=rank, world_size=world_size, seed=seed, return_keys=return_keys)
 
 
 def _load(cfg: DataConfig) -> dict:
@@ -661,15 +686,19 @@ class _EvalStream(IterableDataset):
                     yield self._batch(items, events)
                     j, items = next(pending, None), []
                 try:
-                    img = decode_image(raw.image, mode=self.mode, min_side=self.min_side) if raw.image else None
-                    if img is None:
-                        raise ValueError("no image member")
-                    items.append((self.transform(img), _decode_label(raw, self.labelled), raw.key))
+                    items.append(self._item(raw))
                 except Exception as e:  # any decoder error: PIL raises many types on corrupt data
                     events.append(_failure(raw, e))
         while j is not None:  # the rest, partial or empty, so every rank yields num_batches
             yield self._batch(items, events)
             j, items = next(pending, None), []
+
+    def _item(self, raw: _RawSample) -> tuple:
+        """(uint8 crop, label, key) of one sample; raises on bad data."""
+        img = decode_image(raw.image, mode=self.mode, min_side=self.min_side) if raw.image else None
+        if img is None:
+            raise ValueError("no image member")
+        return self.transform(img), _decode_label(raw, self.labelled), raw.key
 
     def _batch(self, items: list, events: list[dict]) -> dict:
         shape = (self.cfg.channels, self.cfg.image_size, self.cfg.image_size)
@@ -689,6 +718,8 @@ class EvalLoader:
     hang; samples that fail to decode are skipped and reported in `stats`.
     """
 
+    _stream_class: type = _EvalStream  # pipeline.device_loader swaps in one that leaves batches encoded
+
     def __init__(self, cfg: DataConfig, index: dict, split: str, *, rank: int, world_size: int):
         if not 0 <= rank < world_size:
             raise UserError(f"rank {rank} is outside world size {world_size}; need 0 <= rank < world_size")
@@ -700,7 +731,7 @@ class EvalLoader:
         lo, hi = rank * self.num_samples // world_size, (rank + 1) * self.num_samples // world_size
         self.rank_num_samples = hi - lo
         self.num_batches = math.ceil(math.ceil(self.num_samples / world_size) / cfg.eval_batch_size)
-        self._stream = _EvalStream(shards=shards, cfg=cfg, lo=lo, hi=hi, num_batches=self.num_batches,
+        self._stream = self._stream_class(shards=shards, cfg=cfg, lo=lo, hi=hi, num_batches=self.num_batches,
                                    labelled=self.num_classes > 0)
         # More workers than batches would only start idle processes.
         self._loader = _data_loader(self._stream, min(cfg.num_workers, self.num_batches))
@@ -716,11 +747,22 @@ class EvalLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
         for batch in self._loader:
+            batch = self._prepare(batch)
             self.report.add(batch["events"])
             yield batch["images"], batch["targets"], batch["keys"]
 
+    def _prepare(self, batch: dict) -> dict:
+        """A worker's batch as evaluation gets it (the device loader decodes here)."""
+        return batch
 
-def make_eval_loader(cfg: DataConfig, split: str | None = None, *, rank: int = 0,
-                     world_size: int = 1) -> EvalLoader:
-    """Build this rank's loader over `split` (default `cfg.val_split`): every sample once, fixed order."""
-    return EvalLoader(cfg, _load(cfg), split or cfg.val_split, rank=rank, world_size=world_size)
+
+def make_eval_loader(cfg: DataConfig, split: str | None = None, *, rank: int = 0, world_size: int = 1,
+                     device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> EvalLoader:
+    """Build this rank's loader over `split` (default `cfg.val_split`): every sample once, fixed order.
+    `device`, `dtype`: as for `make_train_loader`."""
+    from pipeline.device_loader import DeviceEvalLoader, resolve_decode
+
+    index, split = _load(cfg), split or cfg.val_split
+    if device is not None and resolve_decode(cfg.decode, torch.device(device)) == "gpu":
+        return DeviceEvalLoader(cfg, index, split, rank=rank, world_size=world_size, device=device, dtype=dtype)
+    return EvalLoader(cfg, index, split, rank=rank, world_size=world_size)

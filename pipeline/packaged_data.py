@@ -111,11 +111,15 @@ def _draw_shape(draw: ImageDraw.ImageDraw, kind: str, size: int, rng: np.random.
 
 
 def write_shapes(out: str | Path, *, per_class: int = 100, classes: tuple[str, ...] = SHAPE_CLASSES,
-                 size: int = 32, seed: int = 0, fmt: str = "png") -> Path:
+                 size: int = 32, seed: int = 0, fmt: str = "png", color: bool = False, jitter: float = 0.0,
+                 quality: int = 92) -> Path:
     """Generate `per_class` images of each shape class as `out/<class>/<i>.<fmt>` (deterministic).
 
     Strokes and blobs on a noisy dark background: a stand-in for a large unrelated collection,
     used to pretrain a backbone that digits are then fine-tuned from, and for scale tests.
+    `color`: RGB photos instead, a coloured shape on a noisy colour gradient, each side drawn
+    within +-`jitter` of `size` (e.g. size 500, jitter 0.25: JPEGs of photo size and weight,
+    for loader benchmarks).
     """
     unknown = [c for c in classes if c not in SHAPE_CLASSES]
     if unknown:
@@ -126,11 +130,29 @@ def write_shapes(out: str | Path, *, per_class: int = 100, classes: tuple[str, .
         folder.mkdir(parents=True, exist_ok=True)
         rng = np.random.default_rng([seed, ci])
         for i in range(per_class):
-            bg = rng.integers(0, 40, size=(size, size), dtype=np.uint8)
-            img = Image.fromarray(bg, mode="L")
-            _draw_shape(ImageDraw.Draw(img), kind, size, rng)
+            img = _color_shape(kind, size, jitter, rng) if color else _gray_shape(kind, size, rng)
             if fmt == "jpg":
-                img.save(folder / f"{i:05d}.jpg", quality=92)
+                img.save(folder / f"{i:05d}.jpg", quality=quality)
             else:
                 img.save(folder / f"{i:05d}.{fmt}")
     return out
+
+
+def _gray_shape(kind: str, size: int, rng: np.random.Generator) -> Image.Image:
+    img = Image.fromarray(rng.integers(0, 40, size=(size, size), dtype=np.uint8), mode="L")
+    _draw_shape(ImageDraw.Draw(img), kind, size, rng)
+    return img
+
+
+def _color_shape(kind: str, size: int, jitter: float, rng: np.random.Generator) -> Image.Image:
+    w, h = (max(8, int(size * rng.uniform(1 - jitter, 1 + jitter))) for _ in range(2))
+    # a smooth gradient between two random colours plus mild noise: JPEG-compresses like a photo
+    a, b = rng.uniform(0, 255, size=(2, 3))
+    t = (np.linspace(0, 1, w)[None, :, None] + np.linspace(0, 1, h)[:, None, None]) / 2
+    bg = a + (b - a) * t + rng.normal(0, 10, size=(h, w, 1))
+    img = Image.fromarray(bg.clip(0, 255).astype(np.uint8), mode="RGB")
+    side = min(w, h)
+    mask = Image.new("L", (side, side), 0)
+    _draw_shape(ImageDraw.Draw(mask), kind, side, rng)
+    img.paste(tuple(int(v) for v in rng.integers(0, 256, size=3)), ((w - side) // 2, (h - side) // 2), mask)
+    return img

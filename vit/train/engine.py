@@ -201,6 +201,12 @@ def lr_at(step: int, *, total_steps: int, peak: float, schedule: ScheduleSection
 # Engine
 
 
+def resolve_compile(compile: bool | str, device: torch.device) -> bool:
+    """train.compile -> whether to compile: 'auto' compiles on CUDA, where it pays (not on the CPU,
+    where compiling takes longer than the short runs made there save)."""
+    return device.type == "cuda" if compile == "auto" else bool(compile)
+
+
 def create_engine(model: nn.Module, optimizer: torch.optim.Optimizer, config: dict[str, Any], *,
                   compile: bool = False):
     """Wrap model and optimizer in a DeepSpeed engine (call once per run, after init_process_group)."""

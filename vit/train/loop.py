@@ -23,8 +23,8 @@ from torch import nn
 from vit.train import distributed as dist
 from vit.train.checkpoint import CheckpointManager, export_checkpoint, tag_for
 from vit.train.config import TrainingConfig
-from vit.train.engine import (Stepper, build_optimizer, create_engine, ds_config, input_dtype, lr_at, resolve_precision,
-                        set_lr)
+from vit.train.engine import (Stepper, build_optimizer, create_engine, ds_config, input_dtype, lr_at, resolve_compile,
+                        resolve_precision, set_lr)
 from vit.objectives import build_objective
 from vit.tracking.tracker import Tracker, flatten, git_commit, resolve_uri, tracked
 from vitpipe.config import save_config
@@ -88,6 +88,7 @@ class _Log:
 
     loss_sum: float | torch.Tensor = 0.0
     count: int = 0
+    data_s: float = 0.0  # waiting for (or, data.decode gpu, decoding) batches
     steps: int = 0
     t0: float = field(default_factory=time.perf_counter)
 
@@ -112,11 +113,14 @@ def run_training(cfg: TrainingConfig, *, stage: str, build: Callable[[Any], Mode
     torch.manual_seed(cfg.train.seed)  # same init on every rank
 
     dist.init_process_group(world, device)
-    train_loader = make_train_loader(cfg.data, rank=world.rank, world_size=world.world_size, seed=cfg.train.seed)
+    # data.decode gpu/auto: batches are decoded on `device` and arrive there in the step's input dtype
+    train_loader = make_train_loader(cfg.data, rank=world.rank, world_size=world.world_size, seed=cfg.train.seed,
+                                     device=device, dtype=input_dtype(precision))
     if not train_loader.num_classes:
         raise UserError(f"data.shards={cfg.data.shards!r} has no class labels; {stage} trains a classifier and "
                         f"needs a labelled collection (shard a folder tree with one sub-folder per class)")
-    eval_loader = make_eval_loader(cfg.data, cfg.data.val_split, rank=world.rank, world_size=world.world_size)
+    eval_loader = make_eval_loader(cfg.data, cfg.data.val_split, rank=world.rank, world_size=world.world_size,
+                                   device=device, dtype=input_dtype(precision))
     built = build(train_loader)
     module = built.module
     if cfg.train.activation_checkpointing:
@@ -145,7 +149,7 @@ def run_training(cfg: TrainingConfig, *, stage: str, build: Callable[[Any], Mode
         ds = {**ds, "checkpoint": {**ds.get("checkpoint", {}), "load_universal": True}}
 
     optimizer = build_optimizer(built.param_groups, cfg.optim, device)
-    engine = create_engine(module, optimizer, ds, compile=cfg.train.compile)
+    engine = create_engine(module, optimizer, ds, compile=resolve_compile(cfg.train.compile, device))
     objective = build_objective(cfg.train.objective, label_smoothing=cfg.data.augment.label_smoothing)
 
     if tag is not None:
@@ -259,6 +263,7 @@ def _loop(cfg: TrainingConfig, *, engine, objective, train_loader, eval_loader, 
         set_lr(engine, lr_at(step, total_steps=total_steps, peak=cfg.optim.lr, schedule=cfg.schedule))
         logged = (step + 1) % t_cfg.log_every == 0 or step + 1 == total_steps  # measure the grad norm
         for _ in range(accum):
+            t_data = time.perf_counter()
             try:
                 images, targets = next(batches)
             except StopIteration:
@@ -266,6 +271,7 @@ def _loop(cfg: TrainingConfig, *, engine, objective, train_loader, eval_loader, 
                 train_loader.set_epoch(epoch)
                 batches = iter(train_loader)
                 images, targets = next(batches)
+            log.data_s += time.perf_counter() - t_data
             images = images.to(device, dtype=in_dtype, non_blocking=True)
             targets = targets.to(device, non_blocking=True)
             loss, _ = objective(engine, images, targets)
@@ -283,7 +289,9 @@ def _loop(cfg: TrainingConfig, *, engine, objective, train_loader, eval_loader, 
             mean_loss = loss_sum / max(count, 1)
             first_loss = mean_loss if first_loss is None else first_loss
             metrics = {"train/loss": mean_loss, "train/lr": engine.optimizer.param_groups[-1]["lr"],
-                       "train/images_per_s": ips, "train/epoch": step / steps_per_epoch}
+                       "train/images_per_s": ips, "train/epoch": step / steps_per_epoch,
+                       # near 0: the step is the bottleneck; near 1: the input pipeline is (this rank)
+                       "train/data_wait_frac": log.data_s / max(elapsed, 1e-9)}
             grad_norm = stepper.grad_norm()
             if grad_norm is not None:
                 metrics["train/grad_norm"] = float(grad_norm)
