@@ -8,6 +8,7 @@ DataLoader processes. On CUDA, `bash bench/gpu_pretrain.sh` checks and measures 
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import tarfile
 from collections import Counter
@@ -258,3 +259,32 @@ def test_undecodable_samples_are_skipped_reported_and_refilled(photo_shards, tmp
     evals = make_eval_loader(cfg, "train", device="cpu")
     keys = [k for _, _, ks in evals for k in ks]
     assert len(keys) == evals.num_samples - 2 and {f["key"] for f in evals.stats["failed_samples"]} == failed.keys()
+
+
+@pytest.mark.slow
+def test_pretrain_with_device_decoding_trains_end_to_end_and_logs_data_wait(photo_shards, tmp_path, mlflow_uri):
+    """`vitpipe pretrain --data.decode gpu`, as a user runs it; the CPU stands in for the GPU."""
+    import os
+    import subprocess
+    import sys
+
+    from mlflow import MlflowClient
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "vitpipe.cli", "pretrain", "--model.preset", "micro/4",
+           "--data.shards", str(photo_shards), "--data.image-size", "16", "--data.batch-size", "8",
+           "--data.num-workers", "1", "--data.decode", "gpu", "--train.steps", "8", "--train.log-every", "2",
+           "--train.eval-every", "4", "--schedule.warmup-steps", "2", "--optim.lr", "3e-3",
+           "--tracking.uri", mlflow_uri, "--no-tracking.system-metrics", "--out", str(out)]
+    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=540)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["step"] == 8 and math.isfinite(results["final_loss"]) and results["val/samples"] > 0
+    assert 0.0 <= results["data_wait_frac"] <= 1.0
+    client = MlflowClient(mlflow_uri)
+    run = client.get_run(results["run_id"])
+    assert run.data.params["data.decode"] == "gpu"
+    waits = client.get_metric_history(results["run_id"], "train/data_wait_frac")
+    assert [m.step for m in waits] == [2, 4, 6, 8] and all(0.0 <= m.value <= 1.0 for m in waits)
+    assert len(client.get_metric_history(results["run_id"], "train/images_per_s")) == 4

@@ -239,3 +239,22 @@ def test_gpu_peak_table_matches_the_most_specific_name(name, precision, peak):
     from vit.train.loop import peak_flops_by_name
 
     assert peak_flops_by_name(name, precision) == peak
+
+
+def test_compile_defaults_to_auto_which_compiles_on_cuda_only():
+    import argparse
+
+    from vit.train.config import add_stage_arguments, stage_config_from_args
+    from vit.train.engine import resolve_compile
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert PretrainConfig(data={"shards": "x"}).train.compile == "auto"
+    assert resolve_compile("auto", cuda) is True and resolve_compile("auto", cpu) is False
+    assert resolve_compile(False, cuda) is False and resolve_compile(True, cpu) is True
+    parser = argparse.ArgumentParser()
+    add_stage_arguments(parser, PretrainConfig)
+    for value, expected in (("false", False), ("true", True), ("auto", "auto")):
+        args = parser.parse_args(["--data.shards", "x", "--train.compile", value])
+        assert stage_config_from_args(PretrainConfig, args).train.compile == expected
+    with pytest.raises(Exception, match="compile"):
+        PretrainConfig(data={"shards": "x"}, train={"compile": "sometimes"})

@@ -321,6 +321,7 @@ def _loop(cfg: TrainingConfig, *, engine, objective, train_loader, eval_loader, 
     return {"step": step, "steps_this_launch": trained, "seconds": round(seconds, 3),
             "first_loss": first_loss, "final_loss": last.get("train/loss"),
             "images_per_s": last.get("train/images_per_s"), "mfu": last.get("train/mfu"),
+            "data_wait_frac": last.get("train/data_wait_frac"),
             "resumed_from": resumed_from, **val, "history": history}
 
 
