@@ -1,11 +1,17 @@
 #!/usr/bin/env bash
-# Issue 5's GPU numbers in one run (a few minutes on one H100/H200), from the repo root:
-#   bash bench/gpu_pretrain.sh
-# 1. vitpipe's DeepSpeed step vs the plain PyTorch loop, ViT-B/16 bf16, batch 128 (goal <= 1.10x);
-# 2. images/s and MFU with torch.compile at batch 256 (goal >= 45% MFU);
-# 3. where DeepSpeed's step overhead goes, config variant by variant.
-# Each prints a JSON line last; docs/benchmarks.md says how to read them.
+# Issue 18's GPU numbers in one run (under 8 minutes on one H100/H200), from the repo root:
+#   bash bench/gpu_pretrain.sh --quick   # first: about a minute, every stage tiny, checks that all of it works
+#   bash bench/gpu_pretrain.sh           # then the measurement; the table and one JSON line come last
+# (a) ViT-B/16 bf16 end to end from shards of ~500 px JPEGs (generated), data.decode cpu vs gpu: images/s,
+# MFU; (b) DeepSpeed/plain step ratio; (c) the loaders alone against the step alone. bench/bench_gpu_pretrain.py
+# says more; docs/benchmarks.md how to read it. Wheels in .whl/ (bench/gpu_wheels.sh makes them: DeepSpeed and
+# pydantic, which the lent machines' image lacks) are installed into /tmp/vitpipe-site first where those are missing.
 set -euo pipefail
-python3 bench/bench_pretrain.py --preset b/16 --batch 128 --zero-stage 0 2 --rounds 3 --steps 8
-python3 bench/bench_pretrain.py --preset b/16 --batch 256 --zero-stage 0 --rounds 3 --steps 8 --warmup 3 --compile
-python3 bench/bench_ds_variants.py
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if compgen -G ".whl/*.whl" >/dev/null && ! "$PY" -c "import deepspeed, pydantic" 2>/dev/null; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/vitpipe-site .whl/*.whl
+  export PYTHONPATH=/tmp/vitpipe-site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONUNBUFFERED=1
+exec "$PY" bench/bench_gpu_pretrain.py --out "${OUT:-/tmp/vitpipe-gpu-pretrain/out}" "$@"
