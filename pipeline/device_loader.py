@@ -26,6 +26,11 @@ What runs where:
 - A JPEG that the device decoder refuses (CMYK, an unusual layout) is decoded with Pillow on the
   CPU instead, counted in `stats["decoded_on_cpu"]`; one that nothing decodes is skipped,
   reported and its slot refilled, as on the CPU path.
+- torchvision's GPU decode holds its calling thread until the batch is decoded, so training
+  batches are decoded two ahead in a background thread, on a CUDA stream of its own, while the
+  step runs; only what draws from torch's global RNG (RandAugment, Mixup/CutMix) runs in the
+  training thread. Progressive JPEGs are decoded by nvJPEG one by one (slower than baseline ones,
+  which go through the hardware decoder in one batch).
 
 The pixels differ slightly from the CPU path's (another JPEG decoder and resampling filter; the
 CPU path also decodes large JPEGs at a reduced scale): the augmentation is the same distribution,
@@ -328,15 +333,89 @@ def _normalizer(mean, std, device) -> tuple[torch.Tensor, torch.Tensor]:
     return scale, shift
 
 
+class _DecodeAhead:
+    """Iterate `loader` with `decode` applied to each batch in a background thread, up to `depth`
+    batches ahead and (on CUDA) on a stream of its own, so decoding overlaps the training step:
+    torchvision's GPU decode holds the calling thread until the batch is decoded. The order of
+    the batches is kept; an error in the thread is raised here."""
+
+    _END = object()
+
+    def __init__(self, loader, decode, device: torch.device, depth: int):
+        self.loader, self.decode, self.device, self.depth = loader, decode, device, depth
+
+    def __iter__(self) -> Iterator[dict]:
+        import queue
+        import threading
+        from contextlib import nullcontext
+
+        cuda = self.device.type == "cuda"
+        stream = torch.cuda.Stream(self.device) if cuda else None
+        # the DataLoader's iterator (which starts its worker processes) in this thread: forking
+        # from another thread would hand the children this thread's objects to tear down
+        source = iter(self.loader)
+        ready: queue.Queue = queue.Queue(maxsize=self.depth)
+        stop = threading.Event()
+
+        def hand_over(item) -> bool:
+            while not stop.is_set():
+                try:
+                    ready.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        def work() -> None:
+            try:
+                with torch.cuda.device(self.device) if cuda else nullcontext(), \
+                        torch.cuda.stream(stream) if cuda else nullcontext():
+                    for batch in source:
+                        decoded = self.decode(batch)
+                        done = torch.cuda.Event() if cuda else None
+                        if done is not None:
+                            done.record(stream)
+                        if not hand_over((decoded, done)):
+                            return
+            except BaseException as e:  # raised in the training thread, where the user sees it
+                hand_over((e, None))
+                return
+            hand_over((self._END, None))
+
+        thread = threading.Thread(target=work, name="vitpipe-decode-ahead", daemon=True)
+        thread.start()
+        try:
+            while True:
+                item, done = ready.get()
+                if item is self._END:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                if done is not None:  # the step's stream waits for the decode, and owns its outputs now
+                    current = torch.cuda.current_stream(self.device)
+                    current.wait_event(done)
+                    for t in (item["images"], item["targets"]):
+                        t.record_stream(current)
+                yield item
+        finally:
+            stop.set()
+            # Before the next epoch's iterator: a persistent-worker DataLoader reuses its iterator,
+            # which this thread may still be reading (it stops within one batch).
+            thread.join(timeout=300)
+            if thread.is_alive():
+                log.warning("the decode-ahead thread did not stop within 300 s; continuing without it")
+
+
 class DeviceTrainLoader(TrainLoader):
     """`TrainLoader` whose batches are decoded and augmented on `device`; the same iteration,
     epochs, `state_dict` and `stats` (plus `decoded_on_cpu`). Images come as `dtype` (float32 by
-    default) on `device`."""
+    default) on `device`. `decode_ahead` batches are decoded in a background thread while the
+    step runs (0: in the training thread, when asked for)."""
 
     _stream_class = _EncodedTrainStream
 
     def __init__(self, cfg, index: dict, *, rank: int, world_size: int, seed: int, return_keys: bool,
-                 device: torch.device, dtype: torch.dtype | None = None):
+                 device: torch.device, dtype: torch.dtype | None = None, decode_ahead: int = 2):
         self.device, self.dtype = torch.device(device), dtype or torch.float32  # before describe() logs
         super().__init__(cfg, index, rank=rank, world_size=world_size, seed=seed, return_keys=return_keys)
         self._decoder = _DeviceDecoder(self.device, cfg.channels)
@@ -347,6 +426,8 @@ class DeviceTrainLoader(TrainLoader):
             from torchvision.transforms import v2
 
             self._rand_augment = v2.RandAugment(num_ops=aug.rand_augment_n, magnitude=aug.rand_augment_m)
+        if decode_ahead:
+            self._loader = _DecodeAhead(self._loader, self._decode, self.device, decode_ahead)
 
     def describe(self) -> str:
         return f"{super().describe()}; decoded on {self.device} (data.decode=gpu)"
@@ -355,8 +436,9 @@ class DeviceTrainLoader(TrainLoader):
     def stats(self) -> dict:
         return {**super().stats, "decoded_on_cpu": self._decoder.on_cpu}
 
-    def _prepare(self, batch: dict) -> dict:
-        """The worker's encoded batch -> decoded, augmented images on the device (see the module docstring)."""
+    def _decode(self, batch: dict) -> dict:
+        """The worker's encoded batch -> cropped, flipped and (without RandAugment) normalised images
+        on the device (see the module docstring). Uses no global RNG: it may run in another thread."""
         cfg, aug, n = self.cfg, self.cfg.augment, len(batch["ok"])
         events = list(batch["events"])
         images = self._decoder(batch, events)
@@ -382,17 +464,26 @@ class DeviceTrainLoader(TrainLoader):
         crop_resize(images, boxes, size, out=out)
         flip = (flip_u < aug.hflip).to(self.device)
         out = torch.where(flip.view(-1, 1, 1, 1), out.flip(-1), out)
-        with torch.random.fork_rng(devices=[]):  # the CPU loader's per-batch seed, for RandAugment and mixing
+        if self._rand_augment is None:
+            out = out.mul_(self._scale).sub_(self._shift)
+        return {"images": out, "targets": torch.tensor(labels, dtype=torch.long).to(self.device, non_blocking=True),
+                "keys": keys, "events": events, "filled": filled, "seed": batch["seed"]}
+
+    def _prepare(self, batch: dict) -> dict:
+        """What needs torch's global RNG, in the training thread: RandAugment, Mixup/CutMix."""
+        if "images" not in batch:  # decode_ahead=0
+            batch = self._decode(batch)
+        out, targets = batch["images"], batch["targets"]
+        with torch.random.fork_rng(devices=[]):  # the CPU loader's per-batch seed
             torch.manual_seed(batch["seed"])
             if self._rand_augment is not None:
                 crops = out.round_().clamp_(0, 255).to(torch.uint8)
-                out = torch.stack([self._rand_augment(c) for c in crops]).float()
-            out = out.mul_(self._scale).sub_(self._shift)
-            targets = torch.tensor(labels, dtype=torch.long).to(self.device, non_blocking=True)
+                out = torch.stack([self._rand_augment(c) for c in crops]).float().mul_(self._scale).sub_(self._shift)
             out, targets = self._stream.mixer(out, targets)
-        prepared = {"images": out.to(self.dtype), "targets": targets, "events": events, "filled": filled}
+        prepared = {"images": out.to(self.dtype), "targets": targets, "events": batch["events"],
+                    "filled": batch["filled"]}
         if self._stream.return_keys:
-            prepared["keys"] = keys
+            prepared["keys"] = batch["keys"]
         return prepared
 
 

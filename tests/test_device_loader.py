@@ -288,3 +288,43 @@ def test_pretrain_with_device_decoding_trains_end_to_end_and_logs_data_wait(phot
     waits = client.get_metric_history(results["run_id"], "train/data_wait_frac")
     assert [m.step for m in waits] == [2, 4, 6, 8] and all(0.0 <= m.value <= 1.0 for m in waits)
     assert len(client.get_metric_history(results["run_id"], "train/images_per_s")) == 4
+
+
+def test_decoding_ahead_in_a_thread_changes_nothing_and_stops_cleanly(photo_shards, tmp_path):
+    """decode_ahead (the default, 2) decodes in a background thread: the same batches as decoding when
+    asked (0), a loop that stops mid-epoch leaves no thread behind, and its errors reach the caller."""
+    import threading
+
+    from pipeline.device_loader import DeviceTrainLoader
+
+    cfg = _cfg(photo_shards, augment={"cutmix_alpha": 1.0, "rand_augment": True})
+    index = load_index(photo_shards)
+    kw = {"rank": 0, "world_size": 1, "seed": 5, "return_keys": True, "device": "cpu"}
+    inline = _epoch(DeviceTrainLoader(cfg, index, decode_ahead=0, **kw))
+    ahead = DeviceTrainLoader(cfg, index, decode_ahead=2, **kw)
+    for (x, y, k), (x0, y0, k0) in zip(_epoch(ahead), inline, strict=True):
+        assert k == k0 and torch.equal(x, x0) and torch.equal(y, y0)
+    stopped = DeviceTrainLoader(cfg, index, decode_ahead=2, **kw)
+    batches = iter(stopped)
+    next(batches)
+    batches.close()  # what a training loop that reached train.steps mid-epoch does, eventually
+    assert not [t for t in threading.enumerate() if t.name == "vitpipe-decode-ahead"]
+    rest = _epoch(stopped)  # the epoch goes on from batch 1, none lost to the batches decoded ahead
+    assert [k for _, _, k in rest] == [k for _, _, k in inline[1:]]
+    assert torch.equal(rest[-1][0], inline[-1][0])
+
+    # every JPEG of the split undecodable: the thread's UserError is the caller's
+    bad = tmp_path / "bad"
+    shutil.copytree(photo_shards, bad)
+    for s in load_index(bad)["splits"]["train"]["shards"]:
+        path = bad / s["name"]
+        with tarfile.open(path) as tf:
+            members = [(m, tf.extractfile(m).read()) for m in tf.getmembers()]
+        with tarfile.open(path, "w") as tf:
+            for m, data in members:
+                if m.name.endswith(".jpg"):
+                    at = data.index(b"\xff\xc4")
+                    data = data[:at + 4] + b"\xff" * 40 + data[at + 44:]
+                tf.addfile(m, BytesIO(data))
+    with pytest.raises(UserError, match="no sample of the shards in .* decodes"):
+        next(iter(make_train_loader(_cfg(bad), device="cpu")))
