@@ -16,7 +16,7 @@ end to end cpu, steps compiled, each only if it fits in what is left of --time-b
 and says so. Progress goes to stderr; a table and one JSON line go to stdout at the end (and
 results.json under --out).
 
-    bash bench/gpu_pretrain.sh --quick        # ~1 minute on a GPU: every stage, tiny, checks it all works
+    bash bench/gpu_pretrain.sh --quick        # 1-2 minutes on a GPU: every stage, tiny, checks it all works
     bash bench/gpu_pretrain.sh                # the measurement
     python bench/bench_gpu_pretrain.py --cpu-dry-run --work /tmp/w   # the same stages on the CPU, tiny (CI)
 """
@@ -331,7 +331,7 @@ def _table(result: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true", help="a ~1 minute smoke run of every stage, tiny sizes")
+    mode.add_argument("--quick", action="store_true", help="a 1-2 minute smoke run of every stage, tiny sizes (compile off)")
     mode.add_argument("--cpu-dry-run", action="store_true", help="every stage on the CPU, tiny (for CI)")
     p.add_argument("--work", default="/tmp/vitpipe-gpu-pretrain", help="scratch dir: photos, shards, runs")
     p.add_argument("--out", default=None, help="also write results.json here")

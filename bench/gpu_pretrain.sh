@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 18's GPU numbers in one run (under 8 minutes on one H100/H200), from the repo root:
-#   bash bench/gpu_pretrain.sh --quick   # first: about a minute, every stage tiny, checks that all of it works
+#   bash bench/gpu_pretrain.sh --quick   # first: 1-2 minutes, every stage tiny, checks that all of it works
 #   bash bench/gpu_pretrain.sh           # then the measurement; the table and one JSON line come last
 # (a) ViT-B/16 bf16 end to end from shards of ~500 px JPEGs (generated), data.decode cpu vs gpu: images/s,
 # MFU; (b) DeepSpeed/plain step ratio; (c) the loaders alone against the step alone. bench/bench_gpu_pretrain.py

@@ -304,6 +304,11 @@ class _DeviceDecoder:
     def _decode_jpegs(self, parts: list[torch.Tensor]) -> list[torch.Tensor | Exception]:
         from torchvision.io import decode_jpeg
 
+        if self.device.type == "cuda":
+            # nvJPEG writes from a stream of its own into memory allocated on ours: memory that the
+            # last batch's crops (queued on ours) freed must not be overwritten before they ran.
+            # In the decode-ahead thread this waits for those small kernels only.
+            torch.cuda.current_stream(self.device).synchronize()
         try:
             return list(decode_jpeg(parts, mode=self.read_mode, device=self.device))
         except RuntimeError:  # one bad image fails the whole call: find it, decode the others
