@@ -11,19 +11,21 @@ What runs where:
 - DataLoader workers only read: each batch's JPEG members go to the training process as one
   block of bytes in shared memory (pinned by the DataLoader on CUDA) with their sizes, read from
   the JPEG header (`pipeline.images.check_image`, which also rejects truncated files). Members
-  that are not JPEG (PNG, WebP, BMP, TIFF...) are decoded in the worker by the CPU loader's own
-  decoder (Pillow, `pipeline.transforms.decode_image`) and travel as pixels.
+  that are not JPEG (PNG, WebP, BMP, TIFF...), and JPEGs that the image-mode policy changes (CMYK,
+  EXIF-rotated: `ImageInfo.conversions`), are decoded in the worker by the CPU loader's own decoder
+  (Pillow, `pipeline.transforms.decode_image`) and travel as pixels.
 - The training process decodes the batch's JPEGs in one call on the device,
   `torchvision.io.decode_jpeg(list, device=...)` (nvJPEG on CUDA, using the GPU's hardware JPEG
   engines where it has them), then crops, resizes, flips and normalises the whole batch with a
   few tensor ops: every sample's RandomResizedCrop box is drawn from a generator seeded per batch
-  by (seed, epoch, rank, worker, batch), exactly like the CPU loader's, and all boxes are
-  resampled to the output size in one `torchvision.ops.roi_align` call (bilinear, averaging
+  by (seed, epoch, rank, worker, batch), as the CPU loader seeds its augmentation, and the boxes
+  are resampled to the output size by `torchvision.ops.roi_align`, one call per group of
+  similarly sized images (bilinear, averaging
   ceil(box / output) samples per output pixel, so shrinking is antialiased). The same boxes give
   the same pixels after a resume. Mixup/CutMix and label smoothing are pipeline/transforms.py's
   `BatchMixer`, run on the device batch under the same per-batch seed. The batch reaches the
   step on the device, in the step's input dtype: there is no host copy of the pixels.
-- A JPEG that the device decoder refuses (CMYK, an unusual layout) is decoded with Pillow on the
+- A JPEG that the device decoder refuses (an unusual layout) is decoded with Pillow on the
   CPU instead, counted in `stats["decoded_on_cpu"]`; one that nothing decodes is skipped,
   reported and its slot refilled, as on the CPU path.
 - torchvision's GPU decode holds its calling thread until the batch is decoded, so training
@@ -209,9 +211,9 @@ def _encode(raw: _RawSample, *, mode: str, labelled: bool) -> tuple:
         raise ValueError("no image member")
     label = _decode_label(raw, labelled)
     info = check_image(raw.image, max_pixels=_MAX_PIXELS)  # BadImage for what is no whole image
-    # ImageInfo.conversions (CMYK, EXIF rotation...) is read from the header by the image-mode
-    # work in pipeline/images.py; where present, those JPEGs take the CPU decoder's exact path.
-    if info.format == "JPEG" and not getattr(info, "conversions", ()):
+    # JPEGs that pipeline/images.to_model_mode would change (CMYK, EXIF-rotated: read from the
+    # header) take the CPU loader's decoder, so both paths train on the same upright RGB/L pixels.
+    if info.format == "JPEG" and not info.conversions:
         return "jpeg", raw.image, (info.height, info.width), label
     from torchvision.transforms.v2.functional import pil_to_tensor
 

@@ -216,9 +216,16 @@ def test_eval_pixels_agree_with_the_cpu_loader(mixed_shards, crop_pct):
         assert diff.mean() < 1.5 and diff.max() < 30, (key, diff.mean(), diff.max())  # 0.6-1.0 and ~16 here; half a pixel off: 3.5-6 and ~100
 
 
+def _bogus_huffman(jpeg: bytes) -> bytes:
+    """The JPEG with its first Huffman table's code counts overwritten: every marker and length is
+    intact (the header check passes), but no decoder can build the table."""
+    at = jpeg.index(b"\xff\xc4")  # DHT: marker, length (2), class/id (1), 16 code counts
+    return jpeg[:at + 5] + b"\xfe" * 16 + jpeg[at + 21:]
+
+
 def _break_members(shards: Path, out: Path) -> tuple[Path, str, str]:
-    """A copy of the shard set with one JPEG's Huffman table overwritten (its header and end marker
-    stay valid: only a decoder finds out) and one image replaced by garbage."""
+    """A copy of the shard set with one JPEG's Huffman table broken (only a decoder finds out) and
+    one image replaced by garbage."""
     shutil.copytree(shards, out)
     first = out / load_index(out)["splits"]["train"]["shards"][0]["name"]
     with tarfile.open(first) as tf:
@@ -228,8 +235,7 @@ def _break_members(shards: Path, out: Path) -> tuple[Path, str, str]:
     with tarfile.open(first, "w") as tf:
         for m, data in members:
             if m.name == f"{huffman_key}.jpg":
-                at = data.index(b"\xff\xc4")
-                data = data[:at + 4] + b"\xff" * 40 + data[at + 44:]
+                data = _bogus_huffman(data)
             elif m.name == f"{garbage_key}.jpg":
                 data = b"\xff\xd8\xff garbage, not a JPEG"
                 m.size = len(data)
@@ -252,7 +258,7 @@ def test_undecodable_samples_are_skipped_reported_and_refilled(photo_shards, tmp
     assert steps == [loader.steps_per_epoch] * 2
     failed = {f["key"]: f["detail"] for s in stats for f in s["failed_samples"]}
     assert failed.keys() == {huffman_key, garbage_key}
-    assert "cannot identify image file" in failed[huffman_key]  # neither torchvision nor Pillow decodes it
+    assert "broken data stream" in failed[huffman_key]  # neither torchvision nor then Pillow decodes it
     assert failed[garbage_key].startswith("BadImage: not_an_image")  # refused by the worker's header check
     # each failure refilled; a sample can come twice (the last batch of a rank repeats a few)
     assert sum(s["filled"] for s in stats) == sum(s["decode_failures"] for s in stats) >= 2
@@ -323,8 +329,37 @@ def test_decoding_ahead_in_a_thread_changes_nothing_and_stops_cleanly(photo_shar
         with tarfile.open(path, "w") as tf:
             for m, data in members:
                 if m.name.endswith(".jpg"):
-                    at = data.index(b"\xff\xc4")
-                    data = data[:at + 4] + b"\xff" * 40 + data[at + 44:]
+                    data = _bogus_huffman(data)
                 tf.addfile(m, BytesIO(data))
     with pytest.raises(UserError, match="no sample of the shards in .* decodes"):
         next(iter(make_train_loader(_cfg(bad), device="cpu")))
+
+
+def test_cmyk_and_exif_rotated_jpegs_take_the_cpu_decoders_upright_pixels(tmp_path):
+    """JPEGs that the image-mode policy changes (docs/formats.md) are decoded by Pillow, as on the CPU
+    path: a rotated photo is upright on both, not sideways on the device."""
+    src = tmp_path / "src"
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        folder = src / "ab"[i % 2]
+        folder.mkdir(parents=True, exist_ok=True)
+        rgb = np.zeros((60, 90, 3), np.uint8)
+        rgb[:, :30] = rng.integers(0, 256, 3)  # a coloured band on the left: orientation shows
+        img = Image.fromarray(rgb)
+        if i % 3 == 0:
+            exif = Image.Exif()
+            exif[0x0112] = 6  # stored sideways: to be turned 90 degrees
+            img.save(folder / f"{i}.jpg", quality=95, exif=exif)
+        elif i % 3 == 1:
+            img.convert("CMYK").save(folder / f"{i}.jpg", quality=95)
+        else:
+            img.save(folder / f"{i}.jpg", quality=95)
+    shards = _shard(src, tmp_path / "shards", val_ratio=0.0)
+    cfg = _cfg(shards, image_size=40, eval_batch_size=3, mean=(0.0,), std=(1.0,))
+    cpu = {k: x for xs, _, ks in make_eval_loader(cfg, "train") for x, k in zip(xs, ks)}
+    loader = make_eval_loader(cfg, "train", device="cpu")
+    dev = {k: x for xs, _, ks in loader for x, k in zip(xs, ks)}
+    assert cpu.keys() == dev.keys() and len(dev) == 6
+    for key in cpu:
+        assert ((cpu[key] - dev[key]).abs() * 255).mean() < 2.0, key
+    assert loader.stats["decoded_on_cpu"] == 4  # the rotated and the CMYK ones; the plain two on the "device"
