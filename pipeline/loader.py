@@ -29,7 +29,7 @@ How a training epoch is laid out, and why every rank runs the same number of ste
 5. Augmentation randomness is seeded per batch from (seed, epoch, rank, worker, batch), so the
    batches are a function of seed, world size and worker count only.
 
-With `data.decode: gpu` (or auto on CUDA) the same streams run with their decoding replaced: the
+With `data.decode: gpu` (or auto on CUDA; the default is cpu) the same streams run with their decoding replaced: the
 workers only read, and the training device decodes and augments whole batches
 (pipeline/device_loader.py). Steps 1-5 hold unchanged.
 """
@@ -95,9 +95,10 @@ class DataConfig(StageConfig):
                                  "image_size / eval_crop_pct, then center-crops (timm uses 0.875-0.9 at 224 px)")
     augment: AugmentConfig = Field(default_factory=AugmentConfig, description="training augmentation")
     decode: Literal["auto", "cpu", "gpu"] = Field(
-        "auto", description="where images are decoded and augmented: 'cpu' in the DataLoader workers (Pillow); "
+        "cpu", description="where images are decoded and augmented: 'cpu' in the DataLoader workers (Pillow); "
         "'gpu' on the training device, whole batches at once (nvJPEG; pipeline/device_loader.py), the workers "
-        "only read; 'auto' = gpu when training on CUDA with a torchvision that decodes there, else cpu")
+        "only read; 'auto' = gpu when training on CUDA with a torchvision that decodes there, else cpu. The "
+        "default stays cpu until the GPU path has been measured on a GPU (docs/benchmarks.md)")
 
     @model_validator(mode="after")
     def _check_channel_stats(self) -> "DataConfig":
