@@ -6,6 +6,7 @@ ViT-H/14 trains under DeepSpeed. Parallelism is applied from the outside (vit/pr
     image (B, C, H, W)
       -> patch_embed: P x P patches, linearly projected (a strided conv)   (B, N, D)
       -> prepend cls_token, add pos_embed (learned, 1-D over the patch grid) (B, 1+N, D)
+         (class_token=False: no cls_token, patch tokens only, as timm's class_token=False)
       -> blocks: depth x [x + attn(norm1(x)); x + mlp(norm2(x))]           (pre-norm)
       -> norm                                                               = forward_features
       -> pool (class token or mean of patch tokens) -> pre_logits -> head   = forward_head
@@ -56,6 +57,7 @@ class ViTConfig:
     drop_path_rate: float = 0.0    # stochastic depth, rising linearly to this at the last block; ~0.1 (S) to 0.4 (L) for DeiT-style training
     head_drop_rate: float = 0.0    # dropout on the pooled features right before the classifier; fine-tuning regularizer
     layer_norm_eps: float = 1e-6   # LayerNorm epsilon; 1e-6 matches the paper's JAX code and timm
+    class_token: bool = True       # False: no class token, only patch tokens (timm class_token=False); needs global_pool='avg'
 
     def __post_init__(self) -> None:
         checks = [
@@ -71,6 +73,8 @@ class ViTConfig:
             (self.mlp_ratio > 0, f"mlp_ratio={self.mlp_ratio} must be > 0, e.g. 4.0"),
             (self.global_pool in GLOBAL_POOLS,
              f"global_pool={self.global_pool!r} must be one of {', '.join(map(repr, GLOBAL_POOLS))}"),
+            (self.class_token or self.global_pool != "token",
+             "global_pool='token' pools the class token, and class_token=False has none; set global_pool='avg'"),
         ]
         for name in ("drop_rate", "attn_drop_rate", "drop_path_rate", "head_drop_rate"):
             rate = getattr(self, name)
@@ -256,10 +260,10 @@ class VisionTransformer(nn.Module):
         self.cfg = cfg = dataclasses.replace(cfg)  # own copy: set_image_size/reset_classifier update it
         dim = cfg.embed_dim
         self.grad_checkpointing = False
-        self.num_prefix_tokens = 1  # the class token
+        self.num_prefix_tokens = 1 if cfg.class_token else 0  # the class token, if any
         self.patch_embed = PatchEmbed(image_size=cfg.image_size, patch_size=cfg.patch_size,
                                       in_chans=cfg.in_chans, embed_dim=dim)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if cfg.class_token else None
         self.pos_embed = nn.Parameter(torch.zeros(1, self.num_prefix_tokens + self.patch_embed.num_patches, dim))
         self.pos_drop = nn.Dropout(cfg.drop_rate)
         rates = torch.linspace(0, cfg.drop_path_rate, cfg.depth).tolist()
@@ -278,7 +282,8 @@ class VisionTransformer(nn.Module):
     def init_weights(self) -> None:
         """Re-initialize every parameter as timm does (truncated normal, zero head); for training from scratch."""
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        nn.init.normal_(self.cls_token, std=1e-6)
+        if self.cls_token is not None:
+            nn.init.normal_(self.cls_token, std=1e-6)
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.trunc_normal_(module.weight, std=0.02)
@@ -295,7 +300,7 @@ class VisionTransformer(nn.Module):
             nn.init.zeros_(self.head.bias)
 
     def _build_head(self, num_classes: int, representation_size: int | None) -> None:
-        ref = self.cls_token  # new layers go to the model's device and dtype
+        ref = self.pos_embed  # new layers go to the model's device and dtype
         dim = self.cfg.embed_dim
         if representation_size:
             self.pre_logits = PreLogits(dim, representation_size).to(ref)
@@ -312,9 +317,11 @@ class VisionTransformer(nn.Module):
     # -- forward --------------------------------------------------------------------------------
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """All tokens after the final norm, (B, 1 + N, D), class token first; for probes and dense tasks."""
+        """All tokens after the final norm, (B, 1 + N, D) with the class token first ((B, N, D) with
+        class_token=False); for probes and dense tasks."""
         x = self.patch_embed(x)
-        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        if self.cls_token is not None:
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         x = self.pos_drop(x + self.pos_embed)
         for block in self.blocks:
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
@@ -352,9 +359,12 @@ class VisionTransformer(nn.Module):
             if global_pool not in GLOBAL_POOLS:
                 raise UserError(f"global_pool={global_pool!r} must be one of "
                                 f"{', '.join(map(repr, GLOBAL_POOLS))}")
+            if global_pool == "token" and self.cls_token is None:
+                raise UserError("global_pool='token' pools the class token, and this model has none "
+                                "(class_token=False); keep global_pool='avg'")
             self.cfg.global_pool = global_pool
         if keep_pre_logits and self.cfg.representation_size:
-            self.head = (nn.Linear(self.cfg.representation_size, num_classes).to(self.cls_token)
+            self.head = (nn.Linear(self.cfg.representation_size, num_classes).to(self.pos_embed)
                          if num_classes > 0 else nn.Identity())
             self._zero_head()
             self.cfg.num_classes = num_classes

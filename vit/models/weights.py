@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import re
 from pathlib import Path
 from typing import Any, Mapping
@@ -25,13 +26,14 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
-from vit.models.vit import (PRESETS, VisionTransformer, ViTConfig, preset_config,
-                       resample_pos_embed)
+from vit.models.vit import (GLOBAL_POOLS, PRESETS, VisionTransformer, ViTConfig, preset_config,
+                            resample_pos_embed)
 from vitpipe.errors import UserError
 
 __all__ = [
     "resample_pos_embed", "save_pretrained", "load_pretrained", "load_state_dict",
-    "timm_to_vitpipe", "vitpipe_to_timm", "load_timm_checkpoint", "config_from_timm", "timm_model_kwargs",
+    "timm_to_vitpipe", "vitpipe_to_timm", "load_timm_checkpoint", "config_from_timm", "config_from_timm_hub",
+    "timm_model_kwargs", "timm_hub_config", "save_timm_hub", "has_config",
 ]
 
 log = logging.getLogger(__name__)
@@ -76,34 +78,77 @@ def _read_values(weights: Path) -> dict[str, Any] | None:
     config_file = weights.parent / CONFIG_NAME
     if config_file.is_file():
         try:
-            return json.loads(config_file.read_text())
-        except json.JSONDecodeError as e:
-            raise UserError(f"{config_file}: not valid JSON ({e}); re-export the model with save_pretrained") from e
+            values = json.loads(config_file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise UserError(f"{config_file}: not valid JSON ({e}); re-export the model with save_pretrained "
+                            f"(or remove the file and name the architecture)") from None
+        if not isinstance(values, dict):
+            raise UserError(f"{config_file} holds a JSON {type(values).__name__}, not a model config object; "
+                            f"re-export the model or remove the file and name the architecture")
+        return values
     if weights.suffix != ".safetensors" or not weights.is_file():
         return None
-    with safe_open(str(weights), framework="pt") as f:
-        text = (f.metadata() or {}).get(_CONFIG_METADATA_KEY)
-    return None if text is None else json.loads(text)
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            text = (f.metadata() or {}).get(_CONFIG_METADATA_KEY)
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"{weights}: not a readable safetensors file ({e})") from None
+    if text is None:
+        return None
+    try:
+        values = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{weights}: the vitpipe config in its header is not valid JSON ({e}); re-export the "
+                        f"model with save_pretrained, or load it naming the architecture") from None
+    return values if isinstance(values, dict) else None
 
 
 def _read_config(weights: Path, values: dict[str, Any] | None) -> ViTConfig | None:
     """The architecture of a weights file, from its config values (`_read_values`).
 
-    A timm / Hugging Face hub folder (model.safetensors + a config.json naming the "architecture")
-    is read too, so a downloaded timm ViT loads without naming its architecture again.
+    A timm / Hugging Face hub folder (model.safetensors + a config.json naming the "architecture",
+    as timm's save_for_hf writes it) is read too, its `model_args` honoured as timm honours them,
+    so a downloaded or exported timm ViT loads without naming its architecture again.
     """
     config_file = weights.parent / CONFIG_NAME
+    where = config_file if config_file.is_file() else weights
     if values is None:
         return None
     if values.get("format") == FORMAT:
-        return ViTConfig.from_dict({k: v for k, v in values.items() if k not in ("format", "class_names")})
+        try:
+            return ViTConfig.from_dict({k: v for k, v in values.items() if k not in ("format", "class_names")})
+        except UserError as e:
+            raise UserError(f"{where}: {e}") from None
+        except (TypeError, ValueError) as e:  # a field of the wrong type
+            raise UserError(f"{where}: not a valid vitpipe model config ({e}); re-export the model with "
+                            f"save_pretrained") from None
     if isinstance(values.get("architecture"), str):
-        extra = {k: values[k] for k in ("num_classes", "in_chans") if isinstance(values.get(k), int)}
-        if values.get("global_pool") in ("token", "avg"):
-            extra["global_pool"] = values["global_pool"]
-        return config_from_timm(values["architecture"], **extra)
-    raise UserError(f"{config_file} is neither a vitpipe model config (\"format\": \"{FORMAT}\") nor a timm "
-                    f"one (\"architecture\"); remove it or pass config=")
+        return config_from_timm_hub(values, source=str(where))
+    raise UserError(f"{where} is neither a vitpipe model config (\"format\": \"{FORMAT}\") nor a timm "
+                    f"one (\"architecture\"); remove it or name the architecture (config=, --model-preset)")
+
+
+def has_config(path: str | Path) -> bool:
+    """Whether a model folder or weights file says its own architecture (our export, a timm hub
+    folder); a bare timm checkpoint does not, and needs one named (a preset or timm name)."""
+    path = Path(path)
+    weights = path / WEIGHTS_NAME if path.is_dir() else path
+    if (weights.parent / CONFIG_NAME).is_file():
+        return True
+    if weights.suffix != ".safetensors" or not weights.is_file():
+        return False
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            return _CONFIG_METADATA_KEY in (f.metadata() or {})
+    except (SafetensorError, OSError):
+        return False  # _read_tensors says what is wrong with it
+
+
+def architecture_differences(have: ViTConfig, want: ViTConfig) -> list[str]:
+    """'field: have X vs want Y' for each field that makes two configs different architectures
+    (the head size, resolution and regularisation may differ)."""
+    fields = ("embed_dim", "depth", "num_heads", "patch_size", "mlp_ratio")
+    return [f"{f} {getattr(have, f)} vs {getattr(want, f)}" for f in fields if getattr(have, f) != getattr(want, f)]
 
 
 def _read_tensors(path: Path) -> dict[str, Any]:
@@ -166,28 +211,48 @@ def _describe(cfg: ViTConfig) -> str:
 
 def load_pretrained(path: str | Path, *, num_classes: int | None = None, image_size: int | None = None,
                     strict: bool = True, config: ViTConfig | str | None = None) -> VisionTransformer:
-    """Load a model to fine-tune or evaluate: our export (dir or .safetensors) or a timm checkpoint.
+    """Load a model to fine-tune or evaluate: our export (dir or .safetensors), a timm hub folder
+    (config.json with `architecture` + `model_args`), or a bare timm checkpoint.
 
     num_classes: a different count than the checkpoint's gets a fresh zero-initialized head (logged).
-    image_size: a different resolution resamples the position embedding.
-    config: needed only for checkpoints without our config.json (timm files): a ViTConfig, one of our
-    preset names ('b/16') or a timm model name ('vit_base_patch16_224').
+    image_size: a different resolution resamples the position embedding. A file made at another
+    resolution than `config` says is resampled too, with a warning naming both.
+    config: needed only for checkpoints without a config (bare timm files): a ViTConfig, one of our
+    preset names ('b/16') or a timm model name ('vit_base_patch16_224', 'deit_tiny_patch16_224').
+    A name fixes the size of the network; what the file itself shows (input channels, class token,
+    fc_norm, qkv biases) is taken from the file. A ViTConfig is used exactly as given.
     """
     path = Path(path)
     weights = path / WEIGHTS_NAME if path.is_dir() else path
     if path.is_dir() and not weights.is_file():
         raise UserError(f"{path} has no {WEIGHTS_NAME}; point at a directory written by save_pretrained "
-                        f"or at a checkpoint file")
-    if isinstance(config, str):
-        config = _named_config(config)
+                        f"(or timm's save_for_hf) or at a checkpoint file")
+    named = config if isinstance(config, str) else None
+    if named is not None:
+        config = _named_config(named)
     values = _read_values(weights) if config is None and weights.is_file() else None
     cfg = config or _read_config(weights, values)
-    state_dict = _read_tensors(weights)
+    state_dict = _unwrap(_read_tensors(weights))
     if cfg is None:
         raise UserError(f"{weights} carries no vitpipe config; pass config= a preset name "
                         f"({', '.join(list(PRESETS)[:3])}, ...), a timm model name or a ViTConfig")
+    _refuse_unsupported(state_dict, source=str(weights))
+    if named is not None:
+        cfg = _fit_to_file(cfg, state_dict, source=f"{weights} (as {named})")
+    file_grid = _file_grid(state_dict, cfg, source=str(weights))
     if image_size is not None:
         cfg = dataclasses.replace(cfg, image_size=image_size)
+    if file_grid is not None and file_grid != cfg.grid_size:
+        p = cfg.patch_size
+        what = (f"{weights}: its position embedding is for a {file_grid[0]}x{file_grid[1]} patch grid "
+                f"({file_grid[0] * p} px at patch {p}); resampled to the model's {cfg.grid_size[0]}x"
+                f"{cfg.grid_size[1]} ({cfg.image_size} px)")
+        if image_size is None:  # nobody asked for another resolution: the config and the file disagree
+            log.warning("%s. To use it at the resolution it was trained at, ask for image size %d "
+                        "(e.g. --data.image-size %d, or a config at that size)", what, file_grid[0] * p,
+                        file_grid[0] * p)
+        else:
+            log.info("%s, as asked", what)
     # Our layout passes through unchanged, except that the position embedding is resampled to cfg's grid.
     state_dict = timm_to_vitpipe(state_dict, cfg)
     head = state_dict.get("head.weight")
@@ -208,6 +273,33 @@ def load_pretrained(path: str | Path, *, num_classes: int | None = None, image_s
     return model
 
 
+def _fit_to_file(cfg: ViTConfig, sd: Mapping[str, Any], *, source: str) -> ViTConfig:
+    """`cfg` (from a name, which fixes only the size of the network) with what the file shows:
+    input channels, class token, fc_norm, qkv biases, and the pooling these imply."""
+    facts: dict[str, Any] = {"class_token": "cls_token" in sd, "fc_norm": "fc_norm.weight" in sd}
+    w = sd.get("patch_embed.proj.weight")
+    if isinstance(w, torch.Tensor) and w.ndim == 4:
+        facts["in_chans"] = int(w.shape[1])
+    if "blocks.0.attn.qkv.weight" in sd:
+        facts["qkv_bias"] = "blocks.0.attn.qkv.bias" in sd
+    guessed = False
+    if cfg.global_pool == "token" and not facts["class_token"]:
+        facts["global_pool"] = "avg"  # the only pooling without a class token that vitpipe implements
+    elif cfg.global_pool == "token" and facts["fc_norm"]:
+        facts["global_pool"], guessed = "avg", True  # timm puts fc_norm after pooling only for 'avg' by default
+    changed = {k: v for k, v in facts.items() if getattr(cfg, k) != v}
+    if not changed:
+        return cfg
+    said = ", ".join(f"{k}={v!r}" for k, v in changed.items())
+    if guessed:
+        log.warning("%s: the file has fc_norm weights, which timm uses with global_pool='avg'; loading it "
+                    "with %s. Pass a ViTConfig (or a timm hub folder with model_args) if it pooled the "
+                    "class token", source, said)
+    else:
+        log.info("%s: taken from the file: %s", source, said)
+    return dataclasses.replace(cfg, **changed)
+
+
 def read_class_names(path: str | Path) -> list[str] | None:
     """The class names an export records for its head (None: not recorded, e.g. a timm file)."""
     path = Path(path)
@@ -221,16 +313,32 @@ TRAINED_PREPROCESSING = ("mean", "std", "eval_crop_pct")
 
 
 def trained_preprocessing(source: str | Path) -> dict[str, Any]:
-    """TRAINED_PREPROCESSING options from the training config saved beside an export (empty if
-    there is none: a timm file, a registry URI)."""
+    """TRAINED_PREPROCESSING options from the training config saved beside an export, or from a
+    timm hub folder's `pretrained_cfg` (mean, std, crop_pct); empty if there is neither (a bare
+    timm file, a registry URI)."""
     from vitpipe.config import read_yaml
 
     path = Path(source)
-    found = (path if path.is_dir() else path.parent) / "train_config.yaml"
-    if not found.is_file():
+    folder = path if path.is_dir() else path.parent
+    found = folder / "train_config.yaml"
+    if found.is_file():
+        data = read_yaml(found).get("data")
+        return {k: data[k] for k in TRAINED_PREPROCESSING if k in data} if isinstance(data, dict) else {}
+    try:
+        values = json.loads((folder / CONFIG_NAME).read_text())
+    except (OSError, ValueError):
         return {}
-    data = read_yaml(found).get("data")
-    return {k: data[k] for k in TRAINED_PREPROCESSING if k in data} if isinstance(data, dict) else {}
+    pretrained = values.get("pretrained_cfg") if isinstance(values, dict) and "architecture" in values else None
+    if not isinstance(pretrained, dict):
+        return {}
+    out: dict[str, Any] = {}
+    for ours, theirs in (("mean", "mean"), ("std", "std"), ("eval_crop_pct", "crop_pct")):
+        value = pretrained.get(theirs)
+        if isinstance(value, (list, tuple)) and all(isinstance(v, (int, float)) for v in value):
+            out[ours] = [float(v) for v in value]
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[ours] = float(value)
+    return out
 
 
 def data_for_model(data, model, source: str | Path, *, name: str):
@@ -254,12 +362,17 @@ def data_for_model(data, model, source: str | Path, *, name: str):
 
 
 def _class_names(values: dict[str, Any] | None) -> list[str] | None:
-    names = values.get("class_names") if values and values.get("format") == FORMAT else None
+    """Names of the head's outputs: our export's `class_names`, or a timm hub config's `label_names`."""
+    if not values:
+        return None
+    names = values.get("class_names") if values.get("format") == FORMAT else values.get("label_names")
     return [str(n) for n in names] if isinstance(names, list) else None
 
 
 def _named_config(name: str) -> ViTConfig:
-    return preset_config(name) if not name.startswith("vit_") else config_from_timm(name)
+    """The architecture a name stands for: one of our presets ('s/16') or a timm model name."""
+    key = name.strip()
+    return preset_config(key) if "/" in key else config_from_timm(key)  # every preset has a '/'
 
 
 # ---------------------------------------------------------------------------------------------
@@ -303,32 +416,63 @@ def timm_to_vitpipe(sd: Mapping[str, Any], cfg: ViTConfig) -> StateDict:
     refuses timm features this model does not implement, naming the keys.
     """
     sd = _unwrap(sd)
-    bad = sorted(k for k in sd if any(re.search(p, k) for p in _UNSUPPORTED))
-    if bad:
-        features = sorted({why for k in bad for p, why in _UNSUPPORTED.items() if re.search(p, k)})
-        raise UserError(f"timm checkpoint uses {', '.join(features)}, which vitpipe's ViT does not "
-                        f"implement (keys: {', '.join(bad[:8])}{' ...' if len(bad) > 8 else ''}); "
-                        f"use a plain ViT checkpoint")
-    if "pos_embed" not in sd or "patch_embed.proj.weight" not in sd:
-        missing = [k for k in ("pos_embed", "patch_embed.proj.weight") if k not in sd]
-        raise UserError(f"not a ViT checkpoint: missing {', '.join(missing)} "
-                        f"(first keys: {', '.join(list(sd)[:5])})")
+    _refuse_unsupported(sd)
+    old_grid = _file_grid(sd, cfg)
+    prefix = 1 if cfg.class_token else 0
     out: StateDict = {}
     for k, v in sd.items():
         if not isinstance(v, torch.Tensor):
             continue  # optimizer steps, epochs and other bookkeeping stored next to the weights
-        if k == "patch_embed.proj.weight" and v.ndim == 2:
+        if k == "patch_embed.proj.weight" and v.ndim == 2 and v.shape[1] == cfg.in_chans * cfg.patch_size ** 2:
             # early timm models patchified by reshape + Linear; same weights as a strided conv
             v = v.reshape(v.shape[0], cfg.in_chans, cfg.patch_size, cfg.patch_size)
-        elif k == "pos_embed" and v.shape[1] != 1 + cfg.grid_size[0] * cfg.grid_size[1]:
-            if v.shape[-1] == cfg.embed_dim:  # width mismatches are reported by load_state_dict
-                log.info("resampling position embedding from %d to %s grid tokens", v.shape[1] - 1,
-                         cfg.grid_size)
-                v = resample_pos_embed(v, cfg.grid_size, num_prefix_tokens=1)
+        elif k == "pos_embed" and old_grid != cfg.grid_size and v.shape[-1] == cfg.embed_dim:
+            # (a width mismatch is reported by load_state_dict, with every other wrong shape)
+            v = resample_pos_embed(v, cfg.grid_size, num_prefix_tokens=prefix, old_grid=old_grid)
         elif k.startswith("head.") and cfg.num_classes == 0:
             continue
         out[k] = v
     return out
+
+
+def _refuse_unsupported(sd: Mapping[str, Any], source: str = "timm checkpoint") -> None:
+    bad = sorted(k for k in sd if any(re.search(p, k) for p in _UNSUPPORTED))
+    if bad:
+        features = sorted({why for k in bad for p, why in _UNSUPPORTED.items() if re.search(p, k)})
+        raise UserError(f"{source} uses {', '.join(features)}, which vitpipe's ViT does not "
+                        f"implement (keys: {', '.join(bad[:8])}{' ...' if len(bad) > 8 else ''}); "
+                        f"use a plain ViT checkpoint")
+
+
+def _file_grid(sd: Mapping[str, Any], cfg: ViTConfig, source: str = "checkpoint") -> tuple[int, int]:
+    """The patch grid a state dict's position embedding is for, after checking that its prefix
+    tokens are the ones `cfg` has; a layout vitpipe cannot read is a UserError naming it."""
+    missing = [k for k in ("pos_embed", "patch_embed.proj.weight") if not isinstance(sd.get(k), torch.Tensor)]
+    if missing:
+        raise UserError(f"{source}: not a ViT checkpoint: missing {', '.join(missing)} "
+                        f"(first keys: {', '.join(list(sd)[:5]) or 'none'})")
+    pe = sd["pos_embed"]
+    if pe.ndim != 3 or pe.shape[0] != 1:
+        raise UserError(f"{source}: pos_embed is {tuple(pe.shape)}, not (1, tokens, width): not a ViT "
+                        f"position embedding vitpipe reads")
+    tokens, has_cls = int(pe.shape[1]), "cls_token" in sd
+    if has_cls and not cfg.class_token:
+        raise UserError(f"{source} has a class token (cls_token) but the model config has class_token=False; "
+                        f"load it with class_token=True")
+    if not has_cls and cfg.class_token:
+        raise UserError(f"{source} has no class token (no cls_token; pos_embed holds {tokens} patch positions), "
+                        f"as timm's class_token=False models; load it with class_token=False and "
+                        f"global_pool='avg' (a timm hub folder's model_args, or a timm model name, do)")
+    n = tokens - (1 if has_cls else 0)
+    side = math.isqrt(max(n, 0))
+    if side * side == n and n > 0:
+        return side, side
+    if has_cls and math.isqrt(tokens) ** 2 == tokens:
+        raise UserError(f"{source}: pos_embed has {tokens} positions for the patches only, the class token has "
+                        f"none (timm's no_embed_class=True, e.g. DeiT III); vitpipe's ViT adds a position "
+                        f"to the class token: use a plain ViT checkpoint")
+    raise UserError(f"{source}: pos_embed has {n} patch positions after {tokens - n} class token(s), not a "
+                    f"square patch grid; vitpipe's ViT reads square grids (img_size h = w)")
 
 
 def vitpipe_to_timm(sd: Mapping[str, torch.Tensor], cfg: ViTConfig) -> StateDict:
@@ -341,40 +485,134 @@ def vitpipe_to_timm(sd: Mapping[str, torch.Tensor], cfg: ViTConfig) -> StateDict
 
 
 def timm_model_kwargs(cfg: ViTConfig) -> dict[str, Any]:
-    """Keyword arguments for timm.models.vision_transformer.VisionTransformer with the same architecture."""
+    """Keyword arguments for timm's VisionTransformer (or timm.create_model) with the same architecture.
+
+    Use this rather than spelling the options by hand: `fc_norm` is always passed, because timm's
+    default for it follows the pooling (fc_norm=None means True with global_pool='avg') while
+    vitpipe's ViTConfig.fc_norm is False unless set.
+    """
     if cfg.representation_size:
-        raise UserError(f"representation_size={cfg.representation_size} has no timm equivalent")
+        raise UserError(f"representation_size={cfg.representation_size} has no timm equivalent; call "
+                        f"model.reset_classifier(n) first (drops the pre-logits layer)")
+    if cfg.layer_norm_eps != 1e-6:
+        raise UserError(f"layer_norm_eps={cfg.layer_norm_eps}: timm's VisionTransformer uses 1e-6")
     return dict(
         img_size=cfg.image_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans,
-        num_classes=cfg.num_classes, global_pool=cfg.global_pool, embed_dim=cfg.embed_dim,
-        depth=cfg.depth, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, qkv_bias=cfg.qkv_bias,
-        fc_norm=cfg.fc_norm, drop_rate=cfg.head_drop_rate, pos_drop_rate=cfg.drop_rate,
+        num_classes=cfg.num_classes, global_pool=cfg.global_pool, class_token=cfg.class_token,
+        embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio,
+        qkv_bias=cfg.qkv_bias, fc_norm=cfg.fc_norm, drop_rate=cfg.head_drop_rate, pos_drop_rate=cfg.drop_rate,
         proj_drop_rate=cfg.drop_rate, attn_drop_rate=cfg.attn_drop_rate, drop_path_rate=cfg.drop_path_rate,
     )
 
 
+# timm architecture names whose network vitpipe builds: the plain ViTs and DeiT (same network,
+# other weights), e.g. vit_base_patch16_384.augreg_in21k_ft_in1k or deit_tiny_patch16_224.
+# Other names (clip, siglip, gap, reg4, dinov2, deit3, distilled...) differ in ways a name alone
+# does not say, so they are refused rather than guessed.
+_TIMM_NAME = re.compile(r"(vit|deit)_(tiny|small|base|large|huge)_patch(\d+)_(\d+)(?:\.[\w-]+)?")
 _TIMM_SIZES = {"tiny": "ti", "small": "s", "base": "b", "large": "l", "huge": "h"}
 
+# timm VisionTransformer options -> the value that leaves them off; vitpipe's ViT has none of them.
+_TIMM_OFF = {
+    "qk_norm": False, "scale_attn_norm": False, "scale_mlp_norm": False, "proj_bias": True,
+    "init_values": None, "pos_embed": "learn", "no_embed_class": False, "reg_tokens": 0,
+    "pre_norm": False, "final_norm": True, "pool_include_prefix": False, "dynamic_img_pad": False,
+    "embed_norm_layer": None, "patch_drop_rate": 0.0,
+}
+# Options that change neither the weights nor the function at the trained input size.
+_TIMM_NEUTRAL = {"weight_init", "fix_init", "dynamic_img_size", "pretrained_strict", "device", "dtype"}
+_TIMM_LAYERS = {"norm_layer": (None, "layernorm"), "act_layer": (None, "gelu")}
+# ViTConfig fields with no timm option of the same name, accepted as overrides too.
+_OWN_ONLY = {"image_size", "head_drop_rate", "layer_norm_eps", "representation_size"}
 
-def config_from_timm(model_or_name: Any, **overrides: Any) -> ViTConfig:
-    """Our ViTConfig for a timm ViT: a model instance, or a name like 'vit_base_patch16_224'."""
+
+def _timm_architecture_args(name: str) -> dict[str, Any]:
+    """timm's own arguments for architecture `name` (what its registered entry point passes)."""
+    m = _TIMM_NAME.fullmatch(name.strip())
+    if not m:
+        why = ("distilled DeiTs carry a distillation token" if "distilled" in name else
+               "DeiT III uses layer scale and no class position" if name.startswith("deit3") else
+               "expected a plain ViT or DeiT name such as vit_base_patch16_224 or deit_small_patch16_224")
+        raise UserError(f"cannot build timm model {name!r} as a vitpipe ViT ({why}); or pass one of our preset "
+                        f"names ({', '.join(list(PRESETS)[:4])}, ...) or a ViTConfig")
+    family, size, patch, res = m.group(1), m.group(2), int(m.group(3)), int(m.group(4))
+    if family == "deit" and size not in ("tiny", "small", "base"):
+        raise UserError(f"timm has no DeiT {size!r} ({name!r}); DeiT sizes are tiny, small and base")
+    dims = PRESETS[f"{_TIMM_SIZES[size]}/16"]
+    return dict(img_size=res, patch_size=patch, embed_dim=dims["embed_dim"], depth=dims["depth"],
+                num_heads=dims["num_heads"])
+
+
+def _square(value: Any, what: str, source: str) -> int:
+    """An int, or an (h, w) pair with h == w, as timm accepts for img_size / patch_size."""
+    if isinstance(value, bool):
+        raise UserError(f"{source}: {what}={value!r} is not a size")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, int) for v in value):
+        if value[0] != value[1]:
+            raise UserError(f"{source}: {what}={list(value)} is not square; vitpipe's ViT takes square inputs "
+                            f"and patches only")
+        return value[0]
+    raise UserError(f"{source}: {what}={value!r} is not a size (an int or [h, w])")
+
+
+def _config_from_timm_args(args: Mapping[str, Any], source: str) -> ViTConfig:
+    """A ViTConfig from timm VisionTransformer keyword arguments, with timm's defaults and meaning
+    (fc_norm=None means True for global_pool='avg', drop_rate is the head's dropout)."""
+    args = dict(args)
+    off = [f"{k}={args[k]!r}" for k, default in _TIMM_OFF.items() if k in args and args[k] != default]
+    for k, allowed in _TIMM_LAYERS.items():
+        v = args.get(k)
+        if not (v is None or (isinstance(v, str) and v.lower() in [a for a in allowed if a])):
+            off.append(f"{k}={v!r}")
+    known = {"img_size", "patch_size", "in_chans", "num_classes", "global_pool", "embed_dim", "depth",
+             "num_heads", "mlp_ratio", "qkv_bias", "class_token", "fc_norm", "drop_rate", "pos_drop_rate",
+             "proj_drop_rate", "attn_drop_rate", "drop_path_rate", *_TIMM_OFF, *_TIMM_NEUTRAL, *_TIMM_LAYERS,
+             *_OWN_ONLY}
+    off += [f"{k}={args[k]!r} (unknown option)" for k in sorted(set(args) - known)]
+    if off:
+        raise UserError(f"{source}: timm model options {', '.join(off)} have no equivalent in vitpipe's ViT; "
+                        f"use a plain ViT (these options at their defaults)")
+    pool = args.get("global_pool", "token")
+    if pool not in GLOBAL_POOLS:
+        raise UserError(f"{source}: global_pool={pool!r} (timm) is not implemented; vitpipe pools with "
+                        f"{' or '.join(map(repr, GLOBAL_POOLS))}")
+    fc_norm = args.get("fc_norm")
+    values: dict[str, Any] = dict(
+        image_size=_square(args.get("img_size", 224), "img_size", source),
+        patch_size=_square(args.get("patch_size", 16), "patch_size", source),
+        global_pool=pool, fc_norm=pool == "avg" if fc_norm is None else bool(fc_norm),  # timm's default
+        head_drop_rate=args.get("drop_rate", 0.0),
+        drop_rate=max(args.get("pos_drop_rate", 0.0), args.get("proj_drop_rate", 0.0)),
+    )
+    for k in ("in_chans", "num_classes", "embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias",
+              "class_token", "attn_drop_rate", "drop_path_rate", *_OWN_ONLY):
+        if k in args:
+            values[k] = args[k]
+    try:
+        return ViTConfig(**values)
+    except UserError as e:
+        raise UserError(f"{source}: {e}") from None
+    except TypeError as e:  # a value of the wrong type, e.g. depth "12"
+        raise UserError(f"{source}: timm model options do not form a ViT ({e})") from None
+
+
+def config_from_timm(model_or_name: Any, **timm_kwargs: Any) -> ViTConfig:
+    """Our ViTConfig for a timm ViT: a model instance, or an architecture name like
+    'vit_base_patch16_224' / 'deit_tiny_patch16_224' with timm.create_model's keyword arguments
+    (timm's meaning: global_pool='avg' implies fc_norm=True unless fc_norm=False is given)."""
     if isinstance(model_or_name, str):
-        m = re.fullmatch(r"vit_(tiny|small|base|large|huge)_patch(\d+)_(?:[a-z0-9]+_)*?(\d+)(?:\.\w+)?",
-                         model_or_name)
-        if not m:
-            raise UserError(f"cannot read a ViT architecture from timm name {model_or_name!r}; expected "
-                            f"e.g. vit_base_patch16_224, or pass our preset name ('b/16') or a ViTConfig")
-        size, patch, res = _TIMM_SIZES[m.group(1)], int(m.group(2)), int(m.group(3))
-        if f"{size}/{patch}" not in PRESETS:
-            raise UserError(f"timm model {model_or_name!r}: no preset {size}/{patch}; pass a ViTConfig")
-        return preset_config(f"{size}/{patch}", **{"image_size": res, **overrides})
+        args = {**_timm_architecture_args(model_or_name), **timm_kwargs}
+        if "image_size" in timm_kwargs:  # our name for img_size, accepted for older callers
+            args["img_size"] = args.pop("image_size")
+        return _config_from_timm_args(args, source=f"timm model {model_or_name!r}")
     m = model_or_name
     unsupported = [what for what, present in [
-        ("no class token", not getattr(m, "has_class_token", True)),
         ("register tokens", getattr(m, "num_reg_tokens", 0)),
         ("no_embed_class", getattr(m, "no_embed_class", False)),
         ("attention pooling", getattr(m, "attn_pool", None) is not None),
-        (f"global_pool={getattr(m, 'global_pool', '')!r}", getattr(m, "global_pool", "") not in ("token", "avg")),
+        (f"global_pool={getattr(m, 'global_pool', '')!r}", getattr(m, "global_pool", "") not in GLOBAL_POOLS),
     ] if present]
     if unsupported:
         raise UserError(f"timm model uses {', '.join(unsupported)}, which vitpipe's ViT does not implement")
@@ -388,9 +626,28 @@ def config_from_timm(model_or_name: Any, **overrides: Any) -> ViTConfig:
         embed_dim=m.embed_dim, depth=len(m.blocks), num_heads=block.attn.num_heads,
         mlp_ratio=block.mlp.fc1.out_features / m.embed_dim, qkv_bias=block.attn.qkv.bias is not None,
         global_pool=m.global_pool, fc_norm=not isinstance(m.fc_norm, torch.nn.Identity),
-        layer_norm_eps=block.norm1.eps,
+        layer_norm_eps=block.norm1.eps, class_token=bool(getattr(m, "has_class_token", True)),
     )
-    return ViTConfig(**{**values, **overrides})
+    return ViTConfig(**{**values, **timm_kwargs})
+
+
+def config_from_timm_hub(values: Mapping[str, Any], source: str = "config.json") -> ViTConfig:
+    """Our ViTConfig for a timm hub config.json (as timm's save_for_hf writes it): the
+    `architecture` with its `model_args` applied as timm.create_model applies them. Configs from
+    before timm recorded model_args keep num_classes / global_pool / in_chans at the top level."""
+    arch = values.get("architecture")
+    args = values.get("model_args") or {}
+    if not isinstance(arch, str) or not isinstance(args, Mapping):
+        raise UserError(f"{source}: a timm config needs \"architecture\" (a name) and \"model_args\" (an object, "
+                        f"or none); re-save it with timm's save_for_hf")
+    args = dict(args)
+    for key in ("num_classes", "global_pool", "in_chans"):
+        if key not in args and key in values and not isinstance(values[key], bool):
+            args[key] = values[key]
+    try:
+        return config_from_timm(arch, **args)
+    except UserError as e:
+        raise UserError(f"{source}: {e}") from None
 
 
 def load_timm_checkpoint(path: str | Path, cfg: ViTConfig) -> StateDict:
@@ -399,3 +656,88 @@ def load_timm_checkpoint(path: str | Path, cfg: ViTConfig) -> StateDict:
     The result goes straight into VisionTransformer(cfg).load_state_dict, or load_state_dict(model, sd).
     """
     return timm_to_vitpipe(_read_tensors(Path(path)), cfg)
+
+
+# ---------------------------------------------------------------------------------------------
+# Ours -> a timm hub folder (what `vitpipe export --format timm-hub` writes)
+
+# timm architectures whose names we write when a model is one of them; any other model is written
+# under the architecture of its size (model_args carry every field, and override the name's).
+_TIMM_REGISTERED = {
+    "vit_tiny_patch16_224", "vit_tiny_patch16_384", "vit_small_patch32_224", "vit_small_patch32_384",
+    "vit_small_patch16_224", "vit_small_patch16_384", "vit_small_patch8_224", "vit_base_patch32_224",
+    "vit_base_patch32_384", "vit_base_patch16_224", "vit_base_patch16_384", "vit_base_patch8_224",
+    "vit_large_patch32_224", "vit_large_patch32_384", "vit_large_patch16_224", "vit_large_patch16_384",
+    "vit_large_patch14_224", "vit_huge_patch14_224",
+}
+
+
+def timm_architecture(cfg: ViTConfig) -> str:
+    """The timm architecture name to record for `cfg`: its own (vit_small_patch16_384) when timm
+    registers one, else the entry point of its size, else vit_base_patch16_224; the recorded
+    model_args override every dimension either way."""
+    dims = (cfg.embed_dim, cfg.depth, cfg.num_heads)
+    size = next((name for name, short in _TIMM_SIZES.items()
+                 if tuple(PRESETS[f"{short}/16"][k] for k in ("embed_dim", "depth", "num_heads")) == dims), None)
+    exact = f"vit_{size}_patch{cfg.patch_size}_{cfg.image_size}"
+    if exact in _TIMM_REGISTERED:
+        return exact
+    return {"huge": "vit_huge_patch14_224", None: "vit_base_patch16_224"}.get(size, f"vit_{size}_patch16_224")
+
+
+def timm_hub_config(cfg: ViTConfig, *, class_names: list[str] | None = None,
+                    preprocessing: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The config.json of a timm hub folder for a model of `cfg`, in the layout timm's save_for_hf
+    writes: `timm.create_model("local-dir:FOLDER", pretrained=True)` rebuilds exactly this model.
+    `preprocessing`: mean, std and eval_crop_pct the model was trained with (pretrained_cfg)."""
+    kwargs = timm_model_kwargs(cfg)
+    args = {k: v for k, v in kwargs.items() if not k.endswith("drop_rate") or v}
+    args["img_size"] = [cfg.image_size, cfg.image_size]
+    prep = dict(preprocessing or {})
+    chans = cfg.in_chans
+    mean = list(prep.get("mean") or (0.5,))
+    std = list(prep.get("std") or (0.5,))
+    pretrained_cfg = {
+        "tag": "vitpipe",
+        "custom_load": False,
+        "input_size": [chans, cfg.image_size, cfg.image_size],
+        "fixed_input_size": True,
+        "interpolation": "bilinear",  # vitpipe's eval resize (torchvision's default)
+        "crop_pct": float(prep.get("eval_crop_pct", 1.0)),
+        "crop_mode": "center",
+        "mean": mean * chans if len(mean) == 1 else mean,
+        "std": std * chans if len(std) == 1 else std,
+        "num_classes": cfg.num_classes,
+        "pool_size": None,
+        "first_conv": "patch_embed.proj",
+        "classifier": "head",
+    }
+    config: dict[str, Any] = {
+        "architecture": timm_architecture(cfg),
+        "num_classes": cfg.num_classes,
+        "num_features": cfg.embed_dim,
+        "global_pool": cfg.global_pool,
+    }
+    if class_names is not None and len(class_names) == cfg.num_classes:
+        config["label_names"] = [str(n) for n in class_names]
+    config["model_args"] = args
+    config["pretrained_cfg"] = pretrained_cfg
+    return config
+
+
+def save_timm_hub(model: VisionTransformer, out_dir: str | Path, *,
+                  preprocessing: Mapping[str, Any] | None = None) -> Path:
+    """Write `model` as a timm hub folder: out_dir/model.safetensors (timm's state dict) +
+    out_dir/config.json (`timm_hub_config`). timm loads it with
+    `timm.create_model("local-dir:out_dir", pretrained=True)`, vitpipe with load_pretrained(out_dir)."""
+    config = timm_hub_config(model.cfg, class_names=getattr(model, "class_names", None),
+                             preprocessing=preprocessing)
+    tensors = {k: v.detach().to("cpu").contiguous()
+               for k, v in vitpipe_to_timm(model.state_dict(), model.cfg).items()}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / (WEIGHTS_NAME + ".tmp")
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    tmp.replace(out / WEIGHTS_NAME)
+    (out / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+    return out
