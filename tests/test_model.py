@@ -80,6 +80,25 @@ def test_features_pooling_and_heads():
     assert pooled.abs().max() <= 1.0, "the pretraining hidden layer is tanh"
 
 
+def test_without_a_class_token_only_patch_tokens_are_pooled():
+    """class_token=False (timm's option): no cls_token parameter, N tokens, mean pooling; resizing
+    and a new head keep working, and token pooling is refused with the way out."""
+    x = torch.randn(2, 3, 16, 16)
+    model = tiny(class_token=False, global_pool="avg", num_classes=4)
+    assert model.cls_token is None and "cls_token" not in model.state_dict()
+    assert model.pos_embed.shape == (1, 16, 64)
+    tokens = model.forward_features(x)
+    assert tokens.shape == (2, 16, 64)
+    assert torch.equal(model.forward_head(tokens, pre_logits=True), tokens.mean(dim=1))
+    assert model(x).shape == (2, 4)
+    model.set_image_size(24)
+    assert model.pos_embed.shape == (1, 36, 64) and model(torch.randn(1, 3, 24, 24)).shape == (1, 4)
+    with pytest.raises(UserError, match="class_token=False has none; set global_pool='avg'"):
+        ViTConfig(class_token=False)
+    with pytest.raises(UserError, match="this model has none"):
+        model.reset_classifier(3, global_pool="token")
+
+
 def test_init_zero_head_and_truncated_normal():
     model = create_model("s/16", depth=2)
     assert torch.count_nonzero(model.head.weight) == 0 and torch.count_nonzero(model.head.bias) == 0

@@ -80,6 +80,7 @@ def test_resample_rejects_a_grid_that_does_not_fit():
     {"global_pool": "avg", "fc_norm": True},
     {"qkv_bias": False, "mlp_ratio": 2.0, "in_chans": 1},
     {"num_classes": 0},
+    {"class_token": False, "global_pool": "avg"},
 ])
 def test_timm_weights_give_the_same_logits_both_ways(changes):
     cfg = dataclasses.replace(SMALL, **changes)
@@ -308,4 +309,143 @@ def test_timm_hub_folder_loads_without_naming_the_architecture(tmp_path):
         assert (ours(x) - theirs(x)).abs().max() < 1e-5
     (tmp_path / "config.json").write_text(json.dumps({"hello": 1}))
     with pytest.raises(UserError, match="neither a vitpipe model config"):
+        load_pretrained(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# timm hub folders (timm's save_for_hf) and timm names: timm's meaning of every option
+
+
+def _timm_hub(tmp_path, arch: str, **kwargs):
+    """A real timm model (random weights, every parameter) saved as timm saves it for the hub."""
+    from timm.models import save_for_hf
+
+    theirs = randomized(timm.create_model(arch, pretrained=False, depth=2, **kwargs))  # depth: seconds, not tens
+    folder = tmp_path / "hub"
+    save_for_hf(theirs, str(folder), safe_serialization=True)
+    return theirs, folder
+
+
+@pytest.mark.parametrize("arch, kwargs, expect", [
+    # global_pool='avg' alone: timm then puts a LayerNorm after pooling (fc_norm=True)
+    ("vit_tiny_patch16_224", dict(global_pool="avg", img_size=32, patch_size=8, num_classes=5),
+     dict(global_pool="avg", fc_norm=True, image_size=32, patch_size=8)),
+    ("vit_tiny_patch16_224", dict(global_pool="avg", fc_norm=False, img_size=32, num_classes=2),
+     dict(global_pool="avg", fc_norm=False)),
+    ("vit_tiny_patch16_224", dict(in_chans=1, qkv_bias=False, img_size=48, num_classes=3),
+     dict(in_chans=1, qkv_bias=False, image_size=48)),
+    ("vit_tiny_patch16_224", dict(class_token=False, global_pool="avg", img_size=32, num_classes=2),
+     dict(class_token=False, global_pool="avg", fc_norm=True)),
+    ("deit_tiny_patch16_224", dict(num_classes=4, img_size=64), dict(embed_dim=192, num_heads=3, image_size=64)),
+])
+def test_timm_hub_folders_load_with_their_model_args(tmp_path, arch, kwargs, expect):
+    theirs, folder = _timm_hub(tmp_path, arch, **kwargs)
+    assert "model_args" in json.loads((folder / "config.json").read_text())
+    ours = load_pretrained(folder).eval()
+    for field, value in expect.items():
+        assert getattr(ours.cfg, field) == value, field
+    x = images(ours.cfg, n=2)
+    with torch.no_grad():
+        expected = theirs(x)
+        assert expected.abs().max() > 0.1
+        assert (ours(x) - expected).abs().max() < 1e-4
+
+
+def test_timm_hub_label_names_and_preprocessing_are_read(tmp_path):
+    from timm.models import save_for_hf
+
+    from vit.models.weights import trained_preprocessing
+
+    theirs = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=3, img_size=32)
+    save_for_hf(theirs, str(tmp_path), safe_serialization=True,
+                model_config={"label_names": ["cat", "dog", "eel"]},
+                data_config={"mean": (0.1, 0.2, 0.3), "std": (0.4, 0.5, 0.6), "crop_pct": 0.875})
+    assert load_pretrained(tmp_path).class_names == ["cat", "dog", "eel"]
+    assert trained_preprocessing(tmp_path) == {"mean": [0.1, 0.2, 0.3], "std": [0.4, 0.5, 0.6],
+                                               "eval_crop_pct": 0.875}
+
+
+def test_config_from_a_timm_name_means_what_timm_create_model_means():
+    """config_from_timm("name", **kwargs) is the architecture timm.create_model("name", **kwargs)
+    builds: its weights load strictly, and give the same logits."""
+    for kwargs in (dict(global_pool="avg"), dict(global_pool="avg", fc_norm=False), dict(qkv_bias=False),
+                   dict(class_token=False, global_pool="avg"), dict(in_chans=1, img_size=64, patch_size=8)):
+        theirs = randomized(timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=1, **kwargs))
+        cfg = config_from_timm("vit_tiny_patch16_224", depth=1, **kwargs)
+        assert cfg.fc_norm == (kwargs.get("global_pool") == "avg" and kwargs.get("fc_norm", True)), kwargs
+        ours = VisionTransformer(cfg).eval()
+        ours.load_state_dict(timm_to_vitpipe(theirs.state_dict(), cfg))  # strict
+        x = images(cfg, n=1)
+        with torch.no_grad():
+            assert (ours(x) - theirs(x)).abs().max() < 1e-4, kwargs
+    deit = config_from_timm("deit_small_patch16_384")
+    assert (deit.embed_dim, deit.num_heads, deit.image_size) == (384, 6, 384)
+
+
+@pytest.mark.parametrize("name, why", [
+    ("deit_tiny_distilled_patch16_224", "distillation token"),
+    ("deit3_small_patch16_224", "DeiT III"),
+    ("vit_base_patch16_clip_224", "plain ViT or DeiT name"),
+    ("vit_base_patch16_gap_224", "plain ViT or DeiT name"),
+    ("deit_large_patch16_224", "DeiT sizes are tiny, small and base"),
+])
+def test_timm_names_that_are_not_plain_vits_are_refused(name, why):
+    with pytest.raises(UserError, match=why):
+        config_from_timm(name)
+
+
+def test_timm_options_without_an_equivalent_are_refused_in_one_line():
+    for kwargs, named in ((dict(reg_tokens=4), "reg_tokens=4"), (dict(img_size=[32, 48]), "not square"),
+                          (dict(global_pool="map"), "global_pool='map'"), (dict(init_values=1e-5), "init_values"),
+                          (dict(act_layer="quick_gelu"), "act_layer"), (dict(wibble=1), "unknown option")):
+        with pytest.raises(UserError, match=named) as e:
+            config_from_timm("vit_tiny_patch16_224", **kwargs)
+        assert "\n" not in str(e.value)
+
+
+def test_a_bare_file_takes_channels_class_token_and_fc_norm_from_the_file(tmp_path):
+    """A name ('micro/4') fixes the size of the network; the rest is read off the weights."""
+    theirs = randomized(TimmViT(img_size=32, patch_size=4, embed_dim=64, depth=4, num_heads=4, mlp_ratio=2.0,
+                                in_chans=1, class_token=False, global_pool="avg", qkv_bias=False, num_classes=10))
+    save_file(theirs.state_dict(), str(tmp_path / "bare.safetensors"))
+    ours = load_pretrained(tmp_path / "bare.safetensors", config="micro/4").eval()
+    assert (ours.cfg.in_chans, ours.cfg.class_token, ours.cfg.global_pool, ours.cfg.fc_norm,
+            ours.cfg.qkv_bias) == (1, False, "avg", True, False)
+    x = images(ours.cfg)
+    with torch.no_grad():
+        assert (ours(x) - theirs(x)).abs().max() < 1e-4
+
+
+def test_a_file_at_another_resolution_than_the_preset_is_resampled_with_a_warning(tmp_path, caplog):
+    theirs = TimmViT(img_size=48, patch_size=4, embed_dim=64, depth=4, num_heads=4, mlp_ratio=2.0, num_classes=10)
+    save_file(theirs.state_dict(), str(tmp_path / "at48.safetensors"))
+    with caplog.at_level(logging.INFO, logger="vit.models.weights"):
+        model = load_pretrained(tmp_path / "at48.safetensors", config="micro/4")
+    assert model.cfg.image_size == 32
+    warned = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1 and "12x12 patch grid (48 px at patch 4)" in warned[0].getMessage()
+    assert "8x8 (32 px)" in warned[0].getMessage() and "image size 48" in warned[0].getMessage()
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="vit.models.weights"):
+        load_pretrained(tmp_path / "at48.safetensors", config="micro/4", image_size=48)
+        load_pretrained(tmp_path / "at48.safetensors", config="micro/4", image_size=64)  # asked: said at INFO
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_layouts_vitpipe_cannot_read_are_one_line_errors(tmp_path):
+    no_cls = TimmViT(**timm_model_kwargs(dataclasses.replace(SMALL, class_token=False, global_pool="avg")))
+    with pytest.raises(UserError, match="has no class token .* class_token=False and global_pool='avg'"):
+        timm_to_vitpipe(no_cls.state_dict(), SMALL)
+    deit3_like = TimmViT(**timm_model_kwargs(SMALL), no_embed_class=True)
+    with pytest.raises(UserError, match="no_embed_class"):
+        timm_to_vitpipe(deit3_like.state_dict(), SMALL)
+    sd = TimmViT(**timm_model_kwargs(SMALL)).state_dict()
+    sd["pos_embed"] = sd["pos_embed"][:, :-2]
+    with pytest.raises(UserError, match="14 patch positions after 1 class token.*not a square"):
+        timm_to_vitpipe(sd, SMALL)
+    (tmp_path / "model.safetensors").write_bytes(b"not safetensors at all")
+    with pytest.raises(UserError, match="not a readable safetensors file"):
+        load_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(UserError, match="holds a JSON list"):
         load_pretrained(tmp_path)
