@@ -352,3 +352,54 @@ def test_evaluate_without_a_training_record_still_reads_the_models_channels(digi
                     "--data.num-workers", "0", "--no-tracking.enabled", "--out", str(out)]) == 0
     resolved = yaml.safe_load((out / "config.yaml").read_text())["data"]
     assert (resolved["image_size"], resolved["channels"], resolved["mean"], resolved["std"]) == (16, 1, [0.5], [0.5])
+
+
+def _timm_micro(**kwargs):
+    """A real timm ViT of micro/4's size for 1-channel 32 px digits, every weight random."""
+    timm = pytest.importorskip("timm")
+    theirs = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=4, embed_dim=64,
+                               depth=4, num_heads=4, mlp_ratio=2.0, in_chans=1, num_classes=10, **kwargs)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in theirs.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.1 + (1.0 if p.ndim == 1 and p.shape[0] > 1 else 0))
+    return theirs.eval()
+
+
+def test_evaluate_a_bare_timm_file_naming_its_architecture(digits_shards, tmp_path, capsys):
+    """`--model file.safetensors` of a bare timm file: refused naming --model-preset, then scored
+    with it exactly as the timm model itself scores on the same loader."""
+    from safetensors.torch import save_file
+
+    theirs = _timm_micro(class_token=False, global_pool="avg")  # also a timm model without a class token
+    save_file(theirs.state_dict(), str(tmp_path / "bare.safetensors"))
+    args = ["evaluate", "--model", str(tmp_path / "bare.safetensors"), "--data.shards", str(digits_shards),
+            "--data.num-workers", "0", "--no-tracking.enabled"]
+    assert vitpipe([*args, "--out", str(tmp_path / "none")]) == 2
+    err = capsys.readouterr().err
+    assert "--model-preset" in err and "bare weights file" in err and len(err.strip().splitlines()) == 1, err
+    assert vitpipe([*args, "--model-preset", "vit_giant_patch3_1", "--out", str(tmp_path / "bad")]) == 2
+    assert "vit_giant_patch3_1" in capsys.readouterr().err
+
+    assert vitpipe([*args, "--model-preset", "micro/4", "--out", str(tmp_path / "ok")]) == 0
+    ours = json.loads((tmp_path / "ok" / "results.json").read_text())
+    loader = make_eval_loader(_data(digits_shards), "val")
+    expected = evaluate_model(theirs, loader, class_names=loader.class_names, progress=False)
+    assert ours["num_samples"] == expected["num_samples"] > 0
+    assert ours["top1"] == expected["top1"] and ours["loss"] == pytest.approx(expected["loss"], rel=1e-5)
+
+
+def test_evaluate_a_timm_hub_folder_and_a_preset_that_contradicts_it(digits_shards, tmp_path, capsys):
+    from timm.models import save_for_hf
+
+    theirs = _timm_micro(global_pool="avg")  # timm: fc_norm=True
+    save_for_hf(theirs, str(tmp_path / "hub"), safe_serialization=True)
+    args = ["evaluate", "--model", str(tmp_path / "hub"), "--data.shards", str(digits_shards),
+            "--data.num-workers", "0", "--no-tracking.enabled"]
+    assert vitpipe([*args, "--out", str(tmp_path / "ok")]) == 0
+    ours = json.loads((tmp_path / "ok" / "results.json").read_text())
+    loader = make_eval_loader(_data(digits_shards), "val")
+    assert ours["top1"] == evaluate_model(theirs, loader, class_names=loader.class_names, progress=False)["top1"]
+    assert vitpipe([*args, "--model-preset", "s/16", "--out", str(tmp_path / "no")]) == 2
+    err = capsys.readouterr().err
+    assert "another architecture than --model-preset s/16" in err and "embed_dim 64 vs 384" in err, err

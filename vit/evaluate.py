@@ -62,6 +62,10 @@ class EvaluateConfig(StageConfig):
                                         "a weights file, or an MLflow URI (runs:/ID/model, models:/NAME@ALIAS). "
                                         "Unless given as data.* options, the image size and channels come from "
                                         "the model and, for an export, mean/std/eval crop from its training")
+    model_preset: str = Field("", description="architecture of a bare weights file (a timm .safetensors/.pth "
+                                              "without config.json): one of our presets (s/16, b/16) or a timm "
+                                              "name (vit_small_patch16_224, deit_tiny_patch16_224); set for an "
+                                              "export or hub folder, it must match the model's own")
     data: DataConfig = Field(default_factory=DataConfig, description="the shard set and how to read it")
     split: str | None = Field(None, description="split to evaluate on; empty = data.val_split")
     out: str = Field("runs/evaluate", description="folder for results.json, config.yaml and the confusion matrix")
@@ -229,9 +233,17 @@ def log_evaluation(results: dict[str, Any], run_id: str | None = None, *, prefix
 # The `vitpipe evaluate` stage
 
 
-def load_model(source: str, *, map_location: str | torch.device = "cpu") -> torch.nn.Module:
-    """A model from an export folder / weights file (`vit.models.weights`) or an MLflow URI, in eval mode."""
+def load_model(source: str, *, map_location: str | torch.device = "cpu", preset: str = "",
+               image_size: int | None = None) -> torch.nn.Module:
+    """A model from an export folder / weights file (`vit.models.weights`) or an MLflow URI, in eval mode.
+
+    `preset` names the architecture of a bare weights file (one of our presets or a timm name);
+    for a model that carries its own config it must agree with it. `image_size`: for a bare file,
+    the resolution to load at (its position embedding resampled once, from the file's own grid,
+    rather than to the preset's size and then again); a model with a config loads at its own."""
     if is_mlflow_uri(source):
+        if preset:
+            raise UserError(f"--model-preset {preset}: an MLflow model carries its architecture; drop the option")
         from mlflow.exceptions import MlflowException
 
         from vit.tracking.registry import load_logged_model
@@ -246,9 +258,32 @@ def load_model(source: str, *, map_location: str | torch.device = "cpu") -> torc
                             f"log it with vit.tracking.registry.register_model")
         return model.eval()
     _check_model_path(source)
-    from vit.models.weights import load_pretrained
+    _check_preset(source, preset)
+    from vit.models.weights import architecture_differences, has_config, load_pretrained
 
-    return load_pretrained(source).eval()
+    if has_config(source):
+        model = load_pretrained(source)
+        if preset:  # named anyway: the model must be that architecture
+            from vit.models.weights import _named_config
+
+            diff = architecture_differences(model.cfg, _named_config(preset))
+            if diff:
+                raise UserError(f"--model {source} is another architecture than --model-preset {preset} "
+                                f"({'; '.join(diff)}); drop --model-preset, the model carries its own")
+        return model.eval()
+    return load_pretrained(source, config=preset, image_size=image_size).eval()
+
+
+def _check_preset(source: str, preset: str) -> None:
+    """A bare weights file needs its architecture named, and a name must be one vitpipe builds."""
+    from vit.models.weights import _named_config, has_config
+
+    if preset:
+        _named_config(preset)  # an unknown or unsupported name fails here, before the data is opened
+    elif not is_mlflow_uri(source) and not has_config(source):
+        raise UserError(f"--model {source} is a bare weights file (no config.json, no vitpipe config in it), so "
+                        f"its architecture is unknown; name it with --model-preset (e.g. s/16, b/16, "
+                        f"vit_small_patch16_224, deit_tiny_patch16_224)")
 
 
 def _model_num_classes(model: torch.nn.Module) -> int | None:
@@ -276,6 +311,7 @@ def preflight(cfg: EvaluateConfig) -> None:
     """What a launch of N processes checks once first (else every rank prints the same error)."""
     _check_split(cfg)
     _check_model_path(cfg.model)
+    _check_preset(cfg.model, cfg.model_preset)
 
 
 def check_class_names(model_names: list[str] | None, data_names: list[str], *, model: str, data: str) -> None:
@@ -324,7 +360,10 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     device = dist.device_for(world)
     if world.is_distributed:
         dist.init_process_group(world, device)
-    model = load_model(cfg.model)
+    # An image size given for the data is the one to load at: resampling the file's grid once,
+    # not to the config's and then again to the data's.
+    asked = cfg.data.image_size if "image_size" in cfg.data.model_fields_set else None
+    model = load_model(cfg.model, preset=cfg.model_preset, image_size=asked)
     cfg = fit_data_to_model(cfg, model, say=print if world.is_main else (lambda _: None))
     model = model.to(device)
     loader = make_eval_loader(cfg.data, split, rank=world.rank, world_size=world.world_size)
