@@ -69,9 +69,14 @@ def test_features_pooling_and_heads():
     tokens = model.forward_features(x)
     assert torch.equal(model.forward_head(tokens), tokens[:, 0])
 
-    avg = tiny(global_pool="avg")
+    avg = tiny(global_pool="avg", fc_norm=False)
     tokens = avg.forward_features(x)
     assert torch.allclose(avg.forward_head(tokens, pre_logits=True), tokens[:, 1:].mean(1))
+    # global_pool='avg' alone means what it means in timm: the final norm moves after pooling
+    timm_like = tiny(global_pool="avg")
+    assert timm_like.cfg.fc_norm and isinstance(timm_like.norm, torch.nn.Identity)
+    tokens = timm_like.forward_features(x)
+    assert torch.allclose(timm_like.forward_head(tokens, pre_logits=True), timm_like.fc_norm(tokens[:, 1:].mean(1)))
 
     rep = tiny(representation_size=32, num_classes=5)
     assert rep.forward_head(rep.forward_features(x), pre_logits=True).shape == (3, 32)
@@ -89,7 +94,8 @@ def test_without_a_class_token_only_patch_tokens_are_pooled():
     assert model.pos_embed.shape == (1, 16, 64)
     tokens = model.forward_features(x)
     assert tokens.shape == (2, 16, 64)
-    assert torch.equal(model.forward_head(tokens, pre_logits=True), tokens.mean(dim=1))
+    assert model.cfg.fc_norm is True, "as in timm, mean pooling defaults to a LayerNorm after pooling"
+    assert torch.equal(model.forward_head(tokens, pre_logits=True), model.fc_norm(tokens.mean(dim=1)))
     assert model(x).shape == (2, 4)
     model.set_image_size(24)
     assert model.pos_embed.shape == (1, 36, 64) and model(torch.randn(1, 3, 24, 24)).shape == (1, 4)

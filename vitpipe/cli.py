@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pretrain": ("vit.pretrain", "pretrain a Vision Transformer on shards with DeepSpeed"),
     "finetune": ("vit.finetune", "fine-tune (or linear-probe) a pretrained ViT on a new dataset"),
     "evaluate": ("vit.evaluate", "measure a model on a sharded split: accuracy, per-class metrics, plots"),
+    "export": ("vit.export", "write a model as a timm / Hugging Face hub folder that timm loads as it is"),
     "demo": ("flows.demo", "run the whole pipeline on packaged data (digits, photos) in minutes"),
     "deploy": ("flows.deploy", "register the Prefect deployments, schedules and triggers"),
     "launch": ("cluster.launch", "run a training stage locally, with the DeepSpeed launcher, or on Slurm"),

@@ -50,7 +50,7 @@ class ViTConfig:
     mlp_ratio: float = 4.0         # MLP hidden width / embed_dim; 4 in the paper
     qkv_bias: bool = True          # False only to match checkpoints trained without q/k/v biases
     global_pool: str = "token"     # 'token' = class token (paper); 'avg' = mean of patch tokens, often better when fine-tuning
-    fc_norm: bool = False          # normalize after pooling instead of before (timm's avg-pool checkpoints, MAE/BEiT fine-tunes)
+    fc_norm: bool | None = None    # LayerNorm after pooling instead of before it; None = as timm: True for global_pool='avg' (MAE/BEiT fine-tunes), else False
     representation_size: int | None = None  # hidden tanh layer before the head: the paper's pretraining head; None = linear head
     drop_rate: float = 0.0         # dropout after the position embedding and in attention/MLP outputs; paper: 0.1 on ImageNet-1k
     attn_drop_rate: float = 0.0    # dropout on attention weights; rarely helps, kept for reproducing recipes that use it
@@ -84,6 +84,8 @@ class ViTConfig:
                 raise UserError(f"ViTConfig: {message}")
         if not self.representation_size:  # 0 and None both mean "no hidden pre-logits layer"
             self.representation_size = None
+        if self.fc_norm is None:  # resolved once, so config.json and timm_model_kwargs say it outright
+            self.fc_norm = self.global_pool == "avg"
 
     @property
     def grid_size(self) -> tuple[int, int]:

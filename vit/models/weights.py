@@ -691,7 +691,7 @@ def timm_hub_config(cfg: ViTConfig, *, class_names: list[str] | None = None,
     writes: `timm.create_model("local-dir:FOLDER", pretrained=True)` rebuilds exactly this model.
     `preprocessing`: mean, std and eval_crop_pct the model was trained with (pretrained_cfg)."""
     kwargs = timm_model_kwargs(cfg)
-    args = {k: v for k, v in kwargs.items() if not k.endswith("drop_rate") or v}
+    args = {k: v for k, v in kwargs.items() if "drop" not in k or v}  # regularisers only where set
     args["img_size"] = [cfg.image_size, cfg.image_size]
     prep = dict(preprocessing or {})
     chans = cfg.in_chans
