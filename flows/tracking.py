@@ -123,10 +123,15 @@ def log_dataset_input(uri: str, run_id: str, shards_dir: str | Path, *, name: st
     return digest
 
 
+# MLflow 3's UI shows its GenAI navigation unless the address (or the person's last toggle) asks
+# for model training; the experiments carry the kind too (vit.tracking.tracker.EXPERIMENT_KIND).
+UI_TRAINING_VIEW = "workflowType=machine_learning"
+
+
 def run_url(ui_url: str, uri: str, run_id: str) -> str:
-    """Address of a run's page in the MLflow UI served at `ui_url`."""
+    """Address of a run's page in the MLflow UI served at `ui_url`, in its model-training view."""
     exp_id = _client(uri).get_run(run_id).info.experiment_id
-    return f"{ui_url.rstrip('/')}/#/experiments/{exp_id}/runs/{run_id}"
+    return f"{ui_url.rstrip('/')}/#/experiments/{exp_id}/runs/{run_id}?{UI_TRAINING_VIEW}"
 
 
 def ui_command(uri: str, port: int = 5000) -> str:

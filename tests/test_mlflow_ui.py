@@ -99,9 +99,40 @@ def _page_text(driver) -> str:
     return driver.execute_script("return document.body.innerText")
 
 
+def _training(url: str) -> str:
+    """`url` in the UI's model-training view, as the links vitpipe prints are (flows.tracking.run_url)."""
+    return f"{url}?{tracking.UI_TRAINING_VIEW}"
+
+
+# The navigation of each view: GenAI's has these entries, model training's has none of them.
+GENAI_ONLY = ("Evaluation runs", "Observability", "Prompts & versions")
+
+
+def test_experiment_opens_in_the_model_training_view(browser, mlflow_ui, demo_runs, small_demo, artifacts_dir):
+    """A person following the link the demo prints lands in model training (runs, metrics, the
+    model registry), not the GenAI view MLflow 3 opens by default, and stays there in the
+    experiment's run list; the experiment records its kind for the UI."""
+    from mlflow import MlflowClient
+
+    exp = MlflowClient(small_demo["tracking_uri"]).get_experiment(demo_runs["experiment"])
+    assert exp.tags.get("mlflow.experimentKind") == "custom_model_development"
+    parent = demo_runs["pipeline"]
+    printed = tracking.run_url("http://127.0.0.1:5000", small_demo["tracking_uri"], parent.info.run_id)
+    assert printed in small_demo["stdout"] and tracking.UI_TRAINING_VIEW in printed, "the link the demo prints"
+    url = tracking.run_url(mlflow_ui, small_demo["tracking_uri"], parent.info.run_id)  # the same, on this server
+    _open(browser, url, "document.body.innerText.includes('Model registry')", "the model-training view")
+    text = _page_text(browser)
+    assert not [w for w in GENAI_ONLY if w in text], text[:1500]
+    _open(browser, _training(f"{mlflow_ui}/#/experiments/{demo_runs['experiment']}"),
+          f"document.body.innerText.includes({parent.info.run_name!r})", "the experiment's runs")
+    text = _page_text(browser)
+    assert "Model registry" in text and not [w for w in GENAI_ONLY if w in text], text[:1500]
+    browser.save_screenshot(str(artifacts_dir / "mlflow-experiment-runs.png"))
+
+
 def test_pipeline_run_page_shows_its_metrics(browser, mlflow_ui, demo_runs, artifacts_dir):
     parent = demo_runs["pipeline"]
-    url = f"{mlflow_ui}/#/experiments/{demo_runs['experiment']}/runs/{parent.info.run_id}"
+    url = _training(f"{mlflow_ui}/#/experiments/{demo_runs['experiment']}/runs/{parent.info.run_id}")
     _open(browser, url, "document.body.innerText.includes('evaluate_top1')", "the pipeline run's metrics")
     text = _page_text(browser)
     assert "demo-small" in text
@@ -112,7 +143,7 @@ def test_pipeline_run_page_shows_its_metrics(browser, mlflow_ui, demo_runs, arti
 
 def test_finetune_metric_charts_are_plotted(browser, mlflow_ui, demo_runs, artifacts_dir):
     run = demo_runs["finetune"]
-    url = f"{mlflow_ui}/#/experiments/{demo_runs['experiment']}/runs/{run.info.run_id}/model-metrics"
+    url = _training(f"{mlflow_ui}/#/experiments/{demo_runs['experiment']}/runs/{run.info.run_id}/model-metrics")
     # plotly draws one path per series; a chart still loading has none
     _open(browser, url, "document.querySelectorAll('.js-plotly-plot .js-line').length > 0",
           "the fine-tune metric charts")
@@ -129,7 +160,7 @@ def test_confusion_matrix_plot_is_shown(browser, mlflow_ui, demo_runs, artifacts
     from selenium.webdriver.support.ui import WebDriverWait
 
     run = demo_runs["evaluate"]
-    url = f"{mlflow_ui}/#/experiments/{demo_runs['experiment']}/runs/{run.info.run_id}/artifacts"
+    url = _training(f"{mlflow_ui}/#/experiments/{demo_runs['experiment']}/runs/{run.info.run_id}/artifacts")
     _open(browser, url, "document.body.innerText.includes('evaluation')", "the evaluation's artifact tree")
     # open evaluation/ -> val/ -> confusion_matrix.png in the artifact tree, as a person would
     for name in ("evaluation", "val", "confusion_matrix.png"):

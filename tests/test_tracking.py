@@ -41,6 +41,22 @@ def test_run_finished_with_params_metrics_tags(mlflow_uri):
     assert [(m.step, m.value) for m in history] == [(1, 2.0), (2, 1.5)]
 
 
+def test_experiments_are_tagged_as_model_training_for_the_mlflow_ui(mlflow_uri):
+    """MLflow 3's UI opens an experiment in the view its mlflow.experimentKind tag names; vitpipe's
+    are model training. One made elsewhere without a kind gets the tag; a chosen kind is kept."""
+    from vit.tracking.tracker import experiment_id
+
+    client = MlflowClient(mlflow_uri)
+    with tracked(_open(mlflow_uri)):
+        pass
+    assert client.get_experiment_by_name("t").tags["mlflow.experimentKind"] == "custom_model_development"
+    bare = client.create_experiment("made-by-hand")
+    chosen = client.create_experiment("chosen", tags={"mlflow.experimentKind": "genai_development"})
+    assert experiment_id(mlflow_uri, "made-by-hand") == bare and experiment_id(mlflow_uri, "chosen") == chosen
+    assert client.get_experiment(bare).tags["mlflow.experimentKind"] == "custom_model_development"
+    assert client.get_experiment(chosen).tags["mlflow.experimentKind"] == "genai_development"
+
+
 def test_sqlite_store_keeps_artifacts_beside_the_database(tmp_path, monkeypatch):
     """An experiment a stage creates in a SQLite store puts its artifacts in mlartifacts/ next to
     the .db (a relative database path counts from the working directory), not in ./mlruns."""

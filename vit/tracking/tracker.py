@@ -62,16 +62,26 @@ def artifact_location(uri: str) -> str | None:
     return (Path(db).resolve().parent / "mlartifacts").as_uri()
 
 
+# The MLflow UI (3.x) opens an experiment in the view its `mlflow.experimentKind` tag names; without
+# one it offers the GenAI view (traces, evaluation runs). vitpipe's experiments are model training.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+
+
 def experiment_id(uri: str, name: str) -> str:
-    """The id of experiment `name` in the store at `uri`, created on first use (see artifact_location)."""
+    """The id of experiment `name` in the store at `uri`, created on first use (see artifact_location)
+    and tagged as model training for the MLflow UI (an existing experiment without a kind gets the tag)."""
     from mlflow import MlflowClient
 
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(name)
     if exp is not None:
+        if EXPERIMENT_KIND_TAG not in exp.tags:
+            client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return exp.experiment_id
     try:
-        return client.create_experiment(name, artifact_location=artifact_location(uri))
+        return client.create_experiment(name, artifact_location=artifact_location(uri),
+                                        tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
     except Exception:
         # Two processes racing to create it: the loser reads the winner's.
         exp = client.get_experiment_by_name(name)
