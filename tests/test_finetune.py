@@ -95,6 +95,15 @@ def test_timm_checkpoint_and_mlflow_uris_load(pretrained, digits_shards, tmp_pat
     ref.eval(), model.eval()
     torch.testing.assert_close(model.forward_features(x), ref.forward_features(x), rtol=1e-4, atol=1e-5)
     assert model.cfg.num_classes == 10
+    # a timm model without a class token (mean pooling, fc_norm): what the preset leaves open comes from the file
+    no_cls = timm.models.vision_transformer.VisionTransformer(img_size=16, patch_size=4, embed_dim=64, depth=4,
+                                                              num_heads=4, mlp_ratio=2.0, num_classes=7,
+                                                              class_token=False, global_pool="avg").eval()
+    torch.save(no_cls.state_dict(), tmp_path / "timm_no_cls.pth")
+    model = load_init(_cfg(digits_shards, tmp_path, tmp_path / "timm_no_cls.pth", model={"preset": "micro/4"}),
+                      num_classes=10).eval()
+    assert (model.cfg.class_token, model.cfg.global_pool, model.cfg.fc_norm) == (False, "avg", True)
+    torch.testing.assert_close(model.forward_features(x), no_cls.forward_features(x), rtol=1e-4, atol=1e-5)
 
     r, uri = pretrained
     base = load_pretrained(r["export"]).eval()

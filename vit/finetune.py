@@ -83,7 +83,7 @@ def preflight(cfg: FinetuneConfig) -> None:
 def load_init(cfg: FinetuneConfig, *, num_classes: int) -> nn.Module:
     """The starting model: weights from `cfg.init`, new head for `num_classes`, resized to
     data.image_size if that is set (else at its own size; a timm file at its preset's)."""
-    from vit.models.vit import VisionTransformer, preset_config
+    from vit.models.vit import VisionTransformer
     from vit.models.weights import load_pretrained
 
     init = cfg.init
@@ -103,11 +103,9 @@ def load_init(cfg: FinetuneConfig, *, num_classes: int) -> nn.Module:
     if not isinstance(model, VisionTransformer):
         raise UserError(f"init={init!r} holds a {type(model).__name__}, not a vitpipe VisionTransformer")
     if preset:  # the user named an architecture: the checkpoint must be that architecture
-        want = preset_config(preset, num_classes=num_classes, in_chans=model.cfg.in_chans)
-        have = model.cfg
-        fields = ("embed_dim", "depth", "num_heads", "patch_size")
-        diff = [f"{f}: checkpoint {getattr(have, f)} vs {preset} {getattr(want, f)}"
-                for f in fields if getattr(have, f) != getattr(want, f)]
+        from vit.models.weights import _named_config, architecture_differences
+
+        diff = [f"checkpoint {d}" for d in architecture_differences(model.cfg, _named_config(preset))]
         if diff:
             raise UserError(f"init={init!r} is another architecture than model.preset={preset!r} ("
                             + "; ".join(diff) + "); leave model.preset empty to use the checkpoint's own")
@@ -132,14 +130,14 @@ def load_init(cfg: FinetuneConfig, *, num_classes: int) -> nn.Module:
 def _timm_config(path: Path, preset: str | None, image_size: int | None):
     """None for our exports (they carry their config); for a timm file, the named preset's
     architecture (load_pretrained takes the head size the file has, then the new head replaces it)."""
-    from vit.models.vit import preset_config
-
     if path.is_dir() or (path.suffix == ".safetensors" and _has_vitpipe_config(path)):
         return None
     if not preset:
         raise UserError(f"init={str(path)!r} is not a vitpipe export, so its architecture is unknown; "
-                        f"name it with --model.preset (e.g. s/16, b/16)")
-    return preset_config(preset, **({"image_size": image_size} if image_size else {}))
+                        f"name it with --model.preset (e.g. s/16, b/16, vit_small_patch16_224)")
+    # The name itself: load_pretrained builds it (our preset or a timm name) and reads channels,
+    # class token, fc_norm and qkv biases off the file; image_size is passed to it separately.
+    return preset
 
 
 def _has_vitpipe_config(path: Path) -> bool:
