@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from pipeline.interop import image_member_ext
 from pipeline.sources import Source, SourceItem
 from pipeline.tar_writer import TAR_END_BOUND, tar_member_bytes
 from vitpipe.errors import UserError
@@ -33,6 +34,7 @@ class EncodeOptions:
     size: int
     decode_check: bool
     max_image_pixels: int
+    image_ext: str = ""    # pass-through: every image member's extension (pipeline.interop.image_member_ext)
 
 
 @dataclass(frozen=True)
@@ -128,7 +130,7 @@ def plan_shards(source: Source, cfg: ShardConfig) -> list[ShardTask]:
                         f"and '_' only (e.g. train, val, test)")
     class_ids = {name: i for i, name in enumerate(source.classes)}
     options = EncodeOptions(cfg.encode, cfg.quality, cfg.resize, cfg.size, cfg.decode_check,
-                            cfg.max_image_pixels)
+                            cfg.max_image_pixels, image_member_ext(i.uri for i in keep) if cfg.encode == "none" else "")
     if cfg.sample_order == "shuffled":
         for group in by_split.values():
             group.sort(key=lambda pair: _order_key(pair[0].key))

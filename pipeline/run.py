@@ -79,7 +79,7 @@ def encode_sample(item: SourceItem, data: bytes, digest: str, class_ids: dict[st
         ext = opt.encode
     else:
         info = check_image(data, max_pixels=opt.max_image_pixels, decode=opt.decode_check)
-        payload, ext = data, FORMAT_EXTENSIONS[info.format]
+        payload, ext = data, opt.image_ext or FORMAT_EXTENSIONS[info.format]  # one name per set: HF datasets
     meta = {"source": item.uri, "width": info.width, "height": info.height, "format": info.format,
             "label": item.label, "sha256": digest, "extra": item.extra}
     if info.conversions:  # what turns its values into 8-bit L/RGB (docs/formats.md, "Image modes")

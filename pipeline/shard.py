@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 
 from pipeline.images import describe_conversions
 from pipeline.index import FORMAT, INDEX_NAME, VERSION
+from pipeline.interop import is_reader_file, write_reader_files
 from pipeline.plan import _NOT_PLANNED, ShardResult, ShardTask, plan_fingerprint, plan_shards
 from pipeline.run import STATE_DIR, TMP_MARK, _receipt, _write_json_atomic, run_tasks
 from pipeline.sources import Source, list_source, local_path
@@ -105,7 +106,7 @@ _OWN_FILES = (INDEX_NAME, "stats.json", "failures.jsonl", "config.yaml", STATE_D
 
 
 def _is_own(name: str) -> bool:
-    return name in _OWN_FILES or name.endswith(".tar") or TMP_MARK in name
+    return name in _OWN_FILES or name.endswith(".tar") or TMP_MARK in name or is_reader_file(name)
 
 
 def _prepare_out(out: Path, fingerprint: str, cfg: ShardConfig) -> None:
@@ -235,6 +236,7 @@ def _write_all(cfg: ShardConfig, out: Path, source: Source, tasks: list[ShardTas
         "workers": cfg.workers,
     }
     _write_json_atomic(out / "stats.json", stats)
+    write_reader_files(out, index, tasks[0].options.image_ext if tasks else None)  # HF card, wids, DALI
     _write_json_atomic(out / INDEX_NAME, index)  # last: its presence means the set is complete
     if failures and not stats["num_samples"]:
         # Written anyway, so the reasons are on record, but an empty shard set is no success:

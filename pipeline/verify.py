@@ -17,6 +17,7 @@ import fsspec
 from tqdm.auto import tqdm
 
 from pipeline.index import INDEX_NAME, index_location, load_index
+from pipeline.interop import check_reader_files
 
 _TMP_MARK = ".tmp-"
 
@@ -125,6 +126,7 @@ def verify(out: str) -> list[str]:
             problems.append(f"{extra}: a shard file the index does not list")
         elif _TMP_MARK in extra:
             problems.append(f"{extra}: a half-written shard (an interrupted run); re-run 'vitpipe shard'")
+    problems += check_reader_files(root, index)  # the wids and DALI indexes beside the shards
     if "failures.jsonl" in present:
         with fs.open(f"{path}/failures.jsonl", "rt") as f:
             n = sum(1 for line in f if line.strip())

@@ -431,7 +431,7 @@ def test_a_foreign_shard_with_an_unconvertible_image_skips_it_with_the_reason(mo
         members = [(m, tf.extractfile(m).read()) for m in tf.getmembers()]
     with tarfile.open(out / name, "w") as tf:
         for m, data in members:
-            if m.name == "float.tiff":
+            if m.name.split(".")[0] == "float" and not m.name.endswith((".cls", ".json")):  # its image member
                 data = wide
                 m.size = len(data)
             tf.addfile(m, __import__("io").BytesIO(data))

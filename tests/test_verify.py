@@ -72,7 +72,8 @@ def test_sample_count_and_class_ids_are_checked(shards):
     index["splits"]["val"]["num_bytes"] -= delta
     index["totals"]["num_bytes"] -= delta
     (shards / INDEX_NAME).write_text(json.dumps(index))
-    problems = verify(str(shards))
+    # the wids and DALI indexes no longer fit the re-packed shard either (test_interop.py covers those)
+    problems = [p for p in verify(str(shards)) if not p.startswith(("val.wids.json", "val-000000.idx"))]
     n = index["splits"]["val"]["num_samples"]
     assert problems == [f"val-000000.tar: {members[first_cls][0].name} is 42, outside 0..9",
                         f"val-000000.tar: {n - 1} samples, index says {n}"]
