@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Iterable
 
 from pipeline.index import INDEX_NAME, load_index
+from pipeline.tar_reader import member_offsets, split_key
 
 CARD_NAME = "README.md"
 WIDS_SUFFIX = ".wids.json"
@@ -70,29 +71,50 @@ def is_reader_file(name: str) -> bool:
 # The files
 
 
-def _split_key(name: str) -> tuple[str, str]:
-    """'dir/KEY.ext' -> ('dir/KEY', 'ext'), the first '.' of the basename, as webdataset and DALI split."""
-    dot = name.find(".", name.rfind("/") + 1)
-    return (name, "") if dot < 0 else (name[:dot], name[dot + 1:])
-
-
 def dali_index(tar_path: str | Path) -> str:
     """DALI's index of a shard: `v1.2 N`, then per sample `ext offset size name` per member (the
     member's data offset in bytes), as DALI's wds2idx writes it. Reads only the tar headers."""
     samples: list[list[str]] = []
     last = None
-    with tarfile.open(tar_path, "r:") as tar:
-        for m in tar:
-            if not m.isreg():
-                continue
-            key, ext = _split_key(m.name)
-            if not key or key.endswith("/"):  # hidden files: DALI skips them too
-                continue
-            if key != last:
-                samples.append([])
-                last = key
-            samples[-1].append(f"{ext} {m.offset_data} {m.size} {m.name}")
+    for name, offset, size in member_offsets(tar_path):
+        key, ext = split_key(name)
+        if not key or key.endswith("/"):  # hidden files: DALI skips them too
+            continue
+        if key != last:
+            samples.append([])
+            last = key
+        samples[-1].append(f"{ext} {offset} {size} {name}")
     return f"{DALI_VERSION} {len(samples)}\n" + "".join(" ".join(s) + "\n" for s in samples)
+
+
+def dali_index_of_members(samples: Iterable[Iterable[tuple[str, int]]]) -> str:
+    """`dali_index` computed from what was written, without reading: the (name, size) of each
+    member of each sample, in order, as the shard's tar writer laid them out from byte 0."""
+    from pipeline.tar_writer import tar_member_bytes
+
+    lines, pos = [], 0
+    for members in samples:
+        parts = []
+        for name, size in members:
+            # pipeline.tar_writer's layout: a 512-byte header (plus GNU long-name blocks), then
+            # the data padded to 512 bytes; inlined for the common short name (~3x faster)
+            n = len(name) if name.isascii() else len(name.encode())
+            data = pos + (512 if n <= 100 else tar_member_bytes(n, 0))
+            parts.append(f"{name[name.find('.', name.rfind('/') + 1) + 1:]} {data} {size} {name}")
+            pos = data + (size + 511) // 512 * 512
+        lines.append(" ".join(parts))
+    return f"{DALI_VERSION} {len(lines)}\n" + "\n".join(lines) + ("\n" if lines else "")
+
+
+def write_dali_index(tar_path: str | Path, samples: list[list[tuple[str, int]]]) -> None:
+    """Write DALI's index beside a shard just written (`pipeline.run.write_shard`), from its members'
+    names and sizes; none for an empty shard (DALI refuses an index of an empty archive)."""
+    path = Path(tar_path)
+    idx = path.with_name(path.name.removesuffix(".tar") + DALI_SUFFIX)
+    if samples:
+        _write_text_atomic(idx, dali_index_of_members(samples))
+    else:
+        idx.unlink(missing_ok=True)
 
 
 def wids_index(index: dict, split: str) -> dict:
@@ -156,10 +178,12 @@ def _write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def write_reader_files(out: str | Path, index: dict, image_ext: str | None = None) -> list[str]:
-    """Write the dataset card, the wids index of each split and the DALI index of each non-empty
-    shard into the local shard set `out`, from its (about to be written) index; returns their names.
-    `image_ext`: the image members' extension (read off the first shard when not given)."""
+def write_reader_files(out: str | Path, index: dict, image_ext: str | None = None, *,
+                       rewrite: bool = False) -> list[str]:
+    """Write the dataset card and the wids index of each split into the local shard set `out`,
+    from its (about to be written) index, and the DALI index of each non-empty shard that has none
+    (the shard writer writes them as it goes; `rewrite` makes them all again from the tars);
+    returns their names. `image_ext`: the image members' extension (else read off the first shard)."""
     out = Path(out)
     written = []
     for split in index["splits"]:
@@ -169,7 +193,8 @@ def write_reader_files(out: str | Path, index: dict, image_ext: str | None = Non
         for s in index["splits"][split]["shards"]:
             if s["num_samples"] > 0:  # DALI (and wds2idx) refuse an index of an empty archive
                 idx = s["name"].removesuffix(".tar") + DALI_SUFFIX
-                _write_text_atomic(out / idx, dali_index(out / s["name"]))
+                if rewrite or not (out / idx).is_file():  # the shard writer made it (write_dali_index)
+                    _write_text_atomic(out / idx, dali_index(out / s["name"]))
                 written.append(idx)
     _write_text_atomic(out / CARD_NAME, dataset_card(index, image_ext or _first_image_ext(out, index)))
     return [CARD_NAME, *written]
@@ -181,7 +206,7 @@ def _first_image_ext(out: Path, index: dict) -> str | None:
             if s["num_samples"]:
                 with tarfile.open(out / s["name"], "r:") as tar:
                     for m in tar:
-                        ext = _split_key(m.name)[1]
+                        ext = split_key(m.name)[1]
                         if ext not in ("cls", "json"):
                             return ext
     return None
@@ -234,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     index = load_index(args[0])
     root = Path(index["_root"])
-    names = write_reader_files(root, {k: v for k, v in index.items() if k != "_root"})
+    names = write_reader_files(root, {k: v for k, v in index.items() if k != "_root"}, rewrite=True)
     print(f"wrote {len(names)} reader files ({CARD_NAME}, wids and DALI indexes) beside {root / INDEX_NAME}")
     return 0
 

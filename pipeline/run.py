@@ -27,6 +27,7 @@ import fsspec
 from tqdm.auto import tqdm
 
 from pipeline.images import FORMAT_EXTENSIONS, BadImage, check_image, open_image, reencode
+from pipeline.interop import write_dali_index
 from pipeline.plan import EncodeOptions, ShardResult, ShardTask
 from pipeline.sources import SourceItem, local_path
 from pipeline.tar_writer import ShardTarWriter
@@ -184,6 +185,7 @@ def write_shard(task: ShardTask, progress: Callable[[int, int], None] | None = N
     failures: list[dict] = []
     conversions: Counter[str] = Counter()
     n = 0
+    layout: list[list[tuple[str, int]]] = []  # (name, size) of each member: DALI's index, without a re-read
     if samples is None:
         samples = iter_samples(task.items, task.class_ids, task.options)
     try:
@@ -193,6 +195,7 @@ def write_shard(task: ShardTask, progress: Callable[[int, int], None] | None = N
                     failures.append(sample)
                 else:
                     writer.add(sample)
+                    layout.append([(name, len(data)) for name, data in sample])
                     n += 1
                     conversions.update(_conversions(sample))
                 if progress:
@@ -201,6 +204,7 @@ def write_shard(task: ShardTask, progress: Callable[[int, int], None] | None = N
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, final)
+        write_dali_index(final, layout)  # before the receipt: a shard with a receipt has its index
     finally:
         if tmp.exists():
             tmp.unlink()
