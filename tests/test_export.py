@@ -105,3 +105,36 @@ def test_recorded_architecture_names_are_registered_in_timm():
     assert timm_architecture(preset_config("s/16", image_size=384)) == "vit_small_patch16_384"
     assert timm_architecture(preset_config("h/14", image_size=448)) == "vit_huge_patch14_224"
     assert timm_architecture(preset_config("micro/4")) == "vit_base_patch16_224"
+
+
+def _hub(folder, **model_args):
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"architecture": "vit_tiny_patch16_224", "num_classes": 2,
+                                                    "model_args": model_args, "pretrained_cfg": {}}))
+    (folder / "model.safetensors").write_bytes(b"")
+    return folder
+
+
+def test_weight_loading_refusals_through_the_cli_are_one_line(tmp_path, capsys):
+    """What a user meets at the command line for files vitpipe cannot load: exit 2 and one line
+    naming what the file has and what to do, never a traceback."""
+    from safetensors.torch import save_file
+    from timm.models.vision_transformer import VisionTransformer as TimmViT
+
+    small = dict(img_size=32, patch_size=4, embed_dim=64, depth=4, num_heads=4, mlp_ratio=2.0, num_classes=10)
+    cases = []
+    save_file(TimmViT(**small, no_embed_class=True).state_dict(), str(tmp_path / "deit3_like.safetensors"))
+    cases.append((["--model-preset", "micro/4"], tmp_path / "deit3_like.safetensors", "no_embed_class"))
+    save_file(TimmViT(**small, reg_tokens=4).state_dict(), str(tmp_path / "reg.safetensors"))
+    cases.append((["--model-preset", "micro/4"], tmp_path / "reg.safetensors", "register tokens"))
+    save_file(TimmViT(**small).state_dict(), str(tmp_path / "bare.safetensors"))
+    cases.append(([], tmp_path / "bare.safetensors", "--model-preset"))
+    cases.append((["--model-preset", "vit_base_patch16_siglip_224"], tmp_path / "bare.safetensors", "plain ViT"))
+    (tmp_path / "text.safetensors").write_text("hello")
+    cases.append((["--model-preset", "s/16"], tmp_path / "text.safetensors", "not a readable safetensors file"))
+    cases.append(([], _hub(tmp_path / "hub_qk", qk_norm=True), "qk_norm=True"))
+    cases.append(([], _hub(tmp_path / "hub_rect", img_size=[32, 48]), "not square"))
+    for i, (extra, path, named) in enumerate(cases):
+        assert vitpipe(["export", str(path), str(tmp_path / f"out{i}"), *extra]) == 2, path
+        err = capsys.readouterr().err
+        assert named in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err

@@ -264,9 +264,9 @@ def load_model(source: str, *, map_location: str | torch.device = "cpu", preset:
     if has_config(source):
         model = load_pretrained(source)
         if preset:  # named anyway: the model must be that architecture
-            from vit.models.weights import _named_config
+            from vit.models.weights import named_config
 
-            diff = architecture_differences(model.cfg, _named_config(preset))
+            diff = architecture_differences(model.cfg, named_config(preset))
             if diff:
                 raise UserError(f"--model {source} is another architecture than --model-preset {preset} "
                                 f"({'; '.join(diff)}); drop --model-preset, the model carries its own")
@@ -276,10 +276,10 @@ def load_model(source: str, *, map_location: str | torch.device = "cpu", preset:
 
 def _check_preset(source: str, preset: str) -> None:
     """A bare weights file needs its architecture named, and a name must be one vitpipe builds."""
-    from vit.models.weights import _named_config, has_config
+    from vit.models.weights import named_config, has_config
 
     if preset:
-        _named_config(preset)  # an unknown or unsupported name fails here, before the data is opened
+        named_config(preset)  # an unknown or unsupported name fails here, before the data is opened
     elif not is_mlflow_uri(source) and not has_config(source):
         raise UserError(f"--model {source} is a bare weights file (no config.json, no vitpipe config in it), so "
                         f"its architecture is unknown; name it with --model-preset (e.g. s/16, b/16, "

@@ -103,9 +103,9 @@ def load_init(cfg: FinetuneConfig, *, num_classes: int) -> nn.Module:
     if not isinstance(model, VisionTransformer):
         raise UserError(f"init={init!r} holds a {type(model).__name__}, not a vitpipe VisionTransformer")
     if preset:  # the user named an architecture: the checkpoint must be that architecture
-        from vit.models.weights import _named_config, architecture_differences
+        from vit.models.weights import named_config, architecture_differences
 
-        diff = [f"checkpoint {d}" for d in architecture_differences(model.cfg, _named_config(preset))]
+        diff = [f"checkpoint {d}" for d in architecture_differences(model.cfg, named_config(preset))]
         if diff:
             raise UserError(f"init={init!r} is another architecture than model.preset={preset!r} ("
                             + "; ".join(diff) + "); leave model.preset empty to use the checkpoint's own")

@@ -33,7 +33,7 @@ from vitpipe.errors import UserError
 __all__ = [
     "resample_pos_embed", "save_pretrained", "load_pretrained", "load_state_dict",
     "timm_to_vitpipe", "vitpipe_to_timm", "load_timm_checkpoint", "config_from_timm", "config_from_timm_hub",
-    "timm_model_kwargs", "timm_hub_config", "save_timm_hub", "has_config",
+    "timm_model_kwargs", "timm_hub_config", "save_timm_hub", "has_config", "named_config", "architecture_differences",
 ]
 
 log = logging.getLogger(__name__)
@@ -229,7 +229,7 @@ def load_pretrained(path: str | Path, *, num_classes: int | None = None, image_s
                         f"(or timm's save_for_hf) or at a checkpoint file")
     named = config if isinstance(config, str) else None
     if named is not None:
-        config = _named_config(named)
+        config = named_config(named)
     values = _read_values(weights) if config is None and weights.is_file() else None
     cfg = config or _read_config(weights, values)
     state_dict = _unwrap(_read_tensors(weights))
@@ -369,7 +369,7 @@ def _class_names(values: dict[str, Any] | None) -> list[str] | None:
     return [str(n) for n in names] if isinstance(names, list) else None
 
 
-def _named_config(name: str) -> ViTConfig:
+def named_config(name: str) -> ViTConfig:
     """The architecture a name stands for: one of our presets ('s/16') or a timm model name."""
     key = name.strip()
     return preset_config(key) if "/" in key else config_from_timm(key)  # every preset has a '/'
