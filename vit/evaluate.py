@@ -259,13 +259,11 @@ def load_model(source: str, *, map_location: str | torch.device = "cpu", preset:
         return model.eval()
     _check_model_path(source)
     _check_preset(source, preset)
-    from vit.models.weights import architecture_differences, has_config, load_pretrained
+    from vit.models.weights import architecture_differences, has_config, load_pretrained, named_config
 
     if has_config(source):
         model = load_pretrained(source)
         if preset:  # named anyway: the model must be that architecture
-            from vit.models.weights import named_config
-
             diff = architecture_differences(model.cfg, named_config(preset))
             if diff:
                 raise UserError(f"--model {source} is another architecture than --model-preset {preset} "
@@ -276,7 +274,7 @@ def load_model(source: str, *, map_location: str | torch.device = "cpu", preset:
 
 def _check_preset(source: str, preset: str) -> None:
     """A bare weights file needs its architecture named, and a name must be one vitpipe builds."""
-    from vit.models.weights import named_config, has_config
+    from vit.models.weights import has_config, named_config
 
     if preset:
         named_config(preset)  # an unknown or unsupported name fails here, before the data is opened

@@ -103,7 +103,7 @@ def load_init(cfg: FinetuneConfig, *, num_classes: int) -> nn.Module:
     if not isinstance(model, VisionTransformer):
         raise UserError(f"init={init!r} holds a {type(model).__name__}, not a vitpipe VisionTransformer")
     if preset:  # the user named an architecture: the checkpoint must be that architecture
-        from vit.models.weights import named_config, architecture_differences
+        from vit.models.weights import architecture_differences, named_config
 
         diff = [f"checkpoint {d}" for d in architecture_differences(model.cfg, named_config(preset))]
         if diff:
