@@ -208,7 +208,7 @@ def _dali():
     try:
         from nvidia import dali  # noqa: F401
     except ImportError as e:
-        pytest.skip(f"NVIDIA DALI is not installed here ({e}); pip install nvidia-dali-cuda120 (or -cuda130)")
+        pytest.skip(f"NVIDIA DALI is not installed here ({e}); pip install nvidia-dali-cuda130 (the CUDA 13 build, as torch here; -cuda120 for CUDA 12)")
     from nvidia.dali import fn, pipeline_def
 
     return fn, pipeline_def
