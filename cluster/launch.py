@@ -12,11 +12,19 @@ prints it with `--dry-run`) and forwards everything after the options to `vitpip
 Backends, all thin: `local` is `torchrun --standalone`; `deepspeed` is DeepSpeed's own launcher
 with an MPI-style hostfile; `slurm` submits `cluster/vitpipe.sbatch` (srun + torchrun rendezvous)
 and, unless `--no-slurm.wait`, streams the job's log and exits with its state; Ctrl-C cancels it.
+
+Stopping it (SIGTERM from a preemption, an orchestrator or `kill`; SIGINT; SIGHUP) stops every
+rank, not only the launcher's process group: ranks get SIGTERM (they save a checkpoint) and
+`stop_grace` seconds to exit, then whatever is left is killed; on Slurm the job is cancelled.
+`vitpipe launch` then exits 128 + the signal (143 for SIGTERM), which retry policies (the flows')
+read as "stopped from outside: relaunch, it resumes". Ranks die with their launcher even when it
+is killed outright (SIGKILL): see `cluster.process_tree`.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import shlex
@@ -75,6 +83,8 @@ class LaunchConfig(StageConfig):
         1, ge=1, description="ranks per machine: one per GPU (8 on an 8-GPU node); CPU processes without GPUs")
     module: str = Field("vitpipe.cli", description="Python module every rank runs; cluster.allreduce_check "
                                                    "tests rendezvous and the network in seconds")
+    stop_grace: float = Field(30.0, ge=0, description="seconds the ranks get to save a checkpoint and exit when the "
+                                                      "launch is stopped (SIGTERM/SIGINT), before they are killed")
     slurm: SlurmOptions = Field(default_factory=SlurmOptions)
     deepspeed: DeepSpeedOptions = Field(default_factory=DeepSpeedOptions)
 
@@ -248,19 +258,15 @@ def run_slurm(cfg: LaunchConfig, command: list[str]) -> int:
         if not first_error and _ERROR_LINE.search(line) and not line.startswith(("srun:", "slurmstepd")):
             first_error.append(line.strip())
 
-    def on_term(signum, frame):
-        raise KeyboardInterrupt  # so that wait() cancels the job on its way out
-
     # Orchestrators (Prefect cancelling a flow run, Kubernetes, CI) stop us with SIGTERM, which
-    # would otherwise end this process and leave the job running.
-    previous = signal.signal(signal.SIGTERM, on_term)
+    # would otherwise end this process and leave the job running: wait() cancels it on the way out.
     try:
-        final = slurm.wait(job_id, poll=cfg.slurm.poll, on_log=on_log, on_state=on_state)
-    except KeyboardInterrupt:
-        print(f"vitpipe launch: cancelled Slurm job {job_id}", file=sys.stderr, flush=True)
-        raise
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+        with _stopped_by_signals():
+            final = slurm.wait(job_id, poll=cfg.slurm.poll, on_log=on_log, on_state=on_state)
+    except Stopped as stop:
+        print(f"vitpipe launch: received {stop.name}; cancelled Slurm job {job_id} (relaunch to resume "
+              f"from its latest checkpoint)", file=sys.stderr, flush=True)
+        return 128 + stop.signum
     if final.ok:
         print(f"vitpipe launch: Slurm job {job_id} {final.summary()}", file=sys.stderr, flush=True)
         return 0
@@ -312,6 +318,64 @@ def _preflight(command: list[str]) -> None:
     stage.preflight(stage.cli_config(args))
 
 
+class Stopped(Exception):
+    """This launch was asked to stop by a signal (SIGTERM, SIGINT, SIGHUP)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+        self.name = signal.Signals(signum).name
+
+
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+@contextlib.contextmanager
+def _stopped_by_signals():
+    """While inside: SIGTERM, SIGINT and SIGHUP raise `Stopped` (in the main thread), once."""
+    def on_signal(signum, frame):
+        for s in _STOP_SIGNALS:  # a second signal while stopping must not interrupt the stop
+            signal.signal(s, signal.SIG_IGN)
+        raise Stopped(signum)
+
+    previous = {s: signal.signal(s, on_signal) for s in _STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def run_stoppable(argv: list[str], env: dict[str, str], *, grace: float) -> int:
+    """Run a launcher (torchrun, DeepSpeed's runner, one process) to its end; its exit status.
+
+    Stopped by a signal, it stops the launcher and every rank below it (`process_tree.stop_tree`)
+    and returns 128 + the signal. This process is the ranks' subreaper, so a rank that lost its
+    launcher is still found and stopped; ranks left behind by a launcher that exited are too.
+    """
+    from cluster import process_tree
+
+    process_tree.become_subreaper()
+    try:
+        with _stopped_by_signals():
+            proc = subprocess.Popen(argv, env=env, preexec_fn=process_tree.preexec_die_with_parent())
+            rc = proc.wait()
+    except Stopped as stop:
+        ranks = process_tree.descendants(os.getpid())
+        print(f"vitpipe launch: received {stop.name}; stopping {len(ranks)} process(es) (ranks save a "
+              f"checkpoint; killed after {grace:g}s)", file=sys.stderr, flush=True)
+        killed = process_tree.stop_tree(os.getpid(), grace=grace, include_root=False)
+        print(f"vitpipe launch: stopped{f' ({len(killed)} killed)' if killed else ''}; the same command "
+              f"resumes from the latest checkpoint", file=sys.stderr, flush=True)
+        return 128 + stop.signum
+    left = process_tree.descendants(os.getpid())
+    if left:  # ranks whose launcher exited without them (reparented to us)
+        print(f"vitpipe launch: stopping {len(left)} process(es) the launcher left running", file=sys.stderr,
+              flush=True)
+        process_tree.stop_tree(os.getpid(), grace=grace, include_root=False)
+    return rc
+
+
 def launch(cfg: LaunchConfig, command: list[str], *, dry_run: bool = False) -> int:
     """Run (or with `dry_run`, print) `command` through the configured backend; the exit status."""
     plan = build_launch(cfg, command)
@@ -324,7 +388,7 @@ def launch(cfg: LaunchConfig, command: list[str], *, dry_run: bool = False) -> i
     if cfg.backend == "slurm":
         return run_slurm(cfg, command)
     print(f"vitpipe launch: {plan.shell()}", file=sys.stderr, flush=True)
-    return subprocess.run(plan.argv, env={**os.environ, **plan.env}).returncode
+    return run_stoppable(plan.argv, {**os.environ, **plan.env}, grace=cfg.stop_grace)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -18,9 +18,9 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 
-from flows import tracking
-from flows.stages import (MLFLOW_UI_URL, REGISTERED_MODEL, Launcher, evaluate_flow, finetune_flow,
-                          pretrain_flow, publish_summary, register_task, shard_flow)
+from flows import storage, tracking
+from flows.stages import (MLFLOW_UI_URL, REGISTERED_MODEL, Launcher, evaluate_flow, finetune_flow, place,
+                          pretrain_flow, publish_summary, register_and_promote, resolve_output_root, shard_flow)
 
 # What the summary table shows of each stage, in order: (stage, metric keys tried in turn).
 SUMMARY_METRICS = {
@@ -53,19 +53,23 @@ def pipeline_flow(pretrain_src: str, finetune_src: str, workdir: str = "vitpipe-
                   evaluate_overrides: dict[str, Any] | None = None, nproc: int = 1,
                   launcher: Launcher = "local", tracking_uri: str | None = None,
                   experiment: str = tracking.DEFAULT_EXPERIMENT, run_name: str = "pipeline",
-                  register_as: str | None = REGISTERED_MODEL, announce_datasets: bool = False) -> dict:
+                  register_as: str | None = REGISTERED_MODEL, announce_datasets: bool = False,
+                  launch_options: dict[str, Any] | None = None, output_root: str | None = None) -> dict:
     """Shard both collections, pretrain on the first, fine-tune on the second, evaluate the result.
 
     The fine-tuned model is registered as `candidate` of `register_as` (None: not registered)
     and promoted to `champion` when it beats the champion on the same split.
     `announce_datasets=False` keeps the pipeline's own shard sets from firing the fine-tune
     trigger of a deployment on the same server (the pipeline fine-tunes them itself).
+    A relative `workdir` is under `output_root` (in a deployed run: $VITPIPE_HOME/runs by default).
     Returns {'mlflow_run_id': parent run, 'stages': {stage: record}, 'summary': rows}.
     """
     logger = get_run_logger()
-    work = Path(workdir).resolve()
-    uri = tracking_uri or tracking.default_tracking_uri()
+    work = Path(place(workdir, resolve_output_root(output_root)))
+    uri = tracking.resolve_tracking_uri(tracking_uri)
+    storage.require_durable(uri=uri, paths={"pipeline workdir": work})
     common = dict(tracking_uri=uri, experiment=experiment)
+    training = dict(nproc=nproc, launcher=launcher, launch_options=launch_options)
     with tracking.stage_run(uri, experiment, run_name, stage="pipeline") as parent:
         runs = dict(**common, parent_run_id=parent)
         pre_data = shard_flow(src=pretrain_src, out=str(work / "shards" / Path(pretrain_src).name),
@@ -74,16 +78,17 @@ def pipeline_flow(pretrain_src: str, finetune_src: str, workdir: str = "vitpipe-
                              overrides=shard_overrides, emit_ready=announce_datasets, **runs)
         pre = pretrain_flow(config=pretrain_config, dataset=pre_data["path"],
                             overrides={"out": str(work / "pretrain"), **(pretrain_overrides or {})},
-                            nproc=nproc, launcher=launcher, **runs)
+                            **training, **runs)
         ft = finetune_flow(dataset=ft_data["path"], dataset_name=ft_data["name"], config=finetune_config,
                            overrides=finetune_overrides, init=pre["export"], out=str(work / "finetune"),
-                           nproc=nproc, launcher=launcher, **runs)
+                           **training, **runs)
         ev = evaluate_flow(model=ft["export"], dataset=ft_data["path"], config=evaluate_config,
                            overrides={"data": ft["data_config"], **(evaluate_overrides or {})},
                            out=str(work / "evaluate"), **runs)
         records = {"pretrain": pre, "finetune": ft, "evaluate": ev}
         if register_as:
-            ft["registered"] = register_task(ft["export"], register_as, ft["mlflow_run_id"], ev, uri)
+            ft["registered"] = register_and_promote({**ft, "evaluation": ev}, register_as, uri,
+                                                    experiment=experiment, parent_run_id=parent)
         _log_parent(uri, parent, records, {"shard_pretrain": pre_data, "shard_finetune": ft_data})
 
     rows = summary_rows(records)
@@ -96,16 +101,22 @@ def pipeline_flow(pretrain_src: str, finetune_src: str, workdir: str = "vitpipe-
             "datasets": {"pretrain": pre_data, "finetune": ft_data}, "url": url}
 
 
-def _log_parent(uri: str, parent: str, records: dict[str, dict], datasets: dict[str, dict]) -> None:
+def _log_parent(uri: str, parent: str | None, records: dict[str, dict], datasets: dict[str, dict]) -> None:
     """The parent run carries the headline numbers, so runs compare at a glance in the MLflow UI."""
+    if parent is None:
+        return
     from mlflow import MlflowClient
 
-    client = MlflowClient(uri)
-    for row in summary_rows(records):
-        if row["top1"] is not None:
-            client.log_metric(parent, f"{row['stage']}_top1", row["top1"])
+    def log() -> None:
+        client = MlflowClient(uri)
+        for row in summary_rows(records):
+            if row["top1"] is not None:
+                client.log_metric(parent, f"{row['stage']}_top1", row["top1"])
+        for key, data in datasets.items():
+            client.log_param(parent, f"{key}_dataset", data["path"])
+            client.log_param(parent, f"{key}_sha256", data["digest"][:16])
+
+    tracking.guarded(uri, "logging the pipeline's summary", log)
     for key, data in datasets.items():
-        client.log_param(parent, f"{key}_dataset", data["path"])
-        client.log_param(parent, f"{key}_sha256", data["digest"][:16])
         tracking.log_dataset_input(uri, parent, data["path"], name=data["name"],
                                    context="training" if key == "shard_pretrain" else "finetuning")

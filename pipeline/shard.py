@@ -289,4 +289,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run_cli(args: argparse.Namespace) -> int:
     cfg = config_from_args(ShardConfig, args)
     shard(cfg)
+    from flows.events import announce_sharded
+
+    announce_sharded(cfg.out)  # with a Prefect API configured: vitpipe.dataset.ready, as shard_flow emits
     return 0

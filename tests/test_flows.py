@@ -156,8 +156,13 @@ def test_slurm_launcher_is_the_cluster_submission_of_the_same_stage_command(tmp_
     out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
     assert "sbatch " in out and "--nodes=2" in out and "--partition=cpu" in out
     assert "VITPIPE_PROCS_PER_NODE=2" in out and out.rstrip().endswith(f"pretrain --config {tmp_path / 'cfg.yaml'}")
+    # Locally too the flow runs `vitpipe launch`, which stops every rank when it is stopped.
     local = launcher_argv("pretrain", tmp_path / "cfg.yaml", 2)
-    assert local[1:] == ["-m", "vitpipe.cli", "pretrain", "--config", str(tmp_path / "cfg.yaml"), "--nproc", "2"]
+    assert local[1:] == ["-m", "vitpipe.cli", "launch", "--backend", "local", "--nproc-per-node", "2", "--",
+                         "pretrain", "--config", str(tmp_path / "cfg.yaml")]
+    local.insert(local.index("launch") + 1, "--dry-run")
+    out = subprocess.run(local, capture_output=True, text=True, check=True).stdout
+    assert "torch.distributed.run" in out and "--nproc-per-node 2" in out
 
 
 def test_launch_task_fails_the_flow_with_the_launcher_error_and_no_retry(tmp_path):

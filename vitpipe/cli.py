@@ -51,6 +51,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # a process of its own (not a call from Python): a rank, or a launcher a flow started
+        from cluster.process_tree import die_with_parent_if_asked
+
+        die_with_parent_if_asked()  # never outlive the parent
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(command if command in COMMANDS else None)

@@ -183,12 +183,14 @@ def _score(version, metric: str) -> float | None:
 
 
 def promote_if_better(name: str, version: str | int | None = None, *, metric: str = "top1",
-                      higher_is_better: bool = True, min_delta: float = 0.0) -> Promotion:
+                      higher_is_better: bool = True, min_delta: float = 0.0,
+                      champion_results: dict[str, Any] | None = None) -> Promotion:
     """Point `champion` at `version` (default: the `candidate`) if it beats the champion on the same split.
 
     With no champion yet, the candidate becomes champion. A champion evaluated on another split
     is not compared against: the decision is "not promoted" with the reason, and the fix is to
-    evaluate both models on one split.
+    evaluate both models on one split: `champion_results` are the champion's results (with its
+    `split_id`) on the candidate's split, used instead of the champion's tags.
     """
     from mlflow import MlflowClient
 
@@ -205,10 +207,13 @@ def promote_if_better(name: str, version: str | int | None = None, *, metric: st
         client.set_registered_model_alias(name, CHAMPION, cand.version)
         return Promotion(True, f"no champion yet; version {cand.version} ({metric}={cand_score:.4f}) becomes champion", **result)
     champ_score = _score(champ, metric)
+    champ_split = champ.tags.get(SPLIT_TAG)
+    if champion_results is not None:
+        champ_score, champ_split = champion_results.get(metric), champion_results.get("split_id")
     result.update(champion_version=str(champ.version), champion_score=champ_score)
     if str(champ.version) == str(cand.version):
         return Promotion(False, f"version {cand.version} is already the champion", **result)
-    cand_split, champ_split = cand.tags.get(SPLIT_TAG), champ.tags.get(SPLIT_TAG)
+    cand_split = cand.tags.get(SPLIT_TAG)
     if champ_score is None or not cand_split or cand_split != champ_split:
         return Promotion(False, (f"not comparable: candidate v{cand.version} was evaluated on split {cand_split!r}, "
                                  f"champion v{champ.version} on {champ_split!r}; evaluate both on the same split"),

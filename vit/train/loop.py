@@ -26,6 +26,7 @@ from vit.train.config import TrainingConfig
 from vit.train.engine import (Stepper, build_optimizer, create_engine, ds_config, input_dtype, lr_at, resolve_compile,
                         resolve_precision, set_lr)
 from vit.objectives import build_objective
+from vit.tracking.lineage import log_training_inputs
 from vit.tracking.tracker import Tracker, flatten, git_commit, resolve_uri, tracked
 from vitpipe.config import save_config
 from vitpipe.errors import UserError
@@ -174,6 +175,7 @@ def run_training(cfg: TrainingConfig, *, stage: str, build: Callable[[Any], Mode
             "vitpipe.num_nodes": str(world.num_nodes), "mlflow.source.git.commit": git_commit() or "unknown"}
     tracker = Tracker.open(cfg.tracking, is_main=world.is_main, params=params, tags=tags,
                            resume_run_id=run_id, warn=lambda m: _say(world, m))
+    log_training_inputs(tracker, cfg)  # its shard set and digest, however the run was launched
     peak = peak_flops(device, precision)
 
     with tracked(tracker):
