@@ -141,7 +141,7 @@ def check_init(init: str | None, fallback: str | None, finetune_config: str | No
 
     chosen = init or _config_init(finetune_config, None) or CHAMPION_INIT
     where = "--finetune-init" if init else (f"init in {finetune_config}" if _config_init(finetune_config, None)
-                                            else f"the default init {CHAMPION_INIT}")
+                                            else "the default init")
     for value, what in ((chosen, where), (fallback, "--finetune-fallback-init")):
         if not value or value.startswith(("runs:/", "mlflow-artifacts:/")) or "{dataset}" in value:
             continue  # a run's artifacts, or a per-dataset alias: resolved when the trigger fires
@@ -162,6 +162,20 @@ def check_init(init: str | None, fallback: str | None, finetune_config: str | No
         if not Path(value).exists():
             raise UserError(f"{what} {value!r} does not exist; pass a pretrained export folder, a timm weights "
                             f"file or a models:/NAME@ALIAS")
+
+
+def check_schedule(cron: str | None, timezone: str) -> None:
+    from prefect.client.schemas.schedules import CronSchedule
+    from pydantic import ValidationError
+
+    try:
+        CronSchedule(cron=cron or "0 2 * * *", timezone=timezone)
+    except ValidationError as e:
+        if e.errors()[0]["loc"] == ("timezone",):
+            raise UserError(f"--timezone {timezone!r} is not an IANA time zone; e.g. UTC, Europe/Berlin, "
+                            f"America/New_York") from None
+        raise UserError(f"--pretrain-cron {cron!r} is not a cron expression; e.g. '0 2 * * *' "
+                        f"(02:00 daily) or 'none'") from None
 
 
 def build_deployments(*, pretrain_config: str | None = None, pretrain_dataset: str | None = None,
@@ -190,6 +204,7 @@ def build_deployments(*, pretrain_config: str | None = None, pretrain_dataset: s
 
     if nproc < 1:
         raise UserError(f"--nproc {nproc}: must be >= 1, e.g. --nproc 2")
+    check_schedule(pretrain_cron, timezone)
     if tracking_uri:
         storage.check_tracking_uri(tracking_uri, storage.TRACKING_FIX)
     if output_root:
@@ -199,21 +214,7 @@ def build_deployments(*, pretrain_config: str | None = None, pretrain_dataset: s
                "finetune": _absolute(finetune_config, FinetuneConfig),
                "evaluate": _absolute(evaluate_config, EvaluateConfig)}
     check_init(finetune_init, finetune_fallback_init, configs["finetune"], tracking_uri)
-    schedule = None
-    if pretrain_cron:
-        from prefect.client.schemas.schedules import CronSchedule
-        from pydantic import ValidationError
-
-        try:
-            CronSchedule(cron=pretrain_cron, timezone=timezone)
-        except ValidationError as e:
-            err = e.errors()[0]
-            if err["loc"] == ("timezone",):
-                raise UserError(f"--timezone {timezone!r} is not an IANA time zone; e.g. UTC, Europe/Berlin, "
-                                f"America/New_York") from None
-            raise UserError(f"--pretrain-cron {pretrain_cron!r} is not a cron expression; e.g. '0 2 * * *' "
-                            f"(02:00 daily) or 'none'") from None
-        schedule = Cron(pretrain_cron, timezone=timezone)
+    schedule = Cron(pretrain_cron, timezone=timezone) if pretrain_cron else None
 
     def given(**kw: Any) -> dict[str, Any]:
         return {k: v for k, v in kw.items() if v not in (None, {}, [])}
@@ -347,6 +348,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_cli(args: argparse.Namespace) -> int:
     cron = None if str(args.pretrain_cron).lower() in ("", "none", "off") else args.pretrain_cron
+    check_schedule(cron, args.timezone)
     if cron is not None and not args.pretrain_config:
         # a schedule without a config would fail every night; deploy pretraining on demand only
         print("vitpipe deploy: no --pretrain-config, so pretraining is deployed without its schedule")

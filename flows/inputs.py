@@ -72,7 +72,12 @@ def alias_version(uri: str, tracking_uri: str) -> str | None:
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
+    from flows.storage import local_store_path
+
     name, alias = split_alias(uri)
+    store = local_store_path(tracking_uri)
+    if store is not None and not os.path.exists(store):
+        return None  # an empty store: asking would create it
     try:
         return str(MlflowClient(tracking_uri).get_model_version_by_alias(name, alias).version)
     except MlflowException as e:
