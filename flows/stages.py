@@ -59,6 +59,10 @@ class LauncherError(RuntimeError):
         self.stage, self.returncode, self.tail = stage, returncode, tail
         errors = [line for line in tail if re.search(r"(Error|Exception|error:)", line)]
         reason = errors[-1].strip() if errors else (tail[-1].strip() if tail else "no output")
+        if returncode in _SIGNAL_EXITS:  # what torchrun prints then is its own report of the signal
+            name = signal.Signals(abs(returncode) % 128 if returncode > 0 else -returncode).name
+            reason = f"stopped by {name} (a preemption, a kill or the OOM killer); a retry resumes from its " \
+                     f"latest checkpoint"
         super().__init__(f"{stage} launcher exited with status {returncode}: {reason}\n"
                          f"--- last {len(tail)} lines of its output ---\n" + "\n".join(tail))
 

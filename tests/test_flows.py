@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -16,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from prefect import flow, task
 from prefect.testing.utilities import prefect_test_harness
 
@@ -259,3 +261,301 @@ def test_stage_run_marks_failed_runs(mlflow_uri):
         with tracking.stage_run(mlflow_uri, "flows-test", "boom", stage="x") as run_id:
             raise RuntimeError("stage crashed")
     assert MlflowClient(mlflow_uri).get_run(run_id).info.status == "FAILED"
+
+
+# ---------------------------------------------------------------------------------------------
+# Stopping a launcher stops every rank (torchrun gives each rank a session of its own)
+
+
+def test_stream_process_stops_children_in_other_sessions(tmp_path):
+    """What a rank under torchrun is: a grandchild in a session of its own, which a signal to the
+    launcher's process group never reaches."""
+    pid_file = tmp_path / "rank.pid"
+    script = textwrap.dedent(f"""
+        import subprocess, sys, time
+        p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], start_new_session=True)
+        open({str(pid_file)!r}, "w").write(str(p.pid))
+        print("started", flush=True)
+        time.sleep(120)
+    """)
+
+    def log(line):
+        raise KeyboardInterrupt  # what a cancelled flow run looks like to this loop
+
+    with pytest.raises(KeyboardInterrupt):
+        stream_process([sys.executable, "-c", script], env=dict(os.environ), log=log, stop_grace=5)
+    _assert_gone(int(pid_file.read_text()), "the rank in its own session survived the flow run being stopped")
+
+
+def _assert_gone(pid: int, message: str, timeout: float = 30) -> None:
+    import psutil
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return
+        except psutil.NoSuchProcess:
+            return
+        time.sleep(0.1)
+    os.kill(pid, 9)
+    pytest.fail(message)
+
+
+SLEEPER = '''
+import os, signal, sys, time
+from cluster.process_tree import die_with_parent_if_asked
+
+die_with_parent_if_asked()  # what vitpipe.cli does first in every rank
+out = os.environ["SLEEPER_DIR"]
+
+def on_term(signum, frame):
+    open(f"{out}/term-{os.environ['RANK']}", "w").write("checkpoint saved")  # a rank's SIGTERM handler
+    sys.exit(128 + signum)
+
+signal.signal(signal.SIGTERM, on_term)
+open(f"{out}/pid-{os.environ['RANK']}", "w").write(str(os.getpid()))
+time.sleep(300)
+'''
+
+
+def _launch_sleepers(tmp_path: Path) -> tuple[subprocess.Popen, list[int]]:
+    """`vitpipe launch --nproc-per-node 2` of a module whose ranks sleep; returns it and the ranks' pids."""
+    (tmp_path / "sleeper.py").write_text(SLEEPER)
+    env = {**os.environ, "SLEEPER_DIR": str(tmp_path), "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-m", "vitpipe.cli", "launch", "--nproc-per-node", "2", "--stop-grace",
+                             "20", "--module", "sleeper"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while len(pids := sorted(tmp_path.glob("pid-*"))) < 2:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() else "slow"
+        time.sleep(0.2)
+    time.sleep(0.5)  # both ranks have set their SIGTERM handler
+    return proc, [int(p.read_text()) for p in pids]
+
+
+@pytest.mark.multiprocess
+def test_sigterm_to_launch_stops_every_rank_and_exits_143(tmp_path):
+    proc, ranks = _launch_sleepers(tmp_path)
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 143, out  # 128 + SIGTERM: the flows' retry policy relaunches on it
+    assert "received SIGTERM; stopping" in out and "resumes from the latest checkpoint" in out
+    for rank, pid in enumerate(ranks):
+        _assert_gone(pid, f"rank {rank} survived SIGTERM to its launcher")
+        assert (tmp_path / f"term-{rank}").read_text() == "checkpoint saved"  # it got the signal, not SIGKILL
+
+
+@pytest.mark.multiprocess
+def test_killing_the_launcher_outright_leaves_no_rank(tmp_path):
+    """SIGKILL cannot be caught: the ranks go because they die with their parent (PR_SET_PDEATHSIG)."""
+    import psutil
+
+    proc, ranks = _launch_sleepers(tmp_path)
+    (torchrun,) = [p for p in psutil.Process(proc.pid).children() if "torch.distributed.run" in " ".join(p.cmdline())]
+    torchrun.kill()  # the ranks' own parent goes first, so nothing is left to stop them in order
+    proc.kill()
+    proc.wait()
+    for rank, pid in enumerate(ranks):
+        _assert_gone(pid, f"rank {rank} outlived its killed launcher (an orphan training on)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Durable places and tracking outages
+
+
+def test_a_deployed_run_refuses_paths_that_vanish(tmp_path, monkeypatch):
+    import tempfile
+
+    from flows import storage
+
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    assert storage.why_not_durable("runs/x").startswith("is relative")
+    assert "temporary directory" in storage.why_not_durable(scratch / "tmpab12prefect" / "mlflow.db")
+    assert storage.why_not_durable(tmp_path / "store") is None and storage.why_not_durable("s3://b/x") is None
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("VITPIPE_HOME", str(tmp_path / "home"))
+    assert tracking.resolve_tracking_uri() == f"sqlite:///{tmp_path / 'home' / 'mlflow.db'}"
+    # outside a deployment a relative path is the user's choice, made absolute
+    storage.require_durable(uri="sqlite:///mlflow.db", paths={"out": "runs"})
+    monkeypatch.setenv("PREFECT__FLOW_RUN_ID", "00000000-0000-0000-0000-000000000000")  # as a worker sets it
+    with pytest.raises(UserError, match="tracking URI 'sqlite:///mlflow.db'.*relative.*MLFLOW_TRACKING_URI"):
+        storage.require_durable(uri="sqlite:///mlflow.db")
+    with pytest.raises(UserError, match=r"shard output '.*scratch.*' is inside the temporary directory.*--output-root"):
+        storage.require_durable(paths={"shard output": scratch / "tmp1prefect" / "shards"})
+    storage.require_durable(uri=f"sqlite:///{tmp_path / 'home' / 'mlflow.db'}", paths={"out": tmp_path / "runs"})
+
+
+@pytest.mark.timeout(180)
+def test_a_tracking_server_that_hangs_costs_seconds_not_minutes(small_digits, tmp_path):
+    """A server that accepts connections and never answers (what a wedged tracking server does):
+    the flow warns, shards anyway, and says the record was not logged."""
+    import socket
+
+    hung = socket.socket()
+    hung.bind(("127.0.0.1", 0))
+    hung.listen(16)  # the kernel completes the handshakes; nobody ever reads or answers
+    uri = f"http://127.0.0.1:{hung.getsockname()[1]}"
+    start = time.monotonic()
+    try:
+        result = shard_flow(src=str(small_digits), out=str(tmp_path / "shards"), tracking_uri=uri,
+                            experiment="down", emit_ready=False)
+    finally:
+        hung.close()
+    assert time.monotonic() - start < 90
+    assert result["totals"]["num_samples"] == 120 and (tmp_path / "shards" / "index.json").is_file()
+    assert result["mlflow_run_id"] is None  # not logged, and the flow says so instead of failing
+
+
+# ---------------------------------------------------------------------------------------------
+# New datasets announce themselves: `vitpipe shard` from a shell, a watched folder or bucket
+
+
+def _events(name: str = "vitpipe.dataset.ready", wait_for: int = 0, timeout: float = 30) -> list[dict]:
+    """The events of `name` the server has stored (waiting until there are `wait_for` of them)."""
+    import urllib.request
+
+    from prefect.settings import PREFECT_API_URL
+
+    body = json.dumps({"filter": {"event": {"name": [name]}}, "limit": 50}).encode()
+    deadline = time.monotonic() + timeout
+    while True:
+        req = urllib.request.Request(f"{PREFECT_API_URL.value()}/events/filter", data=body,
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=10) as r:
+            events = json.loads(r.read())["events"]
+        if len(events) >= wait_for or time.monotonic() > deadline:
+            return events
+        time.sleep(0.5)
+
+
+def _ready_paths(wait_for: int) -> list[str]:
+    return [e["resource"]["vitpipe.dataset.path"] for e in _events(wait_for=wait_for)]
+
+
+def test_vitpipe_shard_announces_the_dataset_when_a_prefect_api_is_configured(small_digits, tmp_path):
+    from prefect.settings import PREFECT_API_URL
+
+    out = tmp_path / "cli-shards"
+    before = len(_events())
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
+    cmd = [sys.executable, "-m", "vitpipe.cli", "shard", str(small_digits), str(out), "--max-samples-per-shard", "50"]
+    first = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert f"announced dataset 'cli-shards' (vitpipe.dataset.ready" in first.stdout
+    events = _events(wait_for=before + 1)
+    (event,) = [e for e in events if e["resource"]["vitpipe.dataset.path"] == str(out)]
+    assert event["resource"]["prefect.resource.id"] == "vitpipe.dataset.cli-shards"
+    assert event["resource"]["vitpipe.dataset.digest"] == tracking.index_digest(out)
+    # a re-run of the finished command is quiet: the same shard set is not announced twice
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert again.returncode == 0 and "announced" not in again.stdout
+    # without an API the command says nothing about Prefect; a server that is down is said, not fatal
+    env.pop("PREFECT_API_URL")
+    quiet = subprocess.run(cmd, env={**env, "PREFECT_HOME": str(tmp_path / "no-profile")}, capture_output=True,
+                           text=True, timeout=180)
+    assert quiet.returncode == 0 and "Prefect" not in quiet.stdout
+    down = subprocess.run([*cmd[:-3], str(tmp_path / "other"), "--overwrite"], capture_output=True, text=True,
+                          env={**env, "PREFECT_API_URL": "http://127.0.0.1:9/api"}, timeout=180)
+    assert down.returncode == 0 and "could not announce 'other'" in down.stdout and "re-run" in down.stdout
+
+
+def test_watch_announces_new_and_changed_shard_sets_in_a_folder_and_a_bucket(small_digits, tmp_path, monkeypatch):
+    """A watched local folder and an S3 prefix (moto's S3 server: a real HTTP S3 API)."""
+    import fsspec
+    from moto.server import ThreadedMotoServer
+
+    from cluster.object_store import upload_shard_set
+    from flows.events import watch_once
+    from pipeline.shard import ShardConfig, shard
+
+    folder = tmp_path / "landing"
+    shard(ShardConfig(src=str(small_digits), out=str(folder / "a"), max_samples_per_shard=60))
+    assert [d["name"] for d in watch_once(str(folder))] == ["a"]
+    assert watch_once(str(folder)) == []  # nothing new
+    shard(ShardConfig(src=str(small_digits), out=str(folder / "a"), max_samples_per_shard=40, overwrite=True))
+    shard(ShardConfig(src=str(small_digits), out=str(folder / "b"), max_samples_per_shard=60))
+    assert sorted(d["name"] for d in watch_once(str(folder))) == ["a", "b"]  # a changed, b new
+    assert {str(folder / "a"), str(folder / "b")} <= set(_ready_paths(3))
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    try:
+        endpoint = f"http://127.0.0.1:{server._server.server_port}"
+        for key, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+                           "AWS_DEFAULT_REGION": "us-east-1", "FSSPEC_S3_ENDPOINT_URL": endpoint}.items():
+            monkeypatch.setenv(key, value)
+        fsspec.config.conf["s3"] = {"endpoint_url": endpoint}
+        fs = fsspec.filesystem("s3", skip_instance_cache=True)
+        fs.mkdir("landing-bucket")
+        watch_once("s3://landing-bucket/datasets", announce_existing=False)  # an empty prefix: recorded
+        upload_shard_set(str(folder / "b"), "s3://landing-bucket/datasets/b")
+        (item,) = watch_once("s3://landing-bucket/datasets")
+        assert item == {"name": "b", "path": "s3://landing-bucket/datasets/b",
+                        "digest": tracking.index_digest(folder / "b")}
+        assert watch_once("s3://landing-bucket/datasets") == []
+        assert "s3://landing-bucket/datasets/b" in _ready_paths(4)
+    finally:
+        fsspec.config.conf.pop("s3", None)
+        server.stop()
+
+
+# ---------------------------------------------------------------------------------------------
+# What a run is keyed on
+
+
+def test_training_key_follows_the_inputs_not_where_results_go(tmp_path):
+    from flows import inputs
+    from vit.train.config import FinetuneConfig
+
+    cfg = FinetuneConfig(init="x", data={"shards": str(tmp_path)}, optim={"lr": 1e-3})
+    key = inputs.training_key("finetune", cfg, dataset_digest="d1", init_identity="sha256:i1")
+    moved = cfg.model_copy(update={"out": "/elsewhere", "data": cfg.data.model_copy(update={"shards": "/moved"})})
+    assert inputs.training_key("finetune", moved, dataset_digest="d1", init_identity="sha256:i1") == key
+    tracked = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"experiment": "other"})})
+    assert inputs.training_key("finetune", tracked, dataset_digest="d1", init_identity="sha256:i1") == key
+    assert inputs.training_key("finetune", cfg, dataset_digest="d2", init_identity="sha256:i1") != key
+    assert inputs.training_key("finetune", cfg, dataset_digest="d1", init_identity="sha256:i2") != key
+    lr = cfg.model_copy(update={"optim": cfg.optim.model_copy(update={"lr": 2e-3})})
+    assert inputs.training_key("finetune", lr, dataset_digest="d1", init_identity="sha256:i1") != key
+
+
+def test_init_aliases_resolve_to_a_version_or_fall_back(tmp_path, mlflow_uri):
+    """A fresh store has no champion: the fallback is used and said; without one, one clear error."""
+    import mlflow
+
+    from flows.stages import choose_init
+    from vit.models.vit import create_model
+    from vit.models.weights import save_pretrained
+    from vit.tracking import registry
+
+    export = save_pretrained(create_model("micro/4", image_size=16, in_chans=1, num_classes=3), tmp_path / "export")
+    loaded, identity, note = choose_init("models:/vitpipe-vit-{dataset}@champion", str(export), mlflow_uri,
+                                         dataset="digits v2")
+    assert loaded == str(export) and identity.startswith("sha256:")
+    assert "models:/vitpipe-vit-digits-v2@champion does not exist yet; starting from the fallback" in note
+    with pytest.raises(UserError, match="does not exist yet.*--finetune-init PATH.*--finetune-fallback-init"):
+        choose_init("models:/vitpipe-vit@champion", None, mlflow_uri, dataset="digits")
+    with tracking.using(mlflow_uri):
+        registry.register_model(create_model("micro/4", image_size=16, in_chans=1, num_classes=3), "vitpipe-vit",
+                                alias="champion")
+    loaded, identity, _ = choose_init(None, str(export), mlflow_uri, dataset="digits")
+    assert loaded == identity == "models:/vitpipe-vit/1"  # pinned: the alias may move during training
+    assert mlflow.get_tracking_uri() != mlflow_uri  # the process-wide URI was given back
+
+
+def test_the_flow_writes_only_what_was_set(tmp_path):
+    """What made "takes 1-channel images but data.channels=3" in flow runs only."""
+    from flows.stages import resolve_config, save_set_options
+    from vit.train.config import FinetuneConfig
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("data: {batch_size: 8}\ntrain: {steps: 3}\n")
+    cfg = resolve_config(FinetuneConfig, str(recipe), {"optim.lr": 1e-3},
+                         {"data.shards": str(tmp_path), "init": "models:/m/1", "tracking.uri": "sqlite:////x.db"})
+    written = yaml.safe_load(save_set_options(cfg, tmp_path / "flow.yaml").read_text())
+    assert written["data"] == {"batch_size": 8, "shards": str(tmp_path)}  # channels, mean, std, size: unset
+    assert written["optim"] == {"lr": 1e-3} and written["init"] == "models:/m/1"
