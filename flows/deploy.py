@@ -54,6 +54,7 @@ LAUNCH_FLAGS: dict[str, tuple[str, str | None]] = {
     "slurm_cpus_per_task": ("slurm.cpus-per-task", "slurm"),
     "slurm_output": ("slurm.output", "slurm"),
     "slurm_extra_args": ("slurm.extra-args", "slurm"),
+    "slurm_poll": ("slurm.poll", "slurm"),
 }
 
 
@@ -338,6 +339,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                           "vitpipe-<jobid>.out in the stage's output folder]")
     g.add_argument("--slurm-extra-args", help="slurm: more sbatch options in one string, e.g. "
                                               "--slurm-extra-args='--qos=high --exclusive'")
+    g.add_argument("--slurm-poll", type=float, help="slurm: seconds between job state checks [default: 10]")
     g = parser.add_argument_group("watching a folder or bucket for new shard sets")
     g.add_argument("--watch", help="folder or fsspec URL (s3://bucket/datasets) to look in for new */index.json")
     g.add_argument("--watch-every", type=float, default=DEFAULT_WATCH_EVERY,

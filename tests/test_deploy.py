@@ -28,6 +28,7 @@ import pytest
 import yaml
 
 from flows.deploy import FINETUNE_DEPLOYMENT, build_deployments, deploy
+from slurm_cluster import slurm_cluster  # noqa: F401  (fixture)
 from vit.train.distributed import free_port
 from vitpipe.cli import main as vitpipe_main
 
@@ -449,3 +450,69 @@ def test_new_datasets_trigger_fine_tunes_on_a_worker_from_a_fresh_install(prefec
 
     # No orphans: nothing that ran these trainings is still alive.
     assert not _processes_under(site.runs), [p.cmdline() for p in _processes_under(site.runs)]
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.timeout(1200)
+def test_the_same_deployment_through_slurm(prefect_server, slurm_cluster, tmp_path):
+    """`vitpipe deploy --launcher slurm`: the triggered fine-tune is a Slurm job (sbatch, srun, torchrun)
+    whose working directory and log are in the run's durable folder; a SIGTERM to its launcher
+    cancels the job, Prefect retries, the new job resumes from the checkpoint."""
+    import psutil
+    from mlflow import MlflowClient
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from cluster import slurm
+    from pipeline.packaged_data import write_digits
+
+    site = Site(tmp_path, prefect_server, "slurm-pool")
+    site.env["SLURM_CONF"] = str(slurm_cluster.conf)
+    export = _export(site.data / "pretrained")
+    recipe = _recipe(site.data / "finetune.yaml", steps=10)
+    site.vitpipe("deploy", "--work-pool", site.pool, "--pretrain-cron", "none", "--finetune-config", str(recipe),
+                 "--finetune-init", str(export), "--output-root", str(site.runs), "--experiment", "slurm-e2e",
+                 "--launcher", "slurm", "--slurm-gpus-per-node", "0", "--slurm-cpus-per-task", "1",
+                 "--slurm-poll", "1")
+    with temporary_settings(updates={PREFECT_API_URL: prefect_server["api"]}):
+        from prefect.client.orchestration import get_client
+
+        with get_client(sync_client=True) as client:
+            finetune_id = client.read_deployment_by_name(f"finetune/{FINETUNE_DEPLOYMENT}").id
+        earlier = {r.id for r in _flow_runs_of(finetune_id)}
+        site.start_worker()
+        try:
+            digits = write_digits(site.data / "images" / "digits-slurm", size=16, limit=60)
+            shard_run = site.run_deployment("shard/shard", src=str(digits), out=str(site.data / "shards" / "digits-slurm"))
+            assert _final_state(shard_run.id, 300, site.logs).is_completed(), site.logs()
+            (ft,) = _wait_for("the trigger's fine-tune run",
+                              lambda: [r for r in _flow_runs_of(finetune_id) if r.id not in earlier], 120)
+            base = site.runs / "finetune" / "digits-slurm"
+            latest = _wait_for("the first checkpoint", lambda: next(base.glob("*/checkpoints/latest"), None), 400,
+                               poll=0.2, on_timeout=site.logs)
+            run_dir = latest.parent.parent
+            procs = _processes_under(run_dir)
+            launcher = next(p for p in procs if "launch" in p.cmdline())
+            ranks = [p for p in procs if "launch" not in p.cmdline()]
+            assert ranks, "no rank of the Slurm job was found"
+            launcher.send_signal(signal.SIGTERM)
+            gone, alive = psutil.wait_procs([launcher, *ranks], timeout=90)
+            assert not alive, [p.cmdline() for p in alive]
+            state = _final_state(ft.id, 600, site.logs)
+            assert state.is_completed(), f"{state.type}: {state.message}\n{site.logs()}"
+            (launch,) = _task_runs(ft.id, "launch-training")
+            assert launch.run_count == 2, "the SIGTERM'd Slurm launch was not retried"
+        finally:
+            site.stop_worker()
+
+    jobs = sorted(run_dir.glob("vitpipe-*.out"))  # the job logs: in the run's folder, not a temporary one
+    assert len(jobs) == 2 and "vitpipe: job" in jobs[0].read_text()
+    first_job = jobs[0].name.removeprefix("vitpipe-").removesuffix(".out")
+    assert slurm.status(first_job).state == "CANCELLED"
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["resumed_from"] and results["step"] == 10
+    client = MlflowClient(site.uri)
+    (run,) = _finetune_runs(client, "slurm-e2e")
+    assert run.info.status == "FINISHED" and run.data.tags["vitpipe.dataset"] == "digits-slurm"
+    assert client.get_model_version_by_alias("vitpipe-vit-digits-slurm", "champion").run_id == run.info.run_id
+    assert not list(site.scratch.glob("*prefect")) and not _processes_under(site.runs)

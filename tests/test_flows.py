@@ -432,8 +432,14 @@ def _events(name: str = "vitpipe.dataset.ready", wait_for: int = 0, timeout: flo
         time.sleep(0.5)
 
 
-def _ready_paths(wait_for: int) -> list[str]:
-    return [e["resource"]["vitpipe.dataset.path"] for e in _events(wait_for=wait_for)]
+def _announced(*paths: str, timeout: float = 30) -> bool:
+    """Whether the server received vitpipe.dataset.ready for each of `paths` (waiting for them)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        seen = {e["resource"]["vitpipe.dataset.path"] for e in _events()}
+        if set(paths) <= seen or time.monotonic() > deadline:
+            return set(paths) <= seen
+        time.sleep(0.5)
 
 
 def test_vitpipe_shard_announces_the_dataset_when_a_prefect_api_is_configured(small_digits, tmp_path):
@@ -479,7 +485,7 @@ def test_watch_announces_new_and_changed_shard_sets_in_a_folder_and_a_bucket(sma
     shard(ShardConfig(src=str(small_digits), out=str(folder / "a"), max_samples_per_shard=40, overwrite=True))
     shard(ShardConfig(src=str(small_digits), out=str(folder / "b"), max_samples_per_shard=60))
     assert sorted(d["name"] for d in watch_once(str(folder))) == ["a", "b"]  # a changed, b new
-    assert {str(folder / "a"), str(folder / "b")} <= set(_ready_paths(3))
+    assert _announced(str(folder / "a"), str(folder / "b"))
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
     server.start()
@@ -497,7 +503,7 @@ def test_watch_announces_new_and_changed_shard_sets_in_a_folder_and_a_bucket(sma
         assert item == {"name": "b", "path": "s3://landing-bucket/datasets/b",
                         "digest": tracking.index_digest(folder / "b")}
         assert watch_once("s3://landing-bucket/datasets") == []
-        assert "s3://landing-bucket/datasets/b" in _ready_paths(4)
+        assert _announced("s3://landing-bucket/datasets/b")
     finally:
         fsspec.config.conf.pop("s3", None)
         server.stop()
