@@ -412,6 +412,11 @@ def test_new_datasets_trigger_fine_tunes_on_a_worker_from_a_fresh_install(prefec
                             lambda: [r for r in _flow_runs_of(finetune_id) if r.id not in (ft1.id, ft2.id)], 120)
             assert len(ft3) == 1 and ft3[0].parameters["dataset_name"] == "faces"
             assert _final_state(ft3[0].id, 600, site.logs).is_completed(), site.logs()
+
+            # 4. The same inputs again (a re-delivered event, a re-run by hand): skipped, nothing registered twice.
+            again = site.run_deployment(f"finetune/{FINETUNE_DEPLOYMENT}", dataset=str(shards), dataset_name="digits")
+            assert _final_state(again.id, 300, site.logs).is_completed(), site.logs()
+            assert _task_runs(again.id, "launch-training") == []
         finally:
             site.stop_worker()
 

@@ -565,3 +565,41 @@ def test_the_flow_writes_only_what_was_set(tmp_path):
     written = yaml.safe_load(save_set_options(cfg, tmp_path / "flow.yaml").read_text())
     assert written["data"] == {"batch_size": 8, "shards": str(tmp_path)}  # channels, mean, std, size: unset
     assert written["optim"] == {"lr": 1e-3} and written["init"] == "models:/m/1"
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_a_stage_trained_during_an_outage_is_logged_when_the_flow_runs_again(digits_shards, tmp_path, mlflow_uri):
+    """Tracking down: the flow trains anyway and says the record is not logged; run again with the
+    store back, the stage is skipped (same inputs) and its record logged from its output folder.
+    (The store "comes back" under another URI here; the flow does not key runs on the URI.)"""
+    from mlflow import MlflowClient
+
+    from flows.stages import pretrain_flow
+
+    cfg = tmp_path / "pretrain.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "model": {"preset": "micro/4"},
+        "data": {"shards": str(digits_shards), "image_size": 16, "channels": 1, "batch_size": 32, "num_workers": 0},
+        "train": {"steps": 2, "eval_every": 0, "log_every": 1}, "schedule": {"warmup_steps": 1},
+        "checkpoint": {"every_steps": 0}, "tracking": {"system_metrics": False}, "out": str(tmp_path / "pre")}))
+    down = "http://127.0.0.1:9"  # nothing listens there
+    first = pretrain_flow(config=str(cfg), tracking_uri=down, experiment="outage")
+    assert first["mlflow_run_id"] is None and first["skipped"] is False
+    assert Path(first["export"], "model.safetensors").is_file() and first["metrics"]["train/loss"] > 0
+    assert Path(first["out"]).parent == tmp_path / "pre"  # OUT/<key>
+
+    second = pretrain_flow(config=str(cfg), tracking_uri=mlflow_uri, experiment="outage")
+    assert second["skipped"] is True and second["out"] == first["out"] and second["mlflow_run_id"]
+    client = MlflowClient(mlflow_uri)
+    run = client.get_run(second["mlflow_run_id"])
+    assert run.data.tags["vitpipe.logged_late"] == "true" and run.info.status == "FINISHED"
+    assert run.data.metrics["train/loss"] == first["metrics"]["train/loss"]
+    assert run.data.params["model.preset"] == "micro/4"
+    assert "model" in {a.path for a in client.list_artifacts(run.info.run_id)}
+    (inp,) = run.inputs.dataset_inputs
+    assert inp.dataset.digest == tracking.index_digest(digits_shards)[:32]
+
+    third = pretrain_flow(config=str(cfg), tracking_uri=mlflow_uri, experiment="outage")
+    assert third["skipped"] is True and third["mlflow_run_id"] == second["mlflow_run_id"]  # logged once
+    assert len(client.search_runs([run.info.experiment_id])) == 1
