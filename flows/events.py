@@ -62,9 +62,26 @@ def configured_api() -> str | None:
         return None
     if os.environ.get("PREFECT_API_URL"):
         return os.environ["PREFECT_API_URL"]
+    if not _may_configure_api():
+        return None
     from prefect.settings import PREFECT_API_URL
 
     return PREFECT_API_URL.value() or None
+
+
+def _may_configure_api() -> bool:
+    """Whether a Prefect settings file could set the API URL (importing Prefect to ask costs a second
+    or two on every `vitpipe shard`): the profiles file, or prefect.toml / pyproject.toml / .env here."""
+    home = Path(os.environ.get("PREFECT_HOME") or Path.home() / ".prefect").expanduser()
+    files = [Path(os.environ.get("PREFECT_PROFILES_PATH") or home / "profiles.toml"),
+             Path("prefect.toml"), Path("pyproject.toml"), Path(".env")]
+    for f in files:
+        try:
+            if "api" in f.read_text(errors="replace").lower():
+                return True
+        except OSError:
+            continue
+    return False
 
 
 def _reachable(api: str, timeout: float = 5.0) -> str | None:

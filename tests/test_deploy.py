@@ -446,6 +446,10 @@ def test_new_datasets_trigger_fine_tunes_on_a_worker_from_a_fresh_install(prefec
     v1, v2 = sorted(client.search_model_versions("name='vitpipe-vit-digits'"), key=lambda v: int(v.version))
     assert (v1.run_id, v2.run_id) == (first.info.run_id, second.info.run_id)
     assert client.get_model_version_by_alias("vitpipe-vit-digits", "candidate").version == v2.version
+    # v1 (the champion) was evaluated on the old split: it is evaluated on v2's before they are compared
+    exp_id = client.get_experiment_by_name("e2e").experiment_id
+    (again,) = client.search_runs([exp_id], filter_string="params.model = 'models:/vitpipe-vit-digits/1'")
+    assert again.data.tags["vitpipe.eval.split"] == v2.tags["vitpipe.eval.split"] != v1.tags["vitpipe.eval.split"]
     assert client.get_model_version_by_alias("vitpipe-vit-faces", "champion").run_id == third.info.run_id
     shard_runs = {r.data.tags["vitpipe.dataset.digest"]: r.info.run_id for r in client.search_runs(
         [client.get_experiment_by_name("e2e").experiment_id], filter_string="tags.`vitpipe.stage` = 'shard'")}
