@@ -88,13 +88,16 @@ def log_training_inputs(tracker, cfg) -> None:
 
     A shard set that cannot be read here is not logged (with a warning); training goes on.
     """
-    if not getattr(tracker, "active", False):
+    if not getattr(tracker, "active", False) or not tracker.run_id:
         return
     import sys
 
+    from mlflow import MlflowClient
+
     try:
         item, _ = dataset_input(cfg.data.shards, context="training")
-    except (OSError, ValueError) as e:
-        print(f"dataset input not logged: cannot read the index of {cfg.data.shards!r} ({e})", file=sys.stderr)
-        return
-    tracker._guard("log dataset input", "log_inputs", [item])
+        # Once, at the start, right after the tracker found the server up; bounded by the HTTP
+        # timeouts the tracker sets.
+        MlflowClient(tracker.uri).log_inputs(tracker.run_id, [item])
+    except Exception as e:  # unreadable index, store error: the run trains on, without this record
+        print(f"dataset input of {cfg.data.shards!r} not logged to MLflow ({type(e).__name__}: {e})", file=sys.stderr)
