@@ -13,8 +13,8 @@ What it does, with nothing to download or configure:
 3. Prints a summary table and the command that opens the MLflow UI on the results, which live
    in a SQLite store (`demo-output/mlflow.db`) and an artifact folder next to it.
 
-Re-running it reuses the collections and the complete shard sets, and training resumes from its
-checkpoints (so a second run is quick; delete demo-output/ to start over).
+Re-running it reuses the collections and the complete shard sets, and skips the trainings and the
+evaluation, whose inputs did not change (so a second run is quick; delete demo-output/ to start over).
 """
 
 from __future__ import annotations

@@ -523,5 +523,7 @@ def test_the_same_deployment_through_slurm(prefect_server, slurm_cluster, tmp_pa
     client = MlflowClient(site.uri)
     (run,) = _finetune_runs(client, "slurm-e2e")
     assert run.info.status == "FINISHED" and run.data.tags["vitpipe.dataset"] == "digits-slurm"
+    (inp,) = run.inputs.dataset_inputs  # logged by the rank in the Slurm job itself
+    assert inp.dataset.name == "digits-slurm"
     assert client.get_model_version_by_alias("vitpipe-vit-digits-slurm", "champion").run_id == run.info.run_id
     assert not list(site.scratch.glob("*prefect")) and not _processes_under(site.runs)
