@@ -123,14 +123,20 @@ def demo(out: str | Path = "demo-output", *, size: str = "full", nproc: int = 2)
     start = time.monotonic()
     pretrain_src, finetune_src = build_collections(out / "images", spec)
     uri = _prepare_tracking(out)
-    result = pipeline_flow(
-        pretrain_src=str(pretrain_src), finetune_src=str(finetune_src), workdir=str(out),
-        shard_overrides={"max_samples_per_shard": 1000},
-        pretrain_config=recipe(spec.pretrain_recipe), finetune_config=recipe(spec.finetune_recipe),
-        pretrain_overrides=training_overrides(spec, "pretrain"),
-        finetune_overrides=training_overrides(spec, "finetune"),
-        nproc=nproc, tracking_uri=uri, experiment=EXPERIMENT, run_name=f"demo-{size}",
-    )
+    from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS as startup, temporary_settings
+
+    # Prefect gives its temporary server 20 s to start; a busy laptop's first start (which creates
+    # the server's database) can take longer. A value the user set stays.
+    patience = {} if startup.name in os.environ else {startup: max(startup.value(), 120)}
+    with temporary_settings(updates=patience):
+        result = pipeline_flow(
+            pretrain_src=str(pretrain_src), finetune_src=str(finetune_src), workdir=str(out),
+            shard_overrides={"max_samples_per_shard": 1000},
+            pretrain_config=recipe(spec.pretrain_recipe), finetune_config=recipe(spec.finetune_recipe),
+            pretrain_overrides=training_overrides(spec, "pretrain"),
+            finetune_overrides=training_overrides(spec, "finetune"),
+            nproc=nproc, tracking_uri=uri, experiment=EXPERIMENT, run_name=f"demo-{size}",
+        )
     return {**result, "tracking_uri": uri, "seconds": time.monotonic() - start}
 
 
