@@ -57,7 +57,7 @@ def test_keep_last_and_latest_marker(tmp_path):
         path = _save(mgr, engine, step)
         marker = json.loads((path / MARKER).read_text())
         assert marker["step"] == step and marker["world_size"] == 1
-        assert "vitpipe_rank00000.pt" in marker["files"] and any("optim_states" in f for f in marker["files"])
+        assert "vitpipe_rank00000.json" in marker["files"] and any("optim_states" in f for f in marker["files"])
     assert mgr.tags() == ["step_00000002", "step_00000003"]  # step 1 pruned
     assert (tmp_path / "ck" / LATEST).read_text().strip() == "step_00000003"
     assert mgr.latest_complete() == "step_00000003"
@@ -242,3 +242,130 @@ def test_zero3_export_over_two_ranks_equals_live_weights(tmp_path):
                            str(script), str(tmp_path)], env=env, capture_output=True, text=True, timeout=540)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "EXPORT-MATCHES" in proc.stdout
+
+
+# -- resume loads no pickles ---------------------------------------------------------------------
+
+class _Payload:
+    """What an attacker plants: unpickling it runs a shell command (here: creating a file)."""
+
+    def __init__(self, evidence):
+        self.evidence = str(evidence)
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.evidence}",)
+
+
+def _plant(file, evidence) -> None:
+    """Add a payload to a real checkpoint file, as someone with write access to the folder could."""
+    state = torch.load(file, weights_only=False)  # the test's own file, before planting
+    state["note"] = _Payload(evidence)
+    torch.save(state, file)
+
+
+def _reseal(root, tag) -> None:
+    """Rewrite COMPLETE.json's file sizes so the tampered checkpoint passes the completeness check."""
+    path = root / tag
+    marker = json.loads((path / MARKER).read_text())
+    marker["files"] = {str(p.relative_to(path)): p.stat().st_size
+                       for p in sorted(path.rglob("*")) if p.is_file() and p.name != MARKER}
+    (path / MARKER).write_text(json.dumps(marker))
+
+
+@pytest.mark.parametrize("target", ["model_states", "optim_states", "old_rank_file", "universal", "to_universal"])
+def test_a_pickle_planted_in_any_file_a_resume_reads_does_not_run(tmp_path, target):
+    from vit.train.checkpoint import UnsafeCheckpoint
+
+    engine = _engine(stage=1)
+    _train(engine, 1)
+    root, tag = tmp_path / "ck", "step_00000001"
+    mgr = CheckpointManager(root, World())
+    _save(mgr, engine, 1)
+    evidence = tmp_path / "payload-ran"
+    path = root / tag
+    if target == "model_states":
+        _plant(path / "mp_rank_00_model_states.pt", evidence)
+    elif target == "optim_states":
+        _plant(next(path.glob("*optim_states.pt")), evidence)
+    elif target == "old_rank_file":  # the .pt rank file of vitpipe before JSON rank files
+        (path / "vitpipe_rank00000.json").unlink()
+        torch.save({"loader": {"epoch": 0, "steps": 1}, "rng": {"torch": torch.get_rng_state()},
+                    "note": _Payload(evidence)}, path / "vitpipe_rank00000.pt")
+    elif target == "to_universal":  # resuming on 2 ranks rewrites the optimizer state first
+        _plant(next(path.glob("*optim_states.pt")), evidence)
+    _reseal(root, tag)
+    if target in ("universal", "to_universal"):  # a resume on another number of ranks
+        mgr = CheckpointManager(root, World(rank=0, world_size=2))
+        if target == "to_universal":
+            with pytest.raises(UnsafeCheckpoint, match=r"holds a pickled posix\.system.*--no-resume"):
+                mgr.prepare_resize(tag, zero_stage=1)
+            assert not evidence.exists() and not (path / "universal").exists()
+            return
+        assert mgr.prepare_resize(tag, zero_stage=1)
+        _plant(next((path / "universal" / "zero").rglob("fp32.pt")), evidence)
+        _reseal(root, tag)
+    fresh = _engine(stage=1, seed=5, universal=target == "universal")
+    with pytest.raises(UnsafeCheckpoint, match=rf"checkpoint {root}.* holds a pickled posix\.system, which could "
+                                               r"run code.*not loaded.*--no-resume"):
+        mgr.load(fresh, mgr.latest_complete())
+    assert not evidence.exists()  # the payload never ran
+
+
+def test_checkpoints_of_vitpipe_before_json_rank_files_still_resume_exactly(tmp_path):
+    """The old per-rank .pt file (numpy RNG arrays) loads with the weights-only unpickler."""
+    import random
+
+    import numpy as np
+
+    engine = _engine(stage=0)
+    mgr = CheckpointManager(tmp_path / "ck", World())
+    _save(mgr, engine, 1)
+    path = tmp_path / "ck" / "step_00000001"
+    (path / "vitpipe_rank00000.json").unlink()
+    torch.save({"loader": {"epoch": 0, "steps": 1}, "rng": {"python": random.getstate(),
+                "numpy": np.random.get_state(), "torch": torch.get_rng_state()}}, path / "vitpipe_rank00000.pt")
+    _reseal(tmp_path / "ck", "step_00000001")
+    expected = (random.random(), np.random.rand(), torch.rand(2))
+    torch.manual_seed(7), random.seed(7), np.random.seed(7)
+    _, rank_state = mgr.load(_engine(stage=0, seed=3), "step_00000001")
+    assert rank_state["loader"] == {"epoch": 0, "steps": 1}
+    assert (random.random(), np.random.rand()) == expected[:2] and torch.equal(torch.rand(2), expected[2])
+
+
+# -- files a killed writer leaves ------------------------------------------------------------------
+
+_WRITE_LATEST_FOREVER = """
+import sys
+from pathlib import Path
+from vit.train.checkpoint import atomic_write
+root = Path(sys.argv[1])
+print("writing", flush=True)
+while True:
+    atomic_write(root / "latest", "step_00000001\\n" * 200_000)
+"""
+
+
+def test_a_latest_tmp_file_left_by_a_kill_is_removed_at_the_next_start(tmp_path):
+    import signal
+    import time
+
+    root = tmp_path / "ck"
+    root.mkdir()
+    left = []
+    for attempt in range(20):  # SIGKILL a real writer until it dies between create and rename
+        proc = subprocess.Popen([sys.executable, "-c", _WRITE_LATEST_FOREVER, str(root)], stdout=subprocess.PIPE,
+                                text=True)
+        assert proc.stdout.readline().strip() == "writing"
+        time.sleep(0.05 + 0.03 * attempt)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        left = list(root.glob(".latest.tmp-*"))
+        if left:
+            break
+    assert left, "no kill landed inside a write in 20 tries"
+    (root / "step_00000003").mkdir()
+    (root / "step_00000003" / "vitpipe_rank00001.pt.tmp").write_bytes(b"half")  # older vitpipe's rank tmp
+    removed = CheckpointManager(root, World()).remove_stale_files()
+    assert sorted(p.name for p in removed) == sorted([left[0].name, "vitpipe_rank00001.pt.tmp"])
+    assert not list(root.glob(".latest.tmp-*")) and (root / "latest").is_file()
+    assert CheckpointManager(root, World(rank=1, world_size=2)).remove_stale_files() == []  # rank 0's job

@@ -192,6 +192,15 @@ def broadcast_object(obj, src: int = 0):
     return box[0]
 
 
+def gather_objects(obj) -> list:
+    """Every rank's small picklable `obj`, in rank order, on every rank (a list of one for one process)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [obj]
+    out = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
 def destroy_process_group() -> None:
     """Leave the process group (a later `init_process_group` in this process starts a fresh one)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():

@@ -137,6 +137,7 @@ def run_training(cfg: TrainingConfig, *, stage: str, build: Callable[[Any], Mode
                     f"steps of this run: warming up over {total_steps - 1} and never decaying; lower it")
 
     ckpt = CheckpointManager(ckpt_root, world, keep_last=cfg.checkpoint.keep_last)
+    ckpt.remove_stale_files()  # what a writer killed mid-write left
     step, epoch, history, run_id = 0, 0, [], None
     if not cfg.checkpoint.resume and ckpt.tags():
         _say(world, f"{stage}: starting over (--no-resume): deleting the checkpoints in {ckpt_root}")
