@@ -369,3 +369,77 @@ def test_a_latest_tmp_file_left_by_a_kill_is_removed_at_the_next_start(tmp_path)
     assert sorted(p.name for p in removed) == sorted([left[0].name, "vitpipe_rank00001.pt.tmp"])
     assert not list(root.glob(".latest.tmp-*")) and (root / "latest").is_file()
     assert CheckpointManager(root, World(rank=1, world_size=2)).remove_stale_files() == []  # rank 0's job
+
+
+# -- a full disk -------------------------------------------------------------------------------------
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 20 MB filesystem (tmpfs), so writes fail with ENOSPC as on a full disk."""
+    import shutil
+
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if os.geteuid() != 0 or not shutil.which("mount"):
+        pytest.skip("mounting a tmpfs needs root")
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=20m", "tmpfs", str(mount)], capture_output=True,
+                          text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def fill(disk, leave: int):
+    """Fill `disk` with one file until `leave` bytes are free; returns that file (delete it to free space)."""
+    import shutil
+
+    filler = disk / "filler"
+    with open(filler, "wb") as f:
+        f.write(bytes(max(0, shutil.disk_usage(disk).free - leave)))
+    return filler
+
+
+def _loss_curve(ckpt_dir):
+    latest = (ckpt_dir / LATEST).read_text().strip()
+    return [tuple(x) for x in json.loads((ckpt_dir / latest / MARKER).read_text())["history"]]
+
+
+@pytest.mark.slow
+def test_a_disk_without_room_for_keep_last_plus_one_stops_in_one_line_and_the_rerun_is_exact(
+        digits_shards, tmp_path, small_disk):
+    """keep_last=2 with room for 2.5 checkpoints: steps 10 and 20 are saved, the last (30) is refused
+    before a byte is written (one line: the path, the space needed, why keep_last needs 3); after
+    freeing space the same run resumes at step 20 and its loss curve equals an uninterrupted run's."""
+    from test_pretrain import _config
+
+    from vit.pretrain import pretrain
+    from vitpipe.errors import UserError
+
+    def config(out, ckpt_dir=None):
+        return PretrainConfig(**_config(digits_shards, out, train={"steps": 30, "eval_every": 0, "log_every": 5},
+                                        checkpoint={"every_steps": 10, "keep_last": 2,
+                                                    **({"dir": str(ckpt_dir)} if ckpt_dir else {})},
+                                        deepspeed={"zero_stage": 1}))
+
+    pretrain(config(tmp_path / "reference"))
+    ref_ckpt = tmp_path / "reference" / "checkpoints"
+    size = sum(json.loads((ref_ckpt / "step_00000030" / MARKER).read_text())["files"].values())
+    filler = fill(small_disk, leave=int(2.5 * size))
+    ckpt_dir = small_disk / "ck"
+    with pytest.raises(UserError) as err:
+        pretrain(config(tmp_path / "run", ckpt_dir))
+    msg = str(err.value)
+    assert "\n" not in msg and f"checkpoint {ckpt_dir / 'step_00000030'} does not fit" in msg, msg
+    assert "needs about 2." in msg and "MB are free there" in msg and "keep_last=2 needs room for 3" in msg
+    assert msg.endswith("run the same command again: it resumes from step_00000020"), msg
+    mgr = CheckpointManager(ckpt_dir, World())
+    assert mgr.tags() == ["step_00000010", "step_00000020"] and mgr.latest_complete() == "step_00000020"
+    assert not [p for p in ckpt_dir.rglob("*") if ".tmp" in p.name]
+
+    filler.unlink()
+    result = pretrain(config(tmp_path / "run", ckpt_dir))
+    assert result["resumed_from"] == "step_00000020" and result["step"] == 30
+    assert _loss_curve(ckpt_dir) == _loss_curve(ref_ckpt)  # one process, fixed seed: bit-identical

@@ -54,7 +54,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from vit.train.distributed import World, barrier, broadcast_object, gather_objects
+from vit.train.distributed import World, barrier, broadcast_object, gather_objects, raise_on_rank0
 from vitpipe.errors import UserError
 
 MARKER = "COMPLETE.json"
@@ -205,7 +205,7 @@ class CheckpointManager:
                 problem = self._no_space(path, need, free)
         problem = broadcast_object(problem)
         if problem:
-            raise UserError(problem)
+            raise_on_rank0(self.world, UserError(problem))
         barrier()
         error = None
         try:
@@ -240,22 +240,23 @@ class CheckpointManager:
         return path
 
     def _agree(self, error: Exception | None, engine, path: Path) -> None:
-        """Collective: when a rank's write failed, every rank raises (the same one line for a full
-        disk) after rank 0 removed the partial checkpoint; else return."""
+        """Collective: when a rank's write failed, rank 0 removes the partial checkpoint and every
+        rank stops (rank 0 raises, with one line for a full disk; the others exit quietly); else return."""
         failures = [f for f in gather_objects(None if error is None else (self.world.rank, _describe(error)))
                     if f is not None]
         if not failures:
             return
-        full = any(disk_full for _, (_, disk_full) in failures)
         if self.world.is_main:
             shutil.rmtree(path, ignore_errors=True)
         barrier()
-        if full:
-            raise UserError(self._no_space(path, self._expected_size(engine), shutil.disk_usage(self.root).free,
-                                           failed=True)) from error
-        rank, (what, _) = failures[0]
-        raise RuntimeError(f"checkpoint {path} could not be written (rank {rank}: {what}); it was removed, "
-                           f"the previous checkpoints stay") from error
+        need, free = self._expected_size(engine), shutil.disk_usage(self.root).free
+        if any(full for _, (_, full) in failures) or free < need:
+            problem: Exception = UserError(self._no_space(path, need, free, failed=True))
+        else:
+            rank, (what, _) = failures[0]
+            problem = RuntimeError(f"checkpoint {path} could not be written (rank {rank}: {what}); it was removed, "
+                                   f"the previous checkpoints stay")
+        raise_on_rank0(self.world, problem, cause=error)
 
     def _expected_size(self, engine) -> int:
         """Bytes the next checkpoint takes: the newest complete one's, else a lower bound from the model."""
@@ -433,8 +434,8 @@ def _describe(error: Exception) -> tuple[str, bool]:
         chain.append(e)
         e = e.__cause__ or e.__context__
     full = any(getattr(x, "errno", None) in (errno.ENOSPC, errno.EDQUOT) for x in chain) or any(
-        # torch.save's zip writer reports a short write as this, without the errno
-        "unexpected pos" in str(x) or "No space left" in str(x) for x in chain)
+        # torch.save's zip writer reports a short write as one of these, without the errno
+        any(m in str(x) for m in ("unexpected pos", "file write failed", "No space left")) for x in chain)
     lines = str(error).strip().splitlines()
     return f"{type(error).__name__}: {lines[0] if lines else ''}", full
 
