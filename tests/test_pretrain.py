@@ -1,11 +1,13 @@
 """`vitpipe pretrain` end to end on real digits shards: in one process, on 2 gloo ranks (ZeRO-2) with
-MLflow, and killed with SIGKILL mid-run then relaunched (resume with a matching loss curve)."""
+MLflow, killed (SIGKILL of a rank, of rank 0) or stopped (SIGTERM, SIGINT) mid-run then relaunched
+(resume with a matching loss curve, one MLflow run, no step logged twice)."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -177,36 +179,62 @@ def _workers(launcher_pid: int) -> dict[int, int]:
     return out
 
 
-@pytest.mark.slow
-@pytest.mark.multiprocess
-def test_sigkill_one_rank_then_relaunch_resumes_with_matching_loss(two_rank_run, tmp_path):
-    ref_root, _, ref_cfg, _ = two_rank_run
+def _job(ref_cfg: Path, tmp_path: Path) -> tuple[Path, str]:
+    """The reference run's config with its own output folder and MLflow store: (config file, URI)."""
     cfg = yaml.safe_load(ref_cfg.read_text())
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cfg.update(out=str(tmp_path / "run"), tracking={**cfg["tracking"], "uri": uri})
     cfg_file = tmp_path / "run.yaml"
     cfg_file.write_text(yaml.safe_dump(cfg))
-    marker = tmp_path / "run" / "checkpoints" / "step_00000010" / "COMPLETE.json"
+    return cfg_file, uri
 
+
+def _launch(cfg_file: Path, *extra: str) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    launcher = subprocess.Popen([sys.executable, "-m", "vitpipe.cli", "pretrain", str(cfg_file), "--nproc", "2"],
-                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 400
-    while not marker.exists():
-        assert launcher.poll() is None and time.monotonic() < deadline, "the run ended before its first checkpoint"
-        time.sleep(0.05)
-    victim = _workers(launcher.pid)[1]
-    os.kill(victim, signal.SIGKILL)  # rank 1 dies without any chance to clean up
-    _, err = launcher.communicate(timeout=300)
-    assert launcher.returncode != 0, err[-3000:]
-    assert not (tmp_path / "run" / "results.json").exists()
+    return subprocess.Popen([sys.executable, "-m", "vitpipe.cli", "pretrain", str(cfg_file), *extra], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
-    proc = _vitpipe(["pretrain", str(cfg_file), "--nproc", "2"])  # the same command, no resume flag
+
+def _wait_until(done, launcher: subprocess.Popen, what: str, timeout: float = 400) -> None:
+    deadline = time.monotonic() + timeout
+    while not done():
+        assert launcher.poll() is None, f"the run ended before {what}: {launcher.stderr.read()[-3000:]}"
+        assert time.monotonic() < deadline, f"no {what} after {timeout} s"
+        time.sleep(0.1)
+
+
+def _logged(uri: str, step: int):
+    """A predicate: the job's run has train/loss at `step` or later (rank 0 is past it)."""
+    from mlflow import MlflowClient
+
+    def done() -> bool:
+        try:
+            client = MlflowClient(uri)
+            exp = client.get_experiment_by_name("vitpipe")
+            runs = client.search_runs([exp.experiment_id]) if exp else []
+            return bool(runs) and max((m.step for m in client.get_metric_history(runs[0].info.run_id, "train/loss")),
+                                      default=0) >= step
+        except Exception:  # the store is being created
+            return False
+    return done
+
+
+def _the_run(uri: str):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("vitpipe").experiment_id])
+    assert len(runs) == 1, [r.info.run_id for r in runs]  # one run for the job, across relaunches
+    return client, client.get_run(runs[0].info.run_id)
+
+
+def _assert_resumed_exactly(ref_root: Path, tmp_path: Path, proc, uri: str) -> dict:
+    """The relaunch's loss curve equals the uninterrupted run's, and its one MLflow run is FINISHED
+    with every logged step once (steps replayed after the resume are not logged twice)."""
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     resumed = results["resumed_from"]
     assert resumed is not None and results["step"] == 40 and results["steps_this_launch"] < 40, results
     assert f"resumed from {tmp_path / 'run' / 'checkpoints' / resumed}" in proc.stderr
-
     # Same seed, same data order (the loader resumes mid-epoch), same optimizer state: the whole
     # curve equals the uninterrupted run's up to float summation noise of the gloo all-reduce.
     ref, got = _history(ref_root / "run"), _history(tmp_path / "run")
@@ -215,12 +243,97 @@ def test_sigkill_one_rank_then_relaunch_resumes_with_matching_loss(two_rank_run,
         assert b == pytest.approx(a, rel=1e-4, abs=1e-5), (step, a, b)
     ref_res = json.loads((ref_root / "run" / "results.json").read_text())
     assert results["val/top1"] == pytest.approx(ref_res["val/top1"], abs=1e-6)
+    client, run = _the_run(uri)
+    assert run.info.status == "FINISHED" and run.info.run_id == results["run_id"]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == list(range(5, 41, 5))
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val/top1")] == [20, 40]
+    return results
 
-    from mlflow import MlflowClient
 
-    client = MlflowClient(uri)
-    runs = client.search_runs([client.get_experiment_by_name("vitpipe").experiment_id])
-    assert len(runs) == 1 and runs[0].info.status == "FINISHED"  # the relaunch reopened the job's run
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_sigkill_one_rank_then_relaunch_resumes_with_matching_loss(two_rank_run, tmp_path):
+    ref_root, _, ref_cfg, _ = two_rank_run
+    cfg_file, uri = _job(ref_cfg, tmp_path)
+    marker = tmp_path / "run" / "checkpoints" / "step_00000010" / "COMPLETE.json"
+    launcher = _launch(cfg_file, "--nproc", "2")
+    _wait_until(marker.exists, launcher, "the first checkpoint")
+    victim = _workers(launcher.pid)[1]
+    os.kill(victim, signal.SIGKILL)  # rank 1 dies without any chance to clean up
+    _, err = launcher.communicate(timeout=300)
+    assert launcher.returncode != 0, err[-3000:]
+    assert not (tmp_path / "run" / "results.json").exists()
+    # rank 0 survived (torchrun SIGTERMs it): it closed the run, and no signal cut that close short
+    assert _the_run(uri)[1].info.status in ("FAILED", "KILLED"), err[-3000:]
+
+    proc = _vitpipe(["pretrain", str(cfg_file), "--nproc", "2"])  # the same command, no resume flag
+    _assert_resumed_exactly(ref_root, tmp_path, proc, uri)
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_sigkill_rank0_its_launcher_closes_the_run_and_the_relaunch_logs_no_step_twice(two_rank_run, tmp_path):
+    """Rank 0 cannot close its run when SIGKILLed: the process that launched the ranks does, from
+    the run id kept beside the checkpoints. Killed after logging step 15 with its newest checkpoint
+    at step 10, the relaunch replays 11-15 and must not log them again."""
+    ref_root, _, ref_cfg, _ = two_rank_run
+    cfg_file, uri = _job(ref_cfg, tmp_path)
+    marker = tmp_path / "run" / "checkpoints" / "step_00000010" / "COMPLETE.json"
+    launcher = _launch(cfg_file, "--nproc", "2")
+    _wait_until(lambda: marker.exists() and _logged(uri, 15)(), launcher, "step 15")
+    os.kill(_workers(launcher.pid)[0], signal.SIGKILL)
+    _, err = launcher.communicate(timeout=300)
+    assert launcher.returncode != 0
+    client, run = _the_run(uri)
+    assert run.info.status == "FAILED" and f"MLflow run {run.info.run_id} closed as FAILED" in err, err[-3000:]
+
+    proc = _vitpipe(["pretrain", str(cfg_file), "--nproc", "2"])
+    _assert_resumed_exactly(ref_root, tmp_path, proc, uri)
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_sigterm_stops_two_ranks_with_a_checkpoint_and_a_killed_run_then_resumes_exactly(two_rank_run, tmp_path):
+    """Preemption: SIGTERM to `vitpipe pretrain --nproc 2` reaches both ranks (through torchrun);
+    they agree on a step, save it, end the MLflow run KILLED and exit 143; the relaunch resumes
+    at that step, not at the last periodic checkpoint, and continues exactly."""
+    from vit.train.checkpoint import CheckpointManager, tag_for
+    from vit.train.distributed import World
+
+    ref_root, _, ref_cfg, _ = two_rank_run
+    cfg_file, uri = _job(ref_cfg, tmp_path)
+    launcher = _launch(cfg_file, "--nproc", "2")
+    _wait_until(_logged(uri, 15), launcher, "step 15")
+    launcher.send_signal(signal.SIGTERM)
+    _, err = launcher.communicate(timeout=120)
+    assert launcher.returncode == 128 + signal.SIGTERM, err[-3000:]
+    stopped = re.search(r"stopped by SIGTERM at step (\d+)/40, checkpoint (\S+) saved", err)
+    assert stopped, err[-3000:]
+    step = int(stopped.group(1))
+    assert 15 <= step < 40, step
+    ck = tmp_path / "run" / "checkpoints"
+    assert CheckpointManager(ck, World()).latest_complete() == tag_for(step) == Path(stopped.group(2)).name
+    assert _the_run(uri)[1].info.status == "KILLED"
+
+    proc = _vitpipe(["pretrain", str(cfg_file), "--nproc", "2"])
+    assert _assert_resumed_exactly(ref_root, tmp_path, proc, uri)["resumed_from"] == tag_for(step)
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_with_a_checkpoint_and_exit_130(digits_shards, tmp_path, mlflow_uri):
+    """SIGINT (Ctrl-C) to a one-process run: the step's checkpoint, the run KILLED, exit status 130."""
+    cfg_file = tmp_path / "run.yaml"
+    cfg_file.write_text(yaml.safe_dump(_config(digits_shards, tmp_path / "run", mlflow_uri,
+                                               train={"steps": 400, "eval_every": 0, "log_every": 5},
+                                               checkpoint={"every_steps": 1000})))
+    launcher = _launch(cfg_file)
+    _wait_until(_logged(mlflow_uri, 5), launcher, "step 5")
+    launcher.send_signal(signal.SIGINT)
+    _, err = launcher.communicate(timeout=120)
+    assert launcher.returncode == 130, err[-3000:]
+    step = int(re.search(r"stopped by SIGINT at step (\d+)/400", err).group(1))
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == f"step_{step:08d}"
+    assert _the_run(mlflow_uri)[1].info.status == "KILLED"
 
 
 @pytest.mark.slow

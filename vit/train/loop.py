@@ -175,7 +175,7 @@ def _run_training(cfg: TrainingConfig, *, stage: str, build: Callable[[Any], Mod
 
     ckpt = CheckpointManager(ckpt_root, world, keep_last=cfg.checkpoint.keep_last)
     ckpt.remove_stale_files()  # what a writer killed mid-write left
-    step, epoch, history, run_id = 0, 0, [], None
+    step, epoch, history, run_id, window = 0, 0, [], None, None
     if not cfg.checkpoint.resume and ckpt.tags():
         _say(world, f"{stage}: starting over (--no-resume): deleting the checkpoints in {ckpt_root}")
         ckpt.clear()
@@ -196,6 +196,7 @@ def _run_training(cfg: TrainingConfig, *, stage: str, build: Callable[[Any], Mod
         _warn_batch_change(world, meta.get("config"), ckpt.written_by(tag), global_batch, cfg, stage)
         train_loader.set_epoch(epoch)
         train_loader.load_state_dict(rank_state["loader"])
+        window = rank_state.get("log_window")  # saved mid-window (a stop): its steps count in the next line
         _say(world, f"{stage}: resumed from {ckpt_root / tag} (step {step}/{total_steps})")
     else:
         train_loader.set_epoch(epoch)
@@ -224,7 +225,7 @@ def _run_training(cfg: TrainingConfig, *, stage: str, build: Callable[[Any], Mod
                             eval_loader=eval_loader, world=world, device=device, ckpt=ckpt, tracker=tracker,
                             built=built, step=step, epoch=epoch, history=history, total_steps=total_steps,
                             steps_per_epoch=steps_per_epoch, global_batch=global_batch, peak=peak, stage=stage,
-                            resumed_from=tag, stop=stop)
+                            resumed_from=tag, stop=stop, window=window)
         check_data(world, cfg, train_loader, eval_loader)
         export_dir = out / "export"
         final_tag = tag_for(results["step"])
@@ -335,7 +336,7 @@ def _warn_batch_change(world: dist.World, saved: dict | None, saved_ranks: int, 
 def _loop(cfg: TrainingConfig, *, engine, objective, train_loader, eval_loader, world: dist.World,
           device: torch.device, ckpt: CheckpointManager, tracker: Tracker, built: Model, step: int, epoch: int,
           history: list, total_steps: int, steps_per_epoch: int, global_batch: int, peak: float | None,
-          stage: str, resumed_from: str | None, stop: StopOnSignal) -> dict[str, Any]:
+          stage: str, resumed_from: str | None, stop: StopOnSignal, window: dict | None = None) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     t_cfg = cfg.train
@@ -345,7 +346,7 @@ def _loop(cfg: TrainingConfig, *, engine, objective, train_loader, eval_loader, 
     first_loss = history[0][1] if history else None
     last = {"train/loss": None}
     val: dict[str, float] = {}
-    log = _Log()
+    log = _Log(loss_sum=window["loss_sum"], count=window["count"]) if window else _Log()
     t_start = time.perf_counter()
     bar = tqdm(total=total_steps, initial=step, disable=not world.is_main, unit="step", dynamic_ncols=True,
                desc=stage, file=sys.stderr)
@@ -409,7 +410,9 @@ def _loop(cfg: TrainingConfig, *, engine, objective, train_loader, eval_loader, 
             meta = {"step": step, "epoch": epoch, "history": history, "run_id": tracker.run_id,
                     "stage": stage, "zero_stage": cfg.deepspeed.zero_stage, "model_config": built.model_config,
                     "config": cfg.model_dump(mode="json")}
-            ckpt.save(engine, step=step, meta=meta, rank_state={"loader": train_loader.state_dict()})
+            ckpt.save(engine, step=step, meta=meta, rank_state={
+                "loader": train_loader.state_dict(),
+                "log_window": {"loss_sum": float(log.loss_sum), "count": log.count}})
         if signum:
             bar.close()
             name = signal.Signals(signum).name
