@@ -443,3 +443,72 @@ def test_a_disk_without_room_for_keep_last_plus_one_stops_in_one_line_and_the_re
     result = pretrain(config(tmp_path / "run", ckpt_dir))
     assert result["resumed_from"] == "step_00000020" and result["step"] == 30
     assert _loss_curve(ckpt_dir) == _loss_curve(ref_ckpt)  # one process, fixed seed: bit-identical
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_a_disk_that_fills_while_two_ranks_write_is_one_line_and_leaves_no_partial_checkpoint(
+        digits_shards, tmp_path, small_disk):
+    """Room for more than the space check expects of a first checkpoint (12 bytes a parameter) but
+    less than ZeRO-1 writes (16): the disk really fills inside DeepSpeed's torch.save. Both ranks
+    stop together, the partial step is removed, the run is FAILED and the one error line names the
+    path and the space; after freeing space the same command trains to the end."""
+    from mlflow import MlflowClient
+
+    from vit.models.vit import create_model
+
+    numel = create_model("micro/4", num_classes=10, image_size=16).num_params()
+    filler = fill(small_disk, leave=14 * numel)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    ckpt_dir = small_disk / "ck"
+    cmd = [sys.executable, "-m", "vitpipe.cli", "pretrain", "--data.shards", str(digits_shards),
+           "--data.image-size", "16", "--data.batch-size", "16", "--data.num-workers", "0",
+           "--model.preset", "micro/4", "--train.steps", "8", "--train.eval-every", "0", "--train.log-every", "2",
+           "--checkpoint.every-steps", "4", "--checkpoint.dir", str(ckpt_dir), "--deepspeed.zero-stage", "1",
+           "--tracking.uri", uri, "--no-tracking.system-metrics", "--out", str(tmp_path / "run"), "--nproc", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=540)
+    assert proc.returncode == 2, proc.stderr[-4000:]
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line and "checkpoint" in line]
+    # rank 0 says it, rank 1 stops quietly, and the launching process repeats it last, after torchrun's report
+    assert len(errors) == 2 and errors[0] == errors[1] == proc.stderr.strip().splitlines()[-1], proc.stderr[-4000:]
+    assert f"checkpoint {ckpt_dir / 'step_00000004'} ran out of space; the partial checkpoint was removed: it " \
+           f"needs about" in errors[0] and "are free there" in errors[0] and "it starts from the beginning" in errors[0]
+    assert "Traceback" not in proc.stderr.split(errors[0])[0][-2000:]  # no raw traceback before the line
+    assert not list(ckpt_dir.glob("step_*")) and not [p for p in ckpt_dir.rglob("*") if ".tmp" in p.name]
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("vitpipe").experiment_id])
+    assert [r.info.status for r in runs] == ["FAILED"]
+
+    filler.unlink()
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=540)
+    assert again.returncode == 0, again.stderr[-4000:]
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["step"] == 8 and results["run_id"] == runs[0].info.run_id  # the job's one run, continued
+    assert client.get_run(results["run_id"]).info.status == "FINISHED"
+
+
+@pytest.mark.slow
+def test_a_resume_from_a_planted_checkpoint_refuses_in_one_line(digits_shards, tmp_path):
+    """The user's way in: the same command again, after someone wrote a pickle into the folder."""
+    from test_pretrain import _config
+
+    from vit.pretrain import pretrain
+
+    cfg = PretrainConfig(**_config(digits_shards, tmp_path / "run", train={"steps": 4, "eval_every": 0},
+                                   checkpoint={"every_steps": 0}))
+    pretrain(cfg)
+    evidence = tmp_path / "payload-ran"
+    ck = tmp_path / "run" / "checkpoints"
+    _plant(ck / "step_00000004" / "mp_rank_00_model_states.pt", evidence)
+    _reseal(ck, "step_00000004")
+    (tmp_path / "run.yaml").write_text(cfg.model_dump_json())
+    proc = subprocess.run([sys.executable, "-m", "vitpipe.cli", "pretrain", str(tmp_path / "run.yaml"),
+                           "--train.steps", "6"], env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"vitpipe pretrain: error: checkpoint {ck / 'step_00000004'} holds a pickled posix.system, which could run "
+        f"code when loaded, so it was not loaded (someone may have written into the checkpoint folder). Delete "
+        f"that checkpoint to resume from an older one, or start over with --no-resume")
+    assert not evidence.exists()

@@ -119,6 +119,10 @@ def test_summary_gives_one_loss_for_one_logging_window():
     r = {"stage": "pretrain", "steps_this_launch": 4, "seconds": 3.0, "step": 4, "export": "e"}
     assert "loss 2.306, " in _summary({**r, "first_loss": 2.306, "final_loss": 2.306})  # steps <= log_every
     assert "loss 2.306 -> 1.100" in _summary({**r, "first_loss": 2.306, "final_loss": 1.1})
+    # a run the tracking server did not get whole is not named as if it were
+    assert _summary({**r, "run_id": "abc"}).endswith("MLflow run abc")
+    assert _summary({**r, "run_id": "abc", "tracking_unlogged": {"metric_points": 3}}).endswith(
+        "MLflow run abc (INCOMPLETE, see above)")
 
 
 @pytest.fixture(scope="module")
@@ -376,3 +380,55 @@ def test_bf16_pretraining_runs_the_whole_loop(precision, digits_shards, tmp_path
     assert result["step"] == 6 and math.isfinite(result["final_loss"]) and result["val/samples"] > 0
     model = load_pretrained(result["export"])
     assert next(model.parameters()).dtype == torch.float32  # exports are fp32 whatever the training precision
+
+
+def _damage(shards: Path, out: Path) -> Path:
+    """A copy of the shard set with three kinds of damage: train-000000's index count lowered by 10
+    (the tar holds more), train-000001.tar cut in half, one image of train-000002.tar overwritten."""
+    import shutil
+    import tarfile
+
+    shutil.copytree(shards, out)
+    index = json.loads((out / "index.json").read_text())
+    for where in (index["splits"]["train"]["shards"][0], index["splits"]["train"], index["totals"]):
+        where["num_samples"] -= 10
+    (out / "index.json").write_text(json.dumps(index))
+    cut = out / "train-000001.tar"
+    with open(cut, "r+b") as f:
+        f.truncate(cut.stat().st_size // 2)
+    with tarfile.open(out / "train-000002.tar") as tar:
+        member = next(m for m in tar.getmembers() if m.name.endswith(".png"))
+    with open(out / "train-000002.tar", "r+b") as f:
+        f.seek(member.offset_data)
+        f.write(b"\0" * member.size)
+    return out
+
+
+@pytest.mark.slow
+def test_damaged_data_is_counted_in_the_summary_results_and_mlflow_and_strict_data_fails(digits_shards, tmp_path):
+    from mlflow import MlflowClient
+
+    damaged = _damage(digits_shards, tmp_path / "damaged")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    common = ["pretrain", "--data.shards", str(damaged), "--data.image-size", "16", "--data.batch-size", "32",
+              "--data.num-workers", "0", "--model.preset", "micro/4", "--train.steps", "55", "--train.eval-every", "0",
+              "--train.log-every", "10", "--checkpoint.every-steps", "0", "--tracking.uri", uri,
+              "--no-tracking.system-metrics"]
+    proc = _vitpipe([*common, "--out", str(tmp_path / "run")])  # one epoch and a bit: every shard is read
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["data/damaged_shards"] == 2 and results["data/skipped_samples"] == 1, results
+    problems = results["data_problems"]
+    assert "holds more than the 490 samples" in problems["damaged_shards"]["train-000000.tar"]
+    assert "ends after" in problems["damaged_shards"]["train-000001.tar"]
+    assert problems["skipped_samples"][0]["shard"] == "train-000002.tar"
+    summary = proc.stderr.strip().splitlines()[-1]
+    assert "DAMAGED DATA: 2 shards, 1 samples skipped" in summary, summary
+    run = MlflowClient(uri).get_run(results["run_id"])
+    assert run.data.metrics["data/damaged_shards"] == 2 and run.data.metrics["data/skipped_samples"] == 1
+    assert "data_problems.json" in {a.path for a in MlflowClient(uri).list_artifacts(results["run_id"])}
+
+    strict = _vitpipe([*common, "--out", str(tmp_path / "strict"), "--strict-data"], check=False)
+    assert strict.returncode == 2, strict.stderr[-3000:]
+    errors = [line for line in strict.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "--strict-data: damaged data in" in errors[0] and "vitpipe verify" in errors[0], errors
+    assert not (tmp_path / "strict" / "results.json").exists()

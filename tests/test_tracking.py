@@ -224,10 +224,17 @@ def mlflow_server(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-def test_a_server_that_dies_mid_run_gets_every_record_once_it_is_back(mlflow_server, tmp_path):
+def test_a_server_that_dies_mid_run_gets_every_record_once_back_or_says_what_it_lacks(mlflow_server, tmp_path,
+                                                                                     capsys):
+    """Two runs on a real `mlflow server` that is stopped mid-run: logging never waits; once the
+    server is back the first run gets everything; the server goes away for good before the second
+    closes, which then says exactly what it did not get, within tracking.flush_timeout_s."""
     t = _open(mlflow_server.url)
-    t.log_metrics({"train/loss": 2.0}, 1)
-    assert t.flush(10) is None
+    section = TrackingSection(uri=mlflow_server.url, experiment="t", system_metrics=False, flush_timeout_s=3)
+    t2 = Tracker.open(section, is_main=True, params={"a": 1}, tags={})
+    for tracker in (t, t2):
+        tracker.log_metrics({"train/loss": 2.0}, 1)
+        assert tracker.flush(10) is None
     mlflow_server.stop()
     started = time.monotonic()
     for step in range(2, 52):  # while the server is down: queued, training never waits
@@ -235,7 +242,9 @@ def test_a_server_that_dies_mid_run_gets_every_record_once_it_is_back(mlflow_ser
     (tmp_path / "report.txt").write_text("hello")
     t.log_artifact(tmp_path / "report.txt")
     assert time.monotonic() - started < 1.0
-    time.sleep(3)  # the writer notices and holds the records
+    time.sleep(3)  # the writers notice and hold the records
+    assert "stopped answering" in capsys.readouterr().err
+
     mlflow_server.start()
     with tracked(t):
         pass
@@ -245,25 +254,66 @@ def test_a_server_that_dies_mid_run_gets_every_record_once_it_is_back(mlflow_ser
     assert [a.path for a in client.list_artifacts(t.run_id)] == ["report.txt"]
     assert client.get_run(t.run_id).info.status == "FINISHED"
 
-
-@pytest.mark.slow
-@pytest.mark.multiprocess
-def test_a_server_that_stays_down_is_said_exactly(mlflow_server, tmp_path, capsys):
-    section = TrackingSection(uri=mlflow_server.url, experiment="t", system_metrics=False, flush_timeout_s=3)
-    t = Tracker.open(section, is_main=True, params={"a": 1}, tags={})
-    t.log_metrics({"train/loss": 2.0}, 1)
-    assert t.flush(10) is None
-    mlflow_server.stop()
+    mlflow_server.stop()  # for good
     for step in range(2, 12):
-        t.log_metrics({"train/loss": 1.0, "train/lr": 0.1}, step)
-    t.log_artifacts(tmp_path, "model")
+        t2.log_metrics({"train/loss": 1.0, "train/lr": 0.1}, step)
+    t2.log_artifacts(tmp_path, "model")
     started = time.monotonic()
-    with tracked(t):
+    with tracked(t2):
         pass
-    assert time.monotonic() - started < 15  # bounded by tracking.flush_timeout_s (and one attempt's timeout)
-    u = t.unlogged
+    assert time.monotonic() - started < 20  # bounded by tracking.flush_timeout_s (and one attempt's timeout)
+    u = t2.unlogged
     assert u["metric_points"] == 20 and u["metrics"]["train/loss"] == {"points": 10, "first_step": 2, "last_step": 11}
     assert u["artifacts"] == [f"model/{tmp_path.name}"] and u["status"] == "FINISHED"
     err = capsys.readouterr().err
     assert f"NOT logged to {mlflow_server.url} (unreachable since" in err
     assert "20 metric points (train/loss steps 2-11, train/lr steps 2-11)" in err and "final status FINISHED" in err
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_training_goes_on_while_its_server_is_restarted_and_the_run_is_whole(mlflow_server, digits_shards,
+                                                                             tmp_path):
+    """`vitpipe pretrain` logging to a real server that is stopped after step 10 and started again:
+    the steps trained meanwhile are logged (with the time they were trained), nothing twice, the
+    run FINISHED with its model, and the summary names it as whole."""
+    import json
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "vitpipe.cli", "pretrain", "--data.shards", str(digits_shards),
+                             "--data.image-size", "16", "--data.batch-size", "32", "--data.num-workers", "0",
+                             "--model.preset", "micro/4", "--train.steps", "150", "--train.eval-every", "0",
+                             "--train.log-every", "5", "--checkpoint.every-steps", "0", "--tracking.uri",
+                             mlflow_server.url, "--no-tracking.system-metrics", "--tracking.flush-timeout-s", "180",
+                             "--out", str(tmp_path / "run")], env=env, stderr=subprocess.PIPE, text=True)
+    client = MlflowClient(mlflow_server.url)
+
+    def logged() -> int:
+        try:
+            runs = client.search_runs([client.get_experiment_by_name("vitpipe").experiment_id])
+            return max(m.step for m in client.get_metric_history(runs[0].info.run_id, "train/loss"))
+        except Exception:
+            return 0
+
+    deadline = time.monotonic() + 300
+    while logged() < 10:
+        assert proc.poll() is None and time.monotonic() < deadline, "training ended before step 10 was logged"
+        time.sleep(0.2)
+    mlflow_server.stop()
+    down = time.time() * 1000
+    time.sleep(5)
+    mlflow_server.start()
+    up = time.time() * 1000
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert "tracking_unlogged" not in results
+    summary = err.strip().splitlines()[-1]
+    assert f"MLflow run {results['run_id']}" in summary and "INCOMPLETE" not in summary, summary
+    history = client.get_metric_history(results["run_id"], "train/loss")
+    assert [m.step for m in history] == list(range(5, 151, 5))
+    assert any(down < m.timestamp < up for m in history)  # trained (and held) while the server was down
+    run = client.get_run(results["run_id"])
+    assert run.info.status == "FINISHED" and "model" in {a.path for a in client.list_artifacts(run.info.run_id)}

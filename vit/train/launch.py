@@ -144,9 +144,31 @@ def maybe_relaunch(args: argparse.Namespace, argv: list[str] | None = None, *,
     sys.stdout.flush()
     if on_exit is None:
         os.execvpe(cmd[0], cmd, env)
-    status, signum = run_launcher(cmd, env)
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="vitpipe-launch-") as tmp:
+        # Where rank 0 leaves its one-line error (note_error), to be said again after torchrun's report.
+        env[ERROR_FILE] = str(Path(tmp) / "error.txt")
+        status, signum = run_launcher(cmd, env)
+        error = Path(env[ERROR_FILE]).read_text().strip() if Path(env[ERROR_FILE]).is_file() else ""
     replaced = on_exit(status, signum)
+    if error and not signum:
+        print(error, file=sys.stderr, flush=True)
+        replaced = 2  # a user error in the ranks: not worth a retry, as in one process
     raise SystemExit(128 + signum if signum else replaced if replaced is not None else status)
+
+
+ERROR_FILE = "VITPIPE_ERROR_FILE"
+
+
+def note_error(line: str) -> None:
+    """In a launched rank 0: hand the launching process the one line a user error printed."""
+    path = os.environ.get(ERROR_FILE)
+    if path and not Path(path).exists():
+        try:
+            Path(path).write_text(line + "\n")
+        except OSError:
+            pass
 
 
 def run_launcher(cmd: list[str], env: dict[str, str]) -> tuple[int, int | None]:

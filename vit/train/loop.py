@@ -131,9 +131,16 @@ def run_training(cfg: TrainingConfig, *, stage: str, build: Callable[[Any], Mode
 
     SIGTERM/SIGINT/SIGHUP stop it at the next step with a checkpoint (vit.train.stopping): it then
     raises `Stopped` (a SystemExit of 128 + the signal) and its MLflow run ends KILLED."""
+    from vit.train.launch import note_error
+
     world = dist.World.from_env()
     with StopOnSignal(timeout_s=cfg.checkpoint.stop_timeout_s, say=lambda m: _say(world, m)) as stop:
-        return _run_training(cfg, stage=stage, build=build, world=world, stop=stop)
+        try:
+            return _run_training(cfg, stage=stage, build=build, world=world, stop=stop)
+        except UserError as e:
+            if world.is_main:
+                note_error(f"vitpipe {stage}: error: {e}")
+            raise
 
 
 def _run_training(cfg: TrainingConfig, *, stage: str, build: Callable[[Any], Model], world: dist.World,
