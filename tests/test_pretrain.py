@@ -256,43 +256,34 @@ def _assert_resumed_exactly(ref_root: Path, tmp_path: Path, proc, uri: str) -> d
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-def test_sigkill_one_rank_then_relaunch_resumes_with_matching_loss(two_rank_run, tmp_path):
+def test_sigkill_a_rank_then_rank0_the_runs_are_closed_and_the_relaunch_resumes_exactly(two_rank_run, tmp_path):
+    """SIGKILL rank 1 (rank 0 survives, torchrun SIGTERMs it: it must close the run, and that close
+    must not be cut short by the signal); relaunch, then SIGKILL rank 0 after step 25 is logged with
+    its newest checkpoint at 20 (it cannot close anything: the launching process does, from the run id
+    kept beside the checkpoints); the third launch replays steps 21-25 without logging them twice and
+    ends with the uninterrupted run's loss curve."""
     ref_root, _, ref_cfg, _ = two_rank_run
     cfg_file, uri = _job(ref_cfg, tmp_path)
-    marker = tmp_path / "run" / "checkpoints" / "step_00000010" / "COMPLETE.json"
+    ck = tmp_path / "run" / "checkpoints"
     launcher = _launch(cfg_file, "--nproc", "2")
-    _wait_until(marker.exists, launcher, "the first checkpoint")
-    victim = _workers(launcher.pid)[1]
-    os.kill(victim, signal.SIGKILL)  # rank 1 dies without any chance to clean up
+    _wait_until((ck / "step_00000010" / "COMPLETE.json").exists, launcher, "the first checkpoint")
+    os.kill(_workers(launcher.pid)[1], signal.SIGKILL)  # rank 1 dies without any chance to clean up
     _, err = launcher.communicate(timeout=300)
     assert launcher.returncode != 0, err[-3000:]
     assert not (tmp_path / "run" / "results.json").exists()
-    # rank 0 survived (torchrun SIGTERMs it): it closed the run, and no signal cut that close short
     assert _the_run(uri)[1].info.status in ("FAILED", "KILLED"), err[-3000:]
 
-    proc = _vitpipe(["pretrain", str(cfg_file), "--nproc", "2"])  # the same command, no resume flag
-    _assert_resumed_exactly(ref_root, tmp_path, proc, uri)
-
-
-@pytest.mark.slow
-@pytest.mark.multiprocess
-def test_sigkill_rank0_its_launcher_closes_the_run_and_the_relaunch_logs_no_step_twice(two_rank_run, tmp_path):
-    """Rank 0 cannot close its run when SIGKILLed: the process that launched the ranks does, from
-    the run id kept beside the checkpoints. Killed after logging step 15 with its newest checkpoint
-    at step 10, the relaunch replays 11-15 and must not log them again."""
-    ref_root, _, ref_cfg, _ = two_rank_run
-    cfg_file, uri = _job(ref_cfg, tmp_path)
-    marker = tmp_path / "run" / "checkpoints" / "step_00000010" / "COMPLETE.json"
-    launcher = _launch(cfg_file, "--nproc", "2")
-    _wait_until(lambda: marker.exists() and _logged(uri, 15)(), launcher, "step 15")
+    launcher = _launch(cfg_file, "--nproc", "2")  # the same command, no resume flag
+    _wait_until(lambda: (ck / "step_00000020" / "COMPLETE.json").exists() and _logged(uri, 25)(), launcher,
+                "step 25")
     os.kill(_workers(launcher.pid)[0], signal.SIGKILL)
     _, err = launcher.communicate(timeout=300)
     assert launcher.returncode != 0
-    client, run = _the_run(uri)
+    run = _the_run(uri)[1]
     assert run.info.status == "FAILED" and f"MLflow run {run.info.run_id} closed as FAILED" in err, err[-3000:]
 
     proc = _vitpipe(["pretrain", str(cfg_file), "--nproc", "2"])
-    _assert_resumed_exactly(ref_root, tmp_path, proc, uri)
+    assert _assert_resumed_exactly(ref_root, tmp_path, proc, uri)["resumed_from"] == "step_00000020"
 
 
 @pytest.mark.slow
@@ -410,11 +401,11 @@ def test_damaged_data_is_counted_in_the_summary_results_and_mlflow_and_strict_da
 
     damaged = _damage(digits_shards, tmp_path / "damaged")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    common = ["pretrain", "--data.shards", str(damaged), "--data.image-size", "16", "--data.batch-size", "32",
-              "--data.num-workers", "0", "--model.preset", "micro/4", "--train.steps", "55", "--train.eval-every", "0",
-              "--train.log-every", "10", "--checkpoint.every-steps", "0", "--tracking.uri", uri,
+    common = ["pretrain", "--data.shards", str(damaged), "--data.image-size", "16", "--data.batch-size", "64",
+              "--data.num-workers", "0", "--model.preset", "micro/4", "--train.steps", "26", "--train.eval-every", "0",
+              "--train.log-every", "5", "--checkpoint.every-steps", "0", "--tracking.uri", uri,
               "--no-tracking.system-metrics"]
-    proc = _vitpipe([*common, "--out", str(tmp_path / "run")])  # one epoch and a bit: every shard is read
+    proc = _vitpipe([*common, "--out", str(tmp_path / "run")])  # one epoch: every shard is read
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["data/damaged_shards"] == 2 and results["data/skipped_samples"] == 1, results
     problems = results["data_problems"]

@@ -213,13 +213,20 @@ class _Server:
         self._ctx = None
 
 
-@pytest.fixture
-def mlflow_server(tmp_path):
-    server = _Server(tmp_path)
-    server.start()
+@pytest.fixture(scope="module")
+def _one_server(tmp_path_factory):
+    server = _Server(tmp_path_factory.mktemp("mlflow_server"))
     yield server
     if server._ctx is not None:
         server.stop()
+
+
+@pytest.fixture
+def mlflow_server(_one_server):
+    """The module's server, running (a test before may have left it stopped); started once per module."""
+    if _one_server._ctx is None:
+        _one_server.start()
+    return _one_server
 
 
 @pytest.mark.slow

@@ -65,7 +65,7 @@ _TAG = re.compile(r"step_(\d{8,})$")
 # What a writer killed between creating and renaming its file leaves: `.NAME.tmp-PID` (atomic_write,
 # to_universal) and `NAME.tmp` (older rank files).
 _STALE = re.compile(r"^\..+\.tmp-\d+$|.+\.tmp$")
-# Bytes per parameter a checkpoint holds at least: fp32 weights and Adam's two moments. Used to
+# Bytes per trained parameter a checkpoint holds at least: fp32 weights and Adam's two moments. Used to
 # check the space for the first checkpoint of a run; later ones take the previous one's size.
 _MIN_BYTES_PER_PARAM = 12
 
@@ -263,8 +263,8 @@ class CheckpointManager:
         for tag in reversed(self.tags()):
             if self.check(tag) is None:
                 return sum(self.marker(tag)["files"].values())
-        numel = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
-        return numel * _MIN_BYTES_PER_PARAM
+        return sum(getattr(p, "ds_numel", p.numel()) * (_MIN_BYTES_PER_PARAM if p.requires_grad else 4)
+                   for p in engine.module.parameters())  # a frozen weight has no optimizer state
 
     def _no_space(self, path: Path, need: int, free: int, *, failed: bool = False) -> str:
         complete = [t for t in self.tags() if self.check(t) is None]
