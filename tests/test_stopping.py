@@ -59,13 +59,14 @@ _STUCK = textwrap.dedent("""
     from vit.train.stopping import StopOnSignal
     t = Tracker.open(TrackingSection(uri=sys.argv[1], experiment="t", system_metrics=False), is_main=True,
                      params={}, tags={})
-    print(t.run_id, flush=True)
     with StopOnSignal(timeout_s=2, on_expire=lambda: t.end("KILLED", timeout_s=5)) as stop, stop.deferred():
+        print(t.run_id, flush=True)  # the handlers are in place: the test may signal now
         while True:
             time.sleep(0.1)  # a step that never ends (a hung collective, a slow save): no poll() comes
 """)
 
 
+@pytest.mark.slow
 def test_a_run_that_cannot_reach_a_step_boundary_still_exits_in_time_with_its_run_killed(tmp_path, mlflow_uri):
     import time
 
