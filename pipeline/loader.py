@@ -164,6 +164,10 @@ def _read_runs(shard: _Shard, runs: list[tuple[int, int]], events: list[dict]) -
                         yield index, _RawSample(key, shard.name, parts.get("image"), parts.get("cls"))
                     index, key, parts = index + 1, member_key, {}
                     if index >= last:
+                        if index == shard.num_samples:  # a sample past the index's count: the index is wrong
+                            events.append({"kind": "miscounted", "shard": shard.name,
+                                           "detail": f"holds more than the {shard.num_samples} samples its "
+                                                     f"index.json entry lists (the rest are never read)"})
                         return
                     while index >= runs[run][1]:
                         run += 1
@@ -368,8 +372,9 @@ class _DataReport:
         self.what, self.rank = what, rank
         self.decode_failures = 0
         self.filled = 0
-        self.truncated: dict[str, str] = {}
+        self.truncated: dict[str, str] = {}  # every damaged shard (truncated, unreadable, miscounted): why
         self.failed: list[dict] = []  # the first _MAX_LISTED decode failures, for users to look up
+        self.failed_keys: set[tuple[str, str]] = set()  # (shard, key) of every sample that failed to decode
         self.warned = 0
         self._epoch_mark = (0, 0, 0)
 
@@ -378,6 +383,7 @@ class _DataReport:
         for ev in events:
             if ev["kind"] == "decode":
                 self.decode_failures += 1
+                self.failed_keys.add((ev["shard"], ev["key"]))
                 if len(self.failed) < _MAX_LISTED:
                     self.failed.append({k: ev[k] for k in ("key", "shard", "detail")})
                 msg = (f"{self.what} rank {self.rank}: skipped sample {ev['key']!r} of {ev['shard']}: "

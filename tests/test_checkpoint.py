@@ -57,7 +57,7 @@ def test_keep_last_and_latest_marker(tmp_path):
         path = _save(mgr, engine, step)
         marker = json.loads((path / MARKER).read_text())
         assert marker["step"] == step and marker["world_size"] == 1
-        assert "vitpipe_rank00000.pt" in marker["files"] and any("optim_states" in f for f in marker["files"])
+        assert "vitpipe_rank00000.json" in marker["files"] and any("optim_states" in f for f in marker["files"])
     assert mgr.tags() == ["step_00000002", "step_00000003"]  # step 1 pruned
     assert (tmp_path / "ck" / LATEST).read_text().strip() == "step_00000003"
     assert mgr.latest_complete() == "step_00000003"
@@ -242,3 +242,273 @@ def test_zero3_export_over_two_ranks_equals_live_weights(tmp_path):
                            str(script), str(tmp_path)], env=env, capture_output=True, text=True, timeout=540)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "EXPORT-MATCHES" in proc.stdout
+
+
+# -- resume loads no pickles ---------------------------------------------------------------------
+
+class _Payload:
+    """What an attacker plants: unpickling it runs a shell command (here: creating a file)."""
+
+    def __init__(self, evidence):
+        self.evidence = str(evidence)
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.evidence}",)
+
+
+def _plant(file, evidence) -> None:
+    """Add a payload to a real checkpoint file, as someone with write access to the folder could."""
+    state = torch.load(file, weights_only=False)  # the test's own file, before planting
+    state["note"] = _Payload(evidence)
+    torch.save(state, file)
+
+
+def _reseal(root, tag) -> None:
+    """Rewrite COMPLETE.json's file sizes so the tampered checkpoint passes the completeness check."""
+    path = root / tag
+    marker = json.loads((path / MARKER).read_text())
+    marker["files"] = {str(p.relative_to(path)): p.stat().st_size
+                       for p in sorted(path.rglob("*")) if p.is_file() and p.name != MARKER}
+    (path / MARKER).write_text(json.dumps(marker))
+
+
+@pytest.mark.parametrize("target", ["model_states", "optim_states", "old_rank_file", "universal", "to_universal"])
+def test_a_pickle_planted_in_any_file_a_resume_reads_does_not_run(tmp_path, target):
+    from vit.train.checkpoint import UnsafeCheckpoint
+
+    engine = _engine(stage=1)
+    _train(engine, 1)
+    root, tag = tmp_path / "ck", "step_00000001"
+    mgr = CheckpointManager(root, World())
+    _save(mgr, engine, 1)
+    evidence = tmp_path / "payload-ran"
+    path = root / tag
+    if target == "model_states":
+        _plant(path / "mp_rank_00_model_states.pt", evidence)
+    elif target == "optim_states":
+        _plant(next(path.glob("*optim_states.pt")), evidence)
+    elif target == "old_rank_file":  # the .pt rank file of vitpipe before JSON rank files
+        (path / "vitpipe_rank00000.json").unlink()
+        torch.save({"loader": {"epoch": 0, "steps": 1}, "rng": {"torch": torch.get_rng_state()},
+                    "note": _Payload(evidence)}, path / "vitpipe_rank00000.pt")
+    elif target == "to_universal":  # resuming on 2 ranks rewrites the optimizer state first
+        _plant(next(path.glob("*optim_states.pt")), evidence)
+    _reseal(root, tag)
+    if target in ("universal", "to_universal"):  # a resume on another number of ranks
+        mgr = CheckpointManager(root, World(rank=0, world_size=2))
+        if target == "to_universal":
+            with pytest.raises(UnsafeCheckpoint, match=r"holds a pickled posix\.system.*--no-resume"):
+                mgr.prepare_resize(tag, zero_stage=1)
+            assert not evidence.exists() and not (path / "universal").exists()
+            return
+        assert mgr.prepare_resize(tag, zero_stage=1)
+        _plant(next((path / "universal" / "zero").rglob("fp32.pt")), evidence)
+        _reseal(root, tag)
+    fresh = _engine(stage=1, seed=5, universal=target == "universal")
+    with pytest.raises(UnsafeCheckpoint, match=rf"checkpoint {root}.* holds a pickled posix\.system, which could "
+                                               r"run code.*not loaded.*--no-resume"):
+        mgr.load(fresh, mgr.latest_complete())
+    assert not evidence.exists()  # the payload never ran
+
+
+def test_checkpoints_of_vitpipe_before_json_rank_files_still_resume_exactly(tmp_path):
+    """The old per-rank .pt file (numpy RNG arrays) loads with the weights-only unpickler."""
+    import random
+
+    import numpy as np
+
+    engine = _engine(stage=0)
+    mgr = CheckpointManager(tmp_path / "ck", World())
+    _save(mgr, engine, 1)
+    path = tmp_path / "ck" / "step_00000001"
+    (path / "vitpipe_rank00000.json").unlink()
+    torch.save({"loader": {"epoch": 0, "steps": 1}, "rng": {"python": random.getstate(),
+                "numpy": np.random.get_state(), "torch": torch.get_rng_state()}}, path / "vitpipe_rank00000.pt")
+    _reseal(tmp_path / "ck", "step_00000001")
+    expected = (random.random(), np.random.rand(), torch.rand(2))
+    torch.manual_seed(7), random.seed(7), np.random.seed(7)
+    _, rank_state = mgr.load(_engine(stage=0, seed=3), "step_00000001")
+    assert rank_state["loader"] == {"epoch": 0, "steps": 1}
+    assert (random.random(), np.random.rand()) == expected[:2] and torch.equal(torch.rand(2), expected[2])
+
+
+# -- files a killed writer leaves ------------------------------------------------------------------
+
+_WRITE_LATEST_FOREVER = """
+import sys
+from pathlib import Path
+from vit.train.checkpoint import atomic_write
+root = Path(sys.argv[1])
+print("writing", flush=True)
+while True:
+    atomic_write(root / "latest", "step_00000001\\n" * 200_000)
+"""
+
+
+def test_a_latest_tmp_file_left_by_a_kill_is_removed_at_the_next_start(tmp_path):
+    import signal
+    import time
+
+    root = tmp_path / "ck"
+    root.mkdir()
+    left = []
+    for attempt in range(20):  # SIGKILL a real writer until it dies between create and rename
+        proc = subprocess.Popen([sys.executable, "-c", _WRITE_LATEST_FOREVER, str(root)], stdout=subprocess.PIPE,
+                                text=True)
+        assert proc.stdout.readline().strip() == "writing"
+        time.sleep(0.05 + 0.03 * attempt)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        left = list(root.glob(".latest.tmp-*"))
+        if left:
+            break
+    assert left, "no kill landed inside a write in 20 tries"
+    (root / "step_00000003").mkdir()
+    (root / "step_00000003" / "vitpipe_rank00001.pt.tmp").write_bytes(b"half")  # older vitpipe's rank tmp
+    removed = CheckpointManager(root, World()).remove_stale_files()
+    assert sorted(p.name for p in removed) == sorted([left[0].name, "vitpipe_rank00001.pt.tmp"])
+    assert not list(root.glob(".latest.tmp-*")) and (root / "latest").is_file()
+    assert CheckpointManager(root, World(rank=1, world_size=2)).remove_stale_files() == []  # rank 0's job
+
+
+# -- a full disk -------------------------------------------------------------------------------------
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 20 MB filesystem (tmpfs), so writes fail with ENOSPC as on a full disk."""
+    import shutil
+
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if os.geteuid() != 0 or not shutil.which("mount"):
+        pytest.skip("mounting a tmpfs needs root")
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=20m", "tmpfs", str(mount)], capture_output=True,
+                          text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def fill(disk, leave: int):
+    """Fill `disk` with one file until `leave` bytes are free; returns that file (delete it to free space)."""
+    import shutil
+
+    filler = disk / "filler"
+    with open(filler, "wb") as f:
+        f.write(bytes(max(0, shutil.disk_usage(disk).free - leave)))
+    return filler
+
+
+def _loss_curve(ckpt_dir):
+    latest = (ckpt_dir / LATEST).read_text().strip()
+    return [tuple(x) for x in json.loads((ckpt_dir / latest / MARKER).read_text())["history"]]
+
+
+@pytest.mark.slow
+def test_a_disk_without_room_for_keep_last_plus_one_stops_in_one_line_and_the_rerun_is_exact(
+        digits_shards, tmp_path, small_disk):
+    """keep_last=2 with room for 2.5 checkpoints: steps 10 and 20 are saved, the last (30) is refused
+    before a byte is written (one line: the path, the space needed, why keep_last needs 3); after
+    freeing space the same run resumes at step 20 and its loss curve equals an uninterrupted run's."""
+    from test_pretrain import _config
+
+    from vit.pretrain import pretrain
+    from vitpipe.errors import UserError
+
+    def config(out, ckpt_dir=None):
+        return PretrainConfig(**_config(digits_shards, out, train={"steps": 30, "eval_every": 0, "log_every": 5},
+                                        checkpoint={"every_steps": 10, "keep_last": 2,
+                                                    **({"dir": str(ckpt_dir)} if ckpt_dir else {})},
+                                        deepspeed={"zero_stage": 1}))
+
+    pretrain(config(tmp_path / "reference"))
+    ref_ckpt = tmp_path / "reference" / "checkpoints"
+    size = sum(json.loads((ref_ckpt / "step_00000030" / MARKER).read_text())["files"].values())
+    filler = fill(small_disk, leave=int(2.5 * size))
+    ckpt_dir = small_disk / "ck"
+    with pytest.raises(UserError) as err:
+        pretrain(config(tmp_path / "run", ckpt_dir))
+    msg = str(err.value)
+    assert "\n" not in msg and f"checkpoint {ckpt_dir / 'step_00000030'} does not fit" in msg, msg
+    assert "needs about 2." in msg and "MB are free there" in msg and "keep_last=2 needs room for 3" in msg
+    assert msg.endswith("run the same command again: it resumes from step_00000020"), msg
+    mgr = CheckpointManager(ckpt_dir, World())
+    assert mgr.tags() == ["step_00000010", "step_00000020"] and mgr.latest_complete() == "step_00000020"
+    assert not [p for p in ckpt_dir.rglob("*") if ".tmp" in p.name]
+
+    filler.unlink()
+    result = pretrain(config(tmp_path / "run", ckpt_dir))
+    assert result["resumed_from"] == "step_00000020" and result["step"] == 30
+    assert _loss_curve(ckpt_dir) == _loss_curve(ref_ckpt)  # one process, fixed seed: bit-identical
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_a_disk_that_fills_while_two_ranks_write_is_one_line_and_leaves_no_partial_checkpoint(
+        digits_shards, tmp_path, small_disk):
+    """Room for more than the space check expects of a first checkpoint (12 bytes a parameter) but
+    less than ZeRO-1 writes (16): the disk really fills inside DeepSpeed's torch.save. Both ranks
+    stop together, the partial step is removed, the run is FAILED and the one error line names the
+    path and the space; after freeing space the same command trains to the end."""
+    from mlflow import MlflowClient
+
+    from vit.models.vit import create_model
+
+    numel = create_model("micro/4", num_classes=10, image_size=16).num_params()
+    filler = fill(small_disk, leave=14 * numel)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    ckpt_dir = small_disk / "ck"
+    cmd = [sys.executable, "-m", "vitpipe.cli", "pretrain", "--data.shards", str(digits_shards),
+           "--data.image-size", "16", "--data.batch-size", "16", "--data.num-workers", "0",
+           "--model.preset", "micro/4", "--train.steps", "8", "--train.eval-every", "0", "--train.log-every", "2",
+           "--checkpoint.every-steps", "4", "--checkpoint.dir", str(ckpt_dir), "--deepspeed.zero-stage", "1",
+           "--tracking.uri", uri, "--no-tracking.system-metrics", "--out", str(tmp_path / "run"), "--nproc", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=540)
+    assert proc.returncode == 2, proc.stderr[-4000:]
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line and "checkpoint" in line]
+    # rank 0 says it, rank 1 stops quietly, and the launching process repeats it last, after torchrun's report
+    assert len(errors) == 2 and errors[0] == errors[1] == proc.stderr.strip().splitlines()[-1], proc.stderr[-4000:]
+    assert f"checkpoint {ckpt_dir / 'step_00000004'} ran out of space; the partial checkpoint was removed: it " \
+           f"needs about" in errors[0] and "are free there" in errors[0] and "it starts from the beginning" in errors[0]
+    assert "Traceback" not in proc.stderr.split(errors[0])[0][-2000:]  # no raw traceback before the line
+    assert not list(ckpt_dir.glob("step_*")) and not [p for p in ckpt_dir.rglob("*") if ".tmp" in p.name]
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("vitpipe").experiment_id])
+    assert [r.info.status for r in runs] == ["FAILED"]
+
+    filler.unlink()
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=540)
+    assert again.returncode == 0, again.stderr[-4000:]
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["step"] == 8 and results["run_id"] == runs[0].info.run_id  # the job's one run, continued
+    assert client.get_run(results["run_id"]).info.status == "FINISHED"
+
+
+@pytest.mark.slow
+def test_a_resume_from_a_planted_checkpoint_refuses_in_one_line(digits_shards, tmp_path):
+    """The user's way in: the same command again, after someone wrote a pickle into the folder."""
+    from test_pretrain import _config
+
+    from vit.pretrain import pretrain
+
+    cfg = PretrainConfig(**_config(digits_shards, tmp_path / "run", train={"steps": 4, "eval_every": 0},
+                                   checkpoint={"every_steps": 0}))
+    pretrain(cfg)
+    evidence = tmp_path / "payload-ran"
+    ck = tmp_path / "run" / "checkpoints"
+    _plant(ck / "step_00000004" / "mp_rank_00_model_states.pt", evidence)
+    _reseal(ck, "step_00000004")
+    (tmp_path / "run.yaml").write_text(cfg.model_dump_json())
+    proc = subprocess.run([sys.executable, "-m", "vitpipe.cli", "pretrain", str(tmp_path / "run.yaml"),
+                           "--train.steps", "6"], env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"vitpipe pretrain: error: checkpoint {ck / 'step_00000004'} holds a pickled posix.system, which could run "
+        f"code when loaded, so it was not loaded (someone may have written into the checkpoint folder). Delete "
+        f"that checkpoint to resume from an older one, or start over with --no-resume")
+    assert not evidence.exists()

@@ -277,3 +277,21 @@ def test_engine_builds_again_after_the_process_group_is_recreated():
         engine.backward(loss)
         engine.step()
         destroy_process_group()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--nproc", "0"], "--nproc 0 --nnodes 1: both must be >= 1"),
+    (["--nproc", "2", "--tracking.fail-fast", "--tracking.uri", "UNREACHABLE"], "is unreachable"),
+])
+def test_bad_launch_options_and_an_unreachable_tracking_server_fail_before_any_rank(extra, message, digits_shards,
+                                                                                     tmp_path, capsys):
+    """`--nproc 0` used to run one process silently; `--tracking.fail-fast` failed in rank 0 only,
+    under torchrun's report. Both are one line from the launching process now, exit 2."""
+    from vit.train.distributed import free_port
+    from vitpipe.cli import main as vitpipe
+
+    extra = [f"http://127.0.0.1:{free_port()}" if a == "UNREACHABLE" else a for a in extra]
+    assert vitpipe(["pretrain", "--data.shards", str(digits_shards), "--out", str(tmp_path / "o"), *extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "launching:" not in err and err.count("error:") == 1, err
+    assert not (tmp_path / "o").exists()

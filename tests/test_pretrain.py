@@ -1,11 +1,13 @@
 """`vitpipe pretrain` end to end on real digits shards: in one process, on 2 gloo ranks (ZeRO-2) with
-MLflow, and killed with SIGKILL mid-run then relaunched (resume with a matching loss curve)."""
+MLflow, killed (SIGKILL of a rank, of rank 0) or stopped (SIGTERM, SIGINT) mid-run then relaunched
+(resume with a matching loss curve, one MLflow run, no step logged twice)."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -117,6 +119,10 @@ def test_summary_gives_one_loss_for_one_logging_window():
     r = {"stage": "pretrain", "steps_this_launch": 4, "seconds": 3.0, "step": 4, "export": "e"}
     assert "loss 2.306, " in _summary({**r, "first_loss": 2.306, "final_loss": 2.306})  # steps <= log_every
     assert "loss 2.306 -> 1.100" in _summary({**r, "first_loss": 2.306, "final_loss": 1.1})
+    # a run the tracking server did not get whole is not named as if it were
+    assert _summary({**r, "run_id": "abc"}).endswith("MLflow run abc")
+    assert _summary({**r, "run_id": "abc", "tracking_unlogged": {"metric_points": 3}}).endswith(
+        "MLflow run abc (INCOMPLETE, see above)")
 
 
 @pytest.fixture(scope="module")
@@ -177,36 +183,62 @@ def _workers(launcher_pid: int) -> dict[int, int]:
     return out
 
 
-@pytest.mark.slow
-@pytest.mark.multiprocess
-def test_sigkill_one_rank_then_relaunch_resumes_with_matching_loss(two_rank_run, tmp_path):
-    ref_root, _, ref_cfg, _ = two_rank_run
+def _job(ref_cfg: Path, tmp_path: Path) -> tuple[Path, str]:
+    """The reference run's config with its own output folder and MLflow store: (config file, URI)."""
     cfg = yaml.safe_load(ref_cfg.read_text())
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cfg.update(out=str(tmp_path / "run"), tracking={**cfg["tracking"], "uri": uri})
     cfg_file = tmp_path / "run.yaml"
     cfg_file.write_text(yaml.safe_dump(cfg))
-    marker = tmp_path / "run" / "checkpoints" / "step_00000010" / "COMPLETE.json"
+    return cfg_file, uri
 
+
+def _launch(cfg_file: Path, *extra: str) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    launcher = subprocess.Popen([sys.executable, "-m", "vitpipe.cli", "pretrain", str(cfg_file), "--nproc", "2"],
-                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 400
-    while not marker.exists():
-        assert launcher.poll() is None and time.monotonic() < deadline, "the run ended before its first checkpoint"
-        time.sleep(0.05)
-    victim = _workers(launcher.pid)[1]
-    os.kill(victim, signal.SIGKILL)  # rank 1 dies without any chance to clean up
-    _, err = launcher.communicate(timeout=300)
-    assert launcher.returncode != 0, err[-3000:]
-    assert not (tmp_path / "run" / "results.json").exists()
+    return subprocess.Popen([sys.executable, "-m", "vitpipe.cli", "pretrain", str(cfg_file), *extra], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
-    proc = _vitpipe(["pretrain", str(cfg_file), "--nproc", "2"])  # the same command, no resume flag
+
+def _wait_until(done, launcher: subprocess.Popen, what: str, timeout: float = 400) -> None:
+    deadline = time.monotonic() + timeout
+    while not done():
+        assert launcher.poll() is None, f"the run ended before {what}: {launcher.stderr.read()[-3000:]}"
+        assert time.monotonic() < deadline, f"no {what} after {timeout} s"
+        time.sleep(0.1)
+
+
+def _logged(uri: str, step: int):
+    """A predicate: the job's run has train/loss at `step` or later (rank 0 is past it)."""
+    from mlflow import MlflowClient
+
+    def done() -> bool:
+        try:
+            client = MlflowClient(uri)
+            exp = client.get_experiment_by_name("vitpipe")
+            runs = client.search_runs([exp.experiment_id]) if exp else []
+            return bool(runs) and max((m.step for m in client.get_metric_history(runs[0].info.run_id, "train/loss")),
+                                      default=0) >= step
+        except Exception:  # the store is being created
+            return False
+    return done
+
+
+def _the_run(uri: str):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("vitpipe").experiment_id])
+    assert len(runs) == 1, [r.info.run_id for r in runs]  # one run for the job, across relaunches
+    return client, client.get_run(runs[0].info.run_id)
+
+
+def _assert_resumed_exactly(ref_root: Path, tmp_path: Path, proc, uri: str) -> dict:
+    """The relaunch's loss curve equals the uninterrupted run's, and its one MLflow run is FINISHED
+    with every logged step once (steps replayed after the resume are not logged twice)."""
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     resumed = results["resumed_from"]
     assert resumed is not None and results["step"] == 40 and results["steps_this_launch"] < 40, results
     assert f"resumed from {tmp_path / 'run' / 'checkpoints' / resumed}" in proc.stderr
-
     # Same seed, same data order (the loader resumes mid-epoch), same optimizer state: the whole
     # curve equals the uninterrupted run's up to float summation noise of the gloo all-reduce.
     ref, got = _history(ref_root / "run"), _history(tmp_path / "run")
@@ -215,12 +247,88 @@ def test_sigkill_one_rank_then_relaunch_resumes_with_matching_loss(two_rank_run,
         assert b == pytest.approx(a, rel=1e-4, abs=1e-5), (step, a, b)
     ref_res = json.loads((ref_root / "run" / "results.json").read_text())
     assert results["val/top1"] == pytest.approx(ref_res["val/top1"], abs=1e-6)
+    client, run = _the_run(uri)
+    assert run.info.status == "FINISHED" and run.info.run_id == results["run_id"]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == list(range(5, 41, 5))
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val/top1")] == [20, 40]
+    return results
 
-    from mlflow import MlflowClient
 
-    client = MlflowClient(uri)
-    runs = client.search_runs([client.get_experiment_by_name("vitpipe").experiment_id])
-    assert len(runs) == 1 and runs[0].info.status == "FINISHED"  # the relaunch reopened the job's run
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_sigkill_a_rank_then_rank0_the_runs_are_closed_and_the_relaunch_resumes_exactly(two_rank_run, tmp_path):
+    """SIGKILL rank 1 (rank 0 survives, torchrun SIGTERMs it: it must close the run, and that close
+    must not be cut short by the signal); relaunch, then SIGKILL rank 0 after step 25 is logged with
+    its newest checkpoint at 20 (it cannot close anything: the launching process does, from the run id
+    kept beside the checkpoints); the third launch replays steps 21-25 without logging them twice and
+    ends with the uninterrupted run's loss curve."""
+    ref_root, _, ref_cfg, _ = two_rank_run
+    cfg_file, uri = _job(ref_cfg, tmp_path)
+    ck = tmp_path / "run" / "checkpoints"
+    launcher = _launch(cfg_file, "--nproc", "2")
+    _wait_until((ck / "step_00000010" / "COMPLETE.json").exists, launcher, "the first checkpoint")
+    os.kill(_workers(launcher.pid)[1], signal.SIGKILL)  # rank 1 dies without any chance to clean up
+    _, err = launcher.communicate(timeout=300)
+    assert launcher.returncode != 0, err[-3000:]
+    assert not (tmp_path / "run" / "results.json").exists()
+    assert _the_run(uri)[1].info.status in ("FAILED", "KILLED"), err[-3000:]
+
+    launcher = _launch(cfg_file, "--nproc", "2")  # the same command, no resume flag
+    _wait_until(lambda: (ck / "step_00000020" / "COMPLETE.json").exists() and _logged(uri, 25)(), launcher,
+                "step 25")
+    os.kill(_workers(launcher.pid)[0], signal.SIGKILL)
+    _, err = launcher.communicate(timeout=300)
+    assert launcher.returncode != 0
+    run = _the_run(uri)[1]
+    assert run.info.status == "FAILED" and f"MLflow run {run.info.run_id} closed as FAILED" in err, err[-3000:]
+
+    proc = _vitpipe(["pretrain", str(cfg_file), "--nproc", "2"])
+    assert _assert_resumed_exactly(ref_root, tmp_path, proc, uri)["resumed_from"] == "step_00000020"
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_sigterm_stops_two_ranks_with_a_checkpoint_and_a_killed_run_then_resumes_exactly(two_rank_run, tmp_path):
+    """Preemption: SIGTERM to `vitpipe pretrain --nproc 2` reaches both ranks (through torchrun);
+    they agree on a step, save it, end the MLflow run KILLED and exit 143; the relaunch resumes
+    at that step, not at the last periodic checkpoint, and continues exactly."""
+    from vit.train.checkpoint import CheckpointManager, tag_for
+    from vit.train.distributed import World
+
+    ref_root, _, ref_cfg, _ = two_rank_run
+    cfg_file, uri = _job(ref_cfg, tmp_path)
+    launcher = _launch(cfg_file, "--nproc", "2")
+    _wait_until(_logged(uri, 15), launcher, "step 15")
+    launcher.send_signal(signal.SIGTERM)
+    _, err = launcher.communicate(timeout=120)
+    assert launcher.returncode == 128 + signal.SIGTERM, err[-3000:]
+    stopped = re.search(r"stopped by SIGTERM at step (\d+)/40, checkpoint (\S+) saved", err)
+    assert stopped, err[-3000:]
+    step = int(stopped.group(1))
+    assert 15 <= step < 40, step
+    ck = tmp_path / "run" / "checkpoints"
+    assert CheckpointManager(ck, World()).latest_complete() == tag_for(step) == Path(stopped.group(2)).name
+    assert _the_run(uri)[1].info.status == "KILLED"
+
+    proc = _vitpipe(["pretrain", str(cfg_file), "--nproc", "2"])
+    assert _assert_resumed_exactly(ref_root, tmp_path, proc, uri)["resumed_from"] == tag_for(step)
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_with_a_checkpoint_and_exit_130(digits_shards, tmp_path, mlflow_uri):
+    """SIGINT (Ctrl-C) to a one-process run: the step's checkpoint, the run KILLED, exit status 130."""
+    cfg_file = tmp_path / "run.yaml"
+    cfg_file.write_text(yaml.safe_dump(_config(digits_shards, tmp_path / "run", mlflow_uri,
+                                               train={"steps": 400, "eval_every": 0, "log_every": 5},
+                                               checkpoint={"every_steps": 1000})))
+    launcher = _launch(cfg_file)
+    _wait_until(_logged(mlflow_uri, 5), launcher, "step 5")
+    launcher.send_signal(signal.SIGINT)
+    _, err = launcher.communicate(timeout=120)
+    assert launcher.returncode == 130, err[-3000:]
+    step = int(re.search(r"stopped by SIGINT at step (\d+)/400", err).group(1))
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == f"step_{step:08d}"
+    assert _the_run(mlflow_uri)[1].info.status == "KILLED"
 
 
 @pytest.mark.slow
@@ -263,3 +371,55 @@ def test_bf16_pretraining_runs_the_whole_loop(precision, digits_shards, tmp_path
     assert result["step"] == 6 and math.isfinite(result["final_loss"]) and result["val/samples"] > 0
     model = load_pretrained(result["export"])
     assert next(model.parameters()).dtype == torch.float32  # exports are fp32 whatever the training precision
+
+
+def _damage(shards: Path, out: Path) -> Path:
+    """A copy of the shard set with three kinds of damage: train-000000's index count lowered by 10
+    (the tar holds more), train-000001.tar cut in half, one image of train-000002.tar overwritten."""
+    import shutil
+    import tarfile
+
+    shutil.copytree(shards, out)
+    index = json.loads((out / "index.json").read_text())
+    for where in (index["splits"]["train"]["shards"][0], index["splits"]["train"], index["totals"]):
+        where["num_samples"] -= 10
+    (out / "index.json").write_text(json.dumps(index))
+    cut = out / "train-000001.tar"
+    with open(cut, "r+b") as f:
+        f.truncate(cut.stat().st_size // 2)
+    with tarfile.open(out / "train-000002.tar") as tar:
+        member = next(m for m in tar.getmembers() if m.name.endswith(".png"))
+    with open(out / "train-000002.tar", "r+b") as f:
+        f.seek(member.offset_data)
+        f.write(b"\0" * member.size)
+    return out
+
+
+@pytest.mark.slow
+def test_damaged_data_is_counted_in_the_summary_results_and_mlflow_and_strict_data_fails(digits_shards, tmp_path):
+    from mlflow import MlflowClient
+
+    damaged = _damage(digits_shards, tmp_path / "damaged")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    common = ["pretrain", "--data.shards", str(damaged), "--data.image-size", "16", "--data.batch-size", "64",
+              "--data.num-workers", "0", "--model.preset", "micro/4", "--train.steps", "26", "--train.eval-every", "0",
+              "--train.log-every", "5", "--checkpoint.every-steps", "0", "--tracking.uri", uri,
+              "--no-tracking.system-metrics"]
+    proc = _vitpipe([*common, "--out", str(tmp_path / "run")])  # one epoch: every shard is read
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["data/damaged_shards"] == 2 and results["data/skipped_samples"] == 1, results
+    problems = results["data_problems"]
+    assert "holds more than the 490 samples" in problems["damaged_shards"]["train-000000.tar"]
+    assert "ends after" in problems["damaged_shards"]["train-000001.tar"]
+    assert problems["skipped_samples"][0]["shard"] == "train-000002.tar"
+    summary = proc.stderr.strip().splitlines()[-1]
+    assert "DAMAGED DATA: 2 shards, 1 samples skipped" in summary, summary
+    run = MlflowClient(uri).get_run(results["run_id"])
+    assert run.data.metrics["data/damaged_shards"] == 2 and run.data.metrics["data/skipped_samples"] == 1
+    assert "data_problems.json" in {a.path for a in MlflowClient(uri).list_artifacts(results["run_id"])}
+
+    strict = _vitpipe([*common, "--out", str(tmp_path / "strict"), "--strict-data"], check=False)
+    assert strict.returncode == 2, strict.stderr[-3000:]
+    errors = [line for line in strict.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "--strict-data: damaged data in" in errors[0] and "vitpipe verify" in errors[0], errors
+    assert not (tmp_path / "strict" / "results.json").exists()

@@ -1,4 +1,5 @@
-"""MLflow tracking: one run per job, FINISHED/FAILED (signals too), reopen on resume, unreachable servers."""
+"""MLflow tracking: one run per job, FINISHED/FAILED/KILLED (signals), reopen on resume without duplicate
+points, unreachable servers, a server that dies mid-run and comes back."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import pytest
 from mlflow import MlflowClient
 
 from vit.train.config import TrackingSection
-from vit.tracking.tracker import Tracker, check_reachable, flatten, resolve_uri, tracked
+from vit.tracking.tracker import Stopped, Tracker, check_reachable, flatten, resolve_uri, tracked
+from vit.train.stopping import StopOnSignal
 from vitpipe.errors import UserError
 
 
@@ -76,19 +78,39 @@ def test_sqlite_store_keeps_artifacts_beside_the_database(tmp_path, monkeypatch)
     assert artifact_location(f"sqlite:///{tmp_path / 'a' / 'x.db'}") == (tmp_path / "a" / "mlartifacts").as_uri()
 
 
-def test_run_failed_on_exception_and_signal(mlflow_uri):
+def test_run_failed_on_exception_killed_on_signal(mlflow_uri):
     with pytest.raises(RuntimeError):
         with tracked(_open(mlflow_uri)) as t1:
             raise RuntimeError("boom")
-    with pytest.raises(SystemExit) as exc:
-        with tracked(_open(mlflow_uri)) as t2:
-            os.kill(os.getpid(), signal.SIGTERM)
+    with pytest.raises(Stopped) as exc:
+        with StopOnSignal(timeout_s=25), tracked(_open(mlflow_uri)) as t2:
+            os.kill(os.getpid(), signal.SIGTERM)  # outside the training steps: stops at once
             time.sleep(5)  # the handler raises before this ends
     assert exc.value.code == 128 + signal.SIGTERM
     client = MlflowClient(mlflow_uri)
     assert client.get_run(t1.run_id).info.status == "FAILED"
-    assert client.get_run(t2.run_id).info.status == "FAILED"
+    assert client.get_run(t2.run_id).info.status == "KILLED"
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handler restored after the job
+
+
+def test_a_signal_during_the_close_does_not_interrupt_it(mlflow_uri):
+    """torchrun SIGTERMs the ranks that survive a dead one, often while they are closing the run:
+    the close finishes, and the signal acts after it."""
+    t = _open(mlflow_uri)
+    end = t.end
+
+    def slow_end(status, **kw):
+        os.kill(os.getpid(), signal.SIGTERM)  # arrives in the middle of the close
+        time.sleep(0.5)
+        end(status, **kw)
+
+    t.end = slow_end
+    with pytest.raises(Stopped):
+        with StopOnSignal(timeout_s=25):
+            with pytest.raises(RuntimeError):
+                with tracked(t):
+                    raise RuntimeError("rank 1 died")
+    assert MlflowClient(mlflow_uri).get_run(t.run_id).info.status == "FAILED"
 
 
 def test_resume_reopens_the_same_run(mlflow_uri):
@@ -136,8 +158,169 @@ def test_unreachable_server_warns_fast_or_fails_fast():
         Tracker.open(TrackingSection(uri=uri, fail_fast=True), is_main=True, params={}, tags={})
 
 
-def test_logging_failure_mid_run_turns_tracking_off(mlflow_uri, capsys):
+def test_a_record_the_store_refuses_is_said_and_skipped(mlflow_uri, capsys):
     t = _open(mlflow_uri)
-    t.log_artifact("/no/such/file")  # fails inside MLflow: warned once, then a no-op
-    assert not t.active and "tracking is off" in capsys.readouterr().err
+    t.log_artifact("/no/such/file")  # fails inside MLflow: said, skipped, tracking goes on
     t.log_metrics({"x": 1.0}, step=1)
+    t.end("FINISHED")
+    assert "MLflow refused to log artifact /no/such/file" in capsys.readouterr().err
+    client = MlflowClient(mlflow_uri)
+    assert [m.value for m in client.get_metric_history(t.run_id, "x")] == [1.0]
+    assert client.get_run(t.run_id).info.status == "FINISHED"
+    assert t.unlogged["artifacts"] == ["file"]  # and counted among what was not logged
+
+
+def test_a_relaunch_logs_no_step_twice(mlflow_uri):
+    """Killed after logging step 15 while the checkpoint it resumes from is at step 10: the
+    replayed steps 11-15 are not logged again."""
+    first = _open(mlflow_uri)
+    for step in (5, 10, 15):
+        first.log_metrics({"train/loss": 1.0 / step, "val/top1": 0.1}, step)
+    first.flush()  # then SIGKILL: the run is never closed
+    section = TrackingSection(uri=mlflow_uri, experiment="t", system_metrics=False)
+    again = Tracker.open(section, is_main=True, params={}, tags={}, resume_run_id=first.run_id)
+    with tracked(again):
+        for step in (15, 20):  # the replay from step 10 reaches 15 again
+            again.log_metrics({"train/loss": 1.0 / step, "val/top1": 0.2}, step)
+    client = MlflowClient(mlflow_uri)
+    assert [m.step for m in client.get_metric_history(first.run_id, "train/loss")] == [5, 10, 15, 20]
+    assert [(m.step, m.value) for m in client.get_metric_history(first.run_id, "val/top1")] == [
+        (5, 0.1), (10, 0.1), (15, 0.1), (20, 0.2)]
+
+
+class _Server:
+    """A real `mlflow server` on 127.0.0.1 with a SQLite store, stopped and started again at will
+    (same port, same store), as a tracking server that is restarted mid-run."""
+
+    def __init__(self, root):
+        from vit.train.distributed import free_port
+
+        self.root, self.port = root, free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._ctx = None
+
+    def start(self):
+        from local_server import local_server, venv_command
+
+        self._ctx = local_server([venv_command("mlflow"), "server", "--backend-store-uri",
+                                  f"sqlite:///{self.root / 'mlflow.db'}", "--artifacts-destination",
+                                  str(self.root / "artifacts"), "--host", "127.0.0.1", "--port", str(self.port),
+                                  "--workers", "1"], f"{self.url}/health", self.root / "server.log")
+        self._ctx.__enter__()
+
+    def stop(self):
+        self._ctx.__exit__(None, None, None)
+        self._ctx = None
+
+
+@pytest.fixture(scope="module")
+def _one_server(tmp_path_factory):
+    server = _Server(tmp_path_factory.mktemp("mlflow_server"))
+    yield server
+    if server._ctx is not None:
+        server.stop()
+
+
+@pytest.fixture
+def mlflow_server(_one_server):
+    """The module's server, running (a test before may have left it stopped); started once per module."""
+    if _one_server._ctx is None:
+        _one_server.start()
+    return _one_server
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_a_server_that_dies_mid_run_gets_every_record_once_back_or_says_what_it_lacks(mlflow_server, tmp_path,
+                                                                                     capsys):
+    """Two runs on a real `mlflow server` that is stopped mid-run: logging never waits; once the
+    server is back the first run gets everything; the server goes away for good before the second
+    closes, which then says exactly what it did not get, within tracking.flush_timeout_s."""
+    t = _open(mlflow_server.url)
+    section = TrackingSection(uri=mlflow_server.url, experiment="t", system_metrics=False, flush_timeout_s=3)
+    t2 = Tracker.open(section, is_main=True, params={"a": 1}, tags={})
+    for tracker in (t, t2):
+        tracker.log_metrics({"train/loss": 2.0}, 1)
+        assert tracker.flush(10) is None
+    mlflow_server.stop()
+    started = time.monotonic()
+    for step in range(2, 52):  # while the server is down: queued, training never waits
+        t.log_metrics({"train/loss": 2.0 / step}, step)
+    (tmp_path / "report.txt").write_text("hello")
+    t.log_artifact(tmp_path / "report.txt")
+    assert time.monotonic() - started < 1.0
+    time.sleep(3)  # the writers notice and hold the records
+    assert "stopped answering" in capsys.readouterr().err
+
+    mlflow_server.start()
+    with tracked(t):
+        pass
+    assert t.unlogged is None
+    client = MlflowClient(mlflow_server.url)
+    assert [m.step for m in client.get_metric_history(t.run_id, "train/loss")] == list(range(1, 52))
+    assert [a.path for a in client.list_artifacts(t.run_id)] == ["report.txt"]
+    assert client.get_run(t.run_id).info.status == "FINISHED"
+
+    mlflow_server.stop()  # for good
+    for step in range(2, 12):
+        t2.log_metrics({"train/loss": 1.0, "train/lr": 0.1}, step)
+    t2.log_artifacts(tmp_path, "model")
+    started = time.monotonic()
+    with tracked(t2):
+        pass
+    assert time.monotonic() - started < 20  # bounded by tracking.flush_timeout_s (and one attempt's timeout)
+    u = t2.unlogged
+    assert u["metric_points"] == 20 and u["metrics"]["train/loss"] == {"points": 10, "first_step": 2, "last_step": 11}
+    assert u["artifacts"] == [f"model/{tmp_path.name}"] and u["status"] == "FINISHED"
+    err = capsys.readouterr().err
+    assert f"NOT logged to {mlflow_server.url} (unreachable since" in err
+    assert "20 metric points (train/loss steps 2-11, train/lr steps 2-11)" in err and "final status FINISHED" in err
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_training_goes_on_while_its_server_is_restarted_and_the_run_is_whole(mlflow_server, digits_shards,
+                                                                             tmp_path):
+    """`vitpipe pretrain` logging to a real server that is stopped after step 10 and started again:
+    the steps trained meanwhile are logged (with the time they were trained), nothing twice, the
+    run FINISHED with its model, and the summary names it as whole."""
+    import json
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "vitpipe.cli", "pretrain", "--data.shards", str(digits_shards),
+                             "--data.image-size", "16", "--data.batch-size", "32", "--data.num-workers", "0",
+                             "--model.preset", "micro/4", "--train.steps", "150", "--train.eval-every", "0",
+                             "--train.log-every", "5", "--checkpoint.every-steps", "0", "--tracking.uri",
+                             mlflow_server.url, "--no-tracking.system-metrics", "--tracking.flush-timeout-s", "180",
+                             "--out", str(tmp_path / "run")], env=env, stderr=subprocess.PIPE, text=True)
+    client = MlflowClient(mlflow_server.url)
+
+    def logged() -> int:
+        try:
+            runs = client.search_runs([client.get_experiment_by_name("vitpipe").experiment_id])
+            return max(m.step for m in client.get_metric_history(runs[0].info.run_id, "train/loss"))
+        except Exception:
+            return 0
+
+    deadline = time.monotonic() + 300
+    while logged() < 10:
+        assert proc.poll() is None and time.monotonic() < deadline, "training ended before step 10 was logged"
+        time.sleep(0.2)
+    mlflow_server.stop()
+    down = time.time() * 1000
+    time.sleep(5)
+    mlflow_server.start()
+    up = time.time() * 1000
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert "tracking_unlogged" not in results
+    summary = err.strip().splitlines()[-1]
+    assert f"MLflow run {results['run_id']}" in summary and "INCOMPLETE" not in summary, summary
+    history = client.get_metric_history(results["run_id"], "train/loss")
+    assert [m.step for m in history] == list(range(5, 151, 5))
+    assert any(down < m.timestamp < up for m in history)  # trained (and held) while the server was down
+    run = client.get_run(results["run_id"])
+    assert run.info.status == "FINISHED" and "model" in {a.path for a in client.list_artifacts(run.info.run_id)}

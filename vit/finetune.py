@@ -223,9 +223,9 @@ def cli_config(args: argparse.Namespace) -> FinetuneConfig:
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    from vit.train.launch import maybe_relaunch
+    from vit.train.loop import launch_ranks
 
     cfg = cli_config(args)
-    maybe_relaunch(args, preflight=lambda: preflight(cfg))
+    launch_ranks(args, cfg, preflight)
     finetune(cfg)
     return 0

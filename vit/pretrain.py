@@ -65,9 +65,9 @@ def preflight(cfg: PretrainConfig) -> None:
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    from vit.train.launch import maybe_relaunch
+    from vit.train.loop import launch_ranks
 
     cfg = cli_config(args)
-    maybe_relaunch(args, preflight=lambda: preflight(cfg))
+    launch_ranks(args, cfg, preflight)
     pretrain(cfg)
     return 0

@@ -76,8 +76,14 @@ class CheckpointSection(StageConfig):
 
     dir: str | None = Field(None, description="checkpoint directory (shared by all nodes); empty = OUT/checkpoints")
     every_steps: int = Field(500, ge=0, description="save every N optimizer steps (and always at the end); 0 = end only")
-    keep_last: int = Field(2, ge=1, description="complete checkpoints kept; older ones are deleted")
+    keep_last: int = Field(2, ge=1, description="complete checkpoints kept; older ones are deleted once a new one "
+                                                "is complete, so the disk needs room for keep_last + 1")
     resume: bool = Field(True, description="continue from the latest complete checkpoint if there is one")
+    stop_timeout_s: float = Field(25.0, ge=0, description="on SIGTERM/SIGINT/SIGHUP (preemption, Ctrl-C) the ranks "
+                                  "stop at the next step, save a checkpoint and end the MLflow run KILLED within this "
+                                  "many seconds, else exit without; keep it below the scheduler's kill delay (Slurm "
+                                  "KillWait, Kubernetes terminationGracePeriodSeconds: 30 s by default); 0 = exit at "
+                                  "once, no checkpoint")
 
 
 class TrackingSection(StageConfig):
@@ -87,6 +93,8 @@ class TrackingSection(StageConfig):
     experiment: str = Field("vitpipe", description="MLflow experiment name")
     run_name: str | None = Field(None, description="MLflow run name; empty = generated")
     fail_fast: bool = Field(False, description="stop when the tracking server is unreachable instead of warning")
+    flush_timeout_s: float = Field(60.0, ge=0, description="at the end, how long to wait for a tracking server that "
+                                   "stopped answering mid-run before saying what it did not get")
     enabled: bool = Field(True, description="log to MLflow at all")
     system_metrics: bool = Field(True, description="log CPU/GPU/memory utilisation alongside training metrics")
 
@@ -120,6 +128,9 @@ class TrainingConfig(StageConfig):
     checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
     tracking: TrackingSection = Field(default_factory=TrackingSection)
     train: TrainSection = Field(default_factory=TrainSection)
+    strict_data: bool = Field(False, description="fail the run (--strict-data) when a shard is truncated or holds "
+                              "other counts than its index, or a sample fails to decode, instead of skipping and "
+                              "counting it (data/damaged_shards, data/skipped_samples in results.json and MLflow)")
     out: str = Field("runs/train", description="output directory: export, resolved config, checkpoints")
 
 

@@ -192,6 +192,30 @@ def broadcast_object(obj, src: int = 0):
     return box[0]
 
 
+def gather_objects(obj) -> list:
+    """Every rank's small picklable `obj`, in rank order, on every rank (a list of one for one process)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [obj]
+    out = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+class SameErrorAsRank0(SystemExit):
+    """How a rank other than 0 stops on an error every rank agreed on: quietly, since rank 0 says it."""
+
+
+def raise_on_rank0(world: World, error: BaseException, *, cause: BaseException | None = None) -> None:
+    """Stop every rank on an error all of them agreed on (after a collective): rank 0 raises `error`,
+    the others `SameErrorAsRank0` with the exit status a user error gets (2) or 1, so the user reads
+    one line, not one per rank."""
+    from vitpipe.errors import UserError
+
+    if world.is_main:
+        raise error from cause
+    raise SameErrorAsRank0(2 if isinstance(error, UserError) else 1) from error
+
+
 def destroy_process_group() -> None:
     """Leave the process group (a later `init_process_group` in this process starts a fresh one)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():

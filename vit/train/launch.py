@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
+import subprocess
 import sys
 from pathlib import Path
 from typing import Callable
@@ -78,8 +80,7 @@ def strip_launch_options(argv: list[str]) -> list[str]:
 
 def launcher_argv(args: argparse.Namespace, worker_argv: list[str], *, module: str = "vitpipe.cli") -> list[str]:
     """The full command that starts `python -m module *worker_argv` on every process of the job."""
-    if args.nproc < 1 or args.nnodes < 1:
-        raise UserError(f"--nproc {args.nproc} --nnodes {args.nnodes}: both must be >= 1")
+    check_launch_options(args)
     if not 0 <= args.node_rank < args.nnodes:
         raise UserError(f"--node-rank {args.node_rank}: must be in 0..{args.nnodes - 1} for --nnodes {args.nnodes}")
     launcher = args.launcher
@@ -109,13 +110,28 @@ def launcher_argv(args: argparse.Namespace, worker_argv: list[str], *, module: s
     return cmd + ["-m", module, *worker_argv]
 
 
+def check_launch_options(args: argparse.Namespace) -> None:
+    """One line for launch options that make no sense (before anything starts)."""
+    if args.nproc < 1 or args.nnodes < 1:
+        raise UserError(f"--nproc {args.nproc} --nnodes {args.nnodes}: both must be >= 1 (--nproc 1 is one "
+                        f"process, the default)")
+
+
 def maybe_relaunch(args: argparse.Namespace, argv: list[str] | None = None, *,
-                   preflight: Callable[[], None] | None = None) -> None:
-    """Replace this process by the launcher when the options ask for several processes; else return.
+                   preflight: Callable[[], None] | None = None,
+                   on_exit: Callable[[int, int | None], int | None] | None = None,
+                   env: dict[str, str] | None = None) -> None:
+    """Start the launcher when the options ask for several processes, and exit with its status;
+    else return (this process is the one to run, or a launched worker).
 
     `preflight`: cheap checks of the inputs (shard index, model path) run once here first. Without
     them every rank would print the same error, under the launcher's report of failed ranks.
+    `on_exit(status, signal)`: called once the ranks are gone (status: the launcher's exit
+    status; signal: what this process was stopped with, or None), e.g. to close what a killed rank
+    0 left open; it may return the exit status to use instead. Without it this process is
+    replaced by the launcher. `env`: defaults for the launcher's environment.
     """
+    check_launch_options(args)
     if is_worker() or not wants_launcher(args):
         return
     if preflight is not None:
@@ -123,10 +139,63 @@ def maybe_relaunch(args: argparse.Namespace, argv: list[str] | None = None, *,
     argv = list(sys.argv[1:] if argv is None else argv)
     cmd = launcher_argv(args, strip_launch_options(argv))
     print("launching: " + " ".join(cmd), file=sys.stderr, flush=True)
-    env = dict(os.environ)
+    env = {**(env or {}), **os.environ}
     env.setdefault("OMP_NUM_THREADS", "1")  # N processes x all cores each would thrash the CPU
     sys.stdout.flush()
-    os.execvpe(cmd[0], cmd, env)
+    if on_exit is None:
+        os.execvpe(cmd[0], cmd, env)
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="vitpipe-launch-") as tmp:
+        # Where rank 0 leaves its one-line error (note_error), to be said again after torchrun's report.
+        env[ERROR_FILE] = str(Path(tmp) / "error.txt")
+        status, signum = run_launcher(cmd, env)
+        error = Path(env[ERROR_FILE]).read_text().strip() if Path(env[ERROR_FILE]).is_file() else ""
+    replaced = on_exit(status, signum)
+    if error and not signum:
+        print(error, file=sys.stderr, flush=True)
+        replaced = 2  # a user error in the ranks: not worth a retry, as in one process
+    raise SystemExit(128 + signum if signum else replaced if replaced is not None else status)
+
+
+ERROR_FILE = "VITPIPE_ERROR_FILE"
+
+
+def note_error(line: str) -> None:
+    """In a launched rank 0: hand the launching process the one line a user error printed."""
+    path = os.environ.get(ERROR_FILE)
+    if path and not Path(path).exists():
+        try:
+            Path(path).write_text(line + "\n")
+        except OSError:
+            pass
+
+
+def run_launcher(cmd: list[str], env: dict[str, str]) -> tuple[int, int | None]:
+    """Run the launcher `cmd` to its end, passing it SIGTERM/SIGINT/SIGHUP once each; returns
+    (its exit status, the first signal this process got or None).
+
+    It runs in a session of its own, so a Ctrl-C at the terminal reaches it once, through us,
+    not twice (torchrun takes a second signal as a reason to stop waiting for its ranks)."""
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    got: list[int] = []
+
+    def forward(signum, frame):
+        if signum not in got:
+            got.append(signum)
+            try:
+                proc.send_signal(signum)
+            except ProcessLookupError:
+                pass
+
+    stops = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    previous = {sig: signal.signal(sig, forward) for sig in stops}
+    try:
+        status = proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return status, (got[0] if got else None)
 
 
 def read_hostfile(path: str | Path, option: str = "--hostfile") -> dict[str, int]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -21,13 +22,15 @@ import torch
 from torch import nn
 
 from vit.train import distributed as dist
-from vit.train.checkpoint import CheckpointManager, export_checkpoint, tag_for
+from vit.train.checkpoint import RUN_RECORD, CheckpointManager, export_checkpoint, tag_for
 from vit.train.config import TrainingConfig
 from vit.train.engine import (Stepper, build_optimizer, create_engine, ds_config, input_dtype, lr_at, resolve_compile,
                         resolve_precision, set_lr)
 from vit.objectives import build_objective
 from vit.tracking.lineage import log_training_inputs
-from vit.tracking.tracker import Tracker, flatten, git_commit, resolve_uri, tracked
+from vit.tracking.tracker import (RunRecord, Stopped, Tracker, check_tracking, close_abandoned_run, describe_unlogged,
+                                  flatten, git_commit, resolve_uri, tracked)
+from vit.train.stopping import StopOnSignal
 from vitpipe.config import save_config
 from vitpipe.errors import UserError
 
@@ -99,11 +102,52 @@ def _say(world: dist.World, msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
 
+def launch_ranks(args, cfg: TrainingConfig, preflight: Callable[[TrainingConfig], None]) -> None:
+    """`vitpipe pretrain|finetune ... --nproc N`: check the inputs once, start the ranks under the
+    launcher and exit with their status when the options ask for several processes; else return.
+
+    Once the ranks are gone, this process closes the job's MLflow run if it is still RUNNING (rank
+    0 was SIGKILLed, or died with its node): KILLED when this process was stopped, else FAILED."""
+    from vit.train.launch import maybe_relaunch
+
+    def checks() -> None:
+        preflight(cfg)
+        check_tracking(cfg.tracking)  # tracking.fail_fast: one line here, not one per rank under torchrun's
+
+    def on_exit(status: int, signum: int | None) -> None:
+        if status == 0 and not signum:
+            return
+        how = "KILLED" if signum else "FAILED"
+        closed = close_abandoned_run(Path(cfg.checkpoint.dir or Path(cfg.out) / "checkpoints") / RUN_RECORD, how)
+        if closed:
+            print(f"MLflow run {closed} closed as {how}: the ranks ended without closing it", file=sys.stderr)
+
+    # torchrun's wait between SIGTERM and SIGKILL to its ranks: long enough for their checkpoint.
+    env = {"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(int(cfg.checkpoint.stop_timeout_s) + 15)}
+    maybe_relaunch(args, preflight=checks, on_exit=on_exit, env=env)
+
+
 def run_training(cfg: TrainingConfig, *, stage: str, build: Callable[[Any], Model]) -> dict[str, Any]:
-    """Train `build(train_loader)` as configured; every rank calls it. Returns the results dict."""
-    from pipeline.loader import make_eval_loader, make_train_loader
+    """Train `build(train_loader)` as configured; every rank calls it. Returns the results dict.
+
+    SIGTERM/SIGINT/SIGHUP stop it at the next step with a checkpoint (vit.train.stopping): it then
+    raises `Stopped` (a SystemExit of 128 + the signal) and its MLflow run ends KILLED."""
+    from vit.train.launch import note_error
 
     world = dist.World.from_env()
+    with StopOnSignal(timeout_s=cfg.checkpoint.stop_timeout_s, say=lambda m: _say(world, m)) as stop:
+        try:
+            return _run_training(cfg, stage=stage, build=build, world=world, stop=stop)
+        except UserError as e:
+            if world.is_main:
+                note_error(f"vitpipe {stage}: error: {e}")
+            raise
+
+
+def _run_training(cfg: TrainingConfig, *, stage: str, build: Callable[[Any], Model], world: dist.World,
+                  stop: StopOnSignal) -> dict[str, Any]:
+    from pipeline.loader import make_eval_loader, make_train_loader
+
     device = dist.device_for(world)
     ds = ds_config(cfg, device=device)  # bad DeepSpeed keys fail here, before anything is built
     precision = resolve_precision(cfg.deepspeed.precision, device)
@@ -138,7 +182,8 @@ def run_training(cfg: TrainingConfig, *, stage: str, build: Callable[[Any], Mode
                     f"steps of this run: warming up over {total_steps - 1} and never decaying; lower it")
 
     ckpt = CheckpointManager(ckpt_root, world, keep_last=cfg.checkpoint.keep_last)
-    step, epoch, history, run_id = 0, 0, [], None
+    ckpt.remove_stale_files()  # what a writer killed mid-write left
+    step, epoch, history, run_id, window = 0, 0, [], None, None
     if not cfg.checkpoint.resume and ckpt.tags():
         _say(world, f"{stage}: starting over (--no-resume): deleting the checkpoints in {ckpt_root}")
         ckpt.clear()
@@ -159,9 +204,13 @@ def run_training(cfg: TrainingConfig, *, stage: str, build: Callable[[Any], Mode
         _warn_batch_change(world, meta.get("config"), ckpt.written_by(tag), global_batch, cfg, stage)
         train_loader.set_epoch(epoch)
         train_loader.load_state_dict(rank_state["loader"])
+        window = rank_state.get("log_window")  # saved mid-window (a stop): its steps count in the next line
         _say(world, f"{stage}: resumed from {ckpt_root / tag} (step {step}/{total_steps})")
     else:
         train_loader.set_epoch(epoch)
+    record = ckpt_root / RUN_RECORD
+    if run_id is None and cfg.checkpoint.resume:  # killed before its first checkpoint: the same run goes on
+        run_id = (RunRecord(record).read() or {}).get("run_id")
 
     if world.is_main:
         save_config(cfg, out / "config.yaml")
@@ -174,16 +223,19 @@ def run_training(cfg: TrainingConfig, *, stage: str, build: Callable[[Any], Mode
     tags = {"vitpipe.stage": stage, "vitpipe.world_size": str(world.world_size),
             "vitpipe.num_nodes": str(world.num_nodes), "mlflow.source.git.commit": git_commit() or "unknown"}
     tracker = Tracker.open(cfg.tracking, is_main=world.is_main, params=params, tags=tags,
-                           resume_run_id=run_id, warn=lambda m: _say(world, m))
+                           resume_run_id=run_id, record=record, warn=lambda m: _say(world, m))
+    stop.on_expire = lambda: tracker.end("KILLED", timeout_s=2)
     log_training_inputs(tracker, cfg)  # its shard set and digest, however the run was launched
     peak = peak_flops(device, precision)
 
     with tracked(tracker):
-        results = _loop(cfg, engine=engine, objective=objective, train_loader=train_loader,
-                        eval_loader=eval_loader, world=world, device=device, ckpt=ckpt, tracker=tracker,
-                        built=built, step=step, epoch=epoch, history=history, total_steps=total_steps,
-                        steps_per_epoch=steps_per_epoch, global_batch=global_batch, peak=peak, stage=stage,
-                        resumed_from=tag)
+        with stop.deferred():
+            results = _loop(cfg, engine=engine, objective=objective, train_loader=train_loader,
+                            eval_loader=eval_loader, world=world, device=device, ckpt=ckpt, tracker=tracker,
+                            built=built, step=step, epoch=epoch, history=history, total_steps=total_steps,
+                            steps_per_epoch=steps_per_epoch, global_batch=global_batch, peak=peak, stage=stage,
+                            resumed_from=tag, stop=stop, window=window)
+        check_data(world, cfg, train_loader, eval_loader)
         export_dir = out / "export"
         final_tag = tag_for(results["step"])
         if world.is_main:
@@ -199,16 +251,65 @@ def run_training(cfg: TrainingConfig, *, stage: str, build: Callable[[Any], Mode
             tracker.log_artifact(out / "ds_config.json")
         evaluation = _final_evaluation(cfg, module, eval_loader, train_loader.class_names, world, device, out,
                                        tracker, results["step"])
+        damage = check_data(world, cfg, train_loader, eval_loader)
+        if world.is_main and (damage["data/damaged_shards"] or damage["data/skipped_samples"]):
+            tracker.log_metrics({k: v for k, v in damage.items() if k.startswith("data/")}, results["step"])
+            (out / "data_problems.json").write_text(json.dumps(damage["data_problems"], indent=2) + "\n")
+            tracker.log_artifact(out / "data_problems.json")
         dist.barrier()
         results.update(evaluation)
+        results.update(damage)
         results.update(export=str(export_dir), checkpoint_dir=str(ckpt_root), run_id=tracker.run_id,
                        tracking_uri=resolve_uri(cfg.tracking) if tracker.active else None,
                        world_size=world.world_size, stage=stage)
         results.pop("history")
         if world.is_main:
+            unlogged = tracker.flush()  # the server may have gone away: say what it lacks, do not claim the run
+            if unlogged:
+                results["tracking_unlogged"] = unlogged
+                _say(world, f"{stage}: MLflow run {tracker.run_id} is incomplete: "
+                            f"{describe_unlogged(unlogged, tracker.uri)}")
             (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
             _say(world, _summary(results))
     return results
+
+
+def _local_damage(*loaders) -> int:
+    """Damaged shards plus samples that failed to decode, seen by this rank's loaders so far."""
+    return sum(len(x.report.truncated) + len(x.report.failed_keys) for x in loaders if x is not None)
+
+
+def check_data(world: dist.World, cfg: TrainingConfig, *loaders) -> dict[str, Any]:
+    """Collective: the bad data every rank's loaders met so far, merged (damaged shards by name,
+    distinct samples that failed to decode); with `strict_data` and any of it, every rank stops
+    here (rank 0 with one line)."""
+    mine = {"shards": {}, "skipped": set(), "filled": 0, "samples": []}
+    for loader in loaders:
+        if loader is not None:
+            mine["shards"].update(loader.report.truncated)
+            mine["skipped"] |= loader.report.failed_keys
+            mine["filled"] += loader.report.filled
+            mine["samples"] += loader.report.failed[:20]
+    shards, skipped, filled, samples = {}, set(), 0, []
+    for theirs in dist.gather_objects(mine):
+        shards.update(theirs["shards"])
+        skipped |= theirs["skipped"]
+        filled += theirs["filled"]
+        samples += theirs["samples"]
+    damage = {"data/damaged_shards": len(shards), "data/skipped_samples": len(skipped),
+              "data/refilled_slots": filled,
+              "data_problems": {"damaged_shards": dict(sorted(shards.items())), "skipped_samples": samples[:20]}}
+    if cfg.strict_data and (shards or skipped):
+        what = [f"shard {name} {why}" for name, why in sorted(shards.items())[:2]]
+        if skipped:
+            first = samples[0] if samples else None
+            example = f" (e.g. {first['key']!r} of {first['shard']}: {first['detail']})" if first else ""
+            what.append(f"{len(skipped)} samples failed to decode{example}")
+        more = f" and {len(shards) - 2} more damaged shards" if len(shards) > 2 else ""
+        dist.raise_on_rank0(world, UserError(
+            f"--strict-data: damaged data in {cfg.data.shards}: {'; '.join(what)}{more}; check it with 'vitpipe "
+            f"verify {cfg.data.shards}' and re-shard, or drop --strict-data to skip and count what is damaged"))
+    return damage
 
 
 def _check_same_model(saved: dict, model_config: dict, cfg: TrainingConfig, *, where: Path) -> None:
@@ -244,7 +345,7 @@ def _warn_batch_change(world: dist.World, saved: dict | None, saved_ranks: int, 
 def _loop(cfg: TrainingConfig, *, engine, objective, train_loader, eval_loader, world: dist.World,
           device: torch.device, ckpt: CheckpointManager, tracker: Tracker, built: Model, step: int, epoch: int,
           history: list, total_steps: int, steps_per_epoch: int, global_batch: int, peak: float | None,
-          stage: str, resumed_from: str | None) -> dict[str, Any]:
+          stage: str, resumed_from: str | None, stop: StopOnSignal, window: dict | None = None) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     t_cfg = cfg.train
@@ -254,7 +355,7 @@ def _loop(cfg: TrainingConfig, *, engine, objective, train_loader, eval_loader, 
     first_loss = history[0][1] if history else None
     last = {"train/loss": None}
     val: dict[str, float] = {}
-    log = _Log()
+    log = _Log(loss_sum=window["loss_sum"], count=window["count"]) if window else _Log()
     t_start = time.perf_counter()
     bar = tqdm(total=total_steps, initial=step, disable=not world.is_main, unit="step", dynamic_ncols=True,
                desc=stage, file=sys.stderr)
@@ -285,7 +386,10 @@ def _loop(cfg: TrainingConfig, *, engine, objective, train_loader, eval_loader, 
         bar.update(1)
 
         if step % t_cfg.log_every == 0 or step == total_steps:
-            loss_sum, count = dist.all_reduce_sum([float(log.loss_sum), log.count], device)
+            loss_sum, count, damaged = dist.all_reduce_sum(
+                [float(log.loss_sum), log.count, _local_damage(train_loader, eval_loader)], device)
+            if damaged and cfg.strict_data:  # the same sum on every rank: all stop here
+                check_data(world, cfg, train_loader, eval_loader)
             elapsed = time.perf_counter() - log.t0
             ips = log.steps * global_batch / max(elapsed, 1e-9)
             mean_loss = loss_sum / max(count, 1)
@@ -310,11 +414,20 @@ def _loop(cfg: TrainingConfig, *, engine, objective, train_loader, eval_loader, 
             tracker.log_metrics(val, step)
             engine.train()
         save_now = step == total_steps or (cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0)
-        if save_now:
+        signum = stop.poll()  # collective: every rank stops at the same step, or none
+        if save_now or signum:
             meta = {"step": step, "epoch": epoch, "history": history, "run_id": tracker.run_id,
                     "stage": stage, "zero_stage": cfg.deepspeed.zero_stage, "model_config": built.model_config,
                     "config": cfg.model_dump(mode="json")}
-            ckpt.save(engine, step=step, meta=meta, rank_state={"loader": train_loader.state_dict()})
+            ckpt.save(engine, step=step, meta=meta, rank_state={
+                "loader": train_loader.state_dict(),
+                "log_window": {"loss_sum": float(log.loss_sum), "count": log.count}})
+        if signum:
+            bar.close()
+            name = signal.Signals(signum).name
+            _say(world, f"{stage}: stopped by {name} at step {step}/{total_steps}, checkpoint "
+                        f"{ckpt.root / tag_for(step)} saved; run the same command again to resume")
+            raise Stopped(signum, f"stopped by {name} at step {step}")
     bar.close()
     val = evaluate(engine, eval_loader, device, dtype=in_dtype)
     tracker.log_metrics(val, step)
@@ -392,7 +505,11 @@ def _summary(r: dict[str, Any]) -> str:
         parts.append(f"{r['images_per_s']:.0f} img/s")
     if r.get("mfu"):
         parts.append(f"MFU {100 * r['mfu']:.1f}%")
+    if r.get("data/damaged_shards") or r.get("data/skipped_samples"):
+        parts.append(f"DAMAGED DATA: {r['data/damaged_shards']} shards, {r['data/skipped_samples']} samples skipped "
+                     f"(data_problems.json)")
     parts.append(f"export {r['export']}")
     if r.get("run_id"):
-        parts.append(f"MLflow run {r['run_id']}")
+        incomplete = " (INCOMPLETE, see above)" if r.get("tracking_unlogged") else ""
+        parts.append(f"MLflow run {r['run_id']}{incomplete}")
     return ", ".join(parts)
