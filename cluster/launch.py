@@ -301,21 +301,45 @@ def exit_status(final, first_error: str = "") -> int:
     return 1
 
 
-def _preflight(command: list[str]) -> None:
-    """Parse a stage command and run its cheap input checks here, once: launched as is, each rank
-    would print the same error under the launcher's report of failed children."""
+def _stage(command: list[str]):
+    """The stage module and config of a ranked vitpipe command (None for other commands)."""
     import importlib
 
     from vitpipe.cli import COMMANDS, build_parser
 
     name = command[0]
     if name not in RANKED:
-        return
+        return None
     args, unknown = build_parser(name).parse_known_args(command)
     if unknown:
         raise UserError(f"vitpipe {name}: unrecognized arguments: {' '.join(unknown)}; see 'vitpipe {name} --help'")
     stage = importlib.import_module(COMMANDS[name][0])
-    stage.preflight(stage.cli_config(args))
+    return stage, stage.cli_config(args)
+
+
+def _preflight(command: list[str]) -> None:
+    """Parse a stage command and run its cheap input checks here, once: launched as is, each rank
+    would print the same error under the launcher's report of failed children."""
+    if found := _stage(command):
+        stage, cfg = found
+        stage.preflight(cfg)
+
+
+def _close_job_run(command: list[str], rc: int) -> None:
+    """After the ranks of a training job are gone: its MLflow run closed if rank 0 could not (it was
+    SIGKILLed, or died with its node), so no run stays RUNNING. Best effort: for Slurm, the run
+    record lies on the cluster's filesystem, which this host may not see."""
+    if rc == 0:
+        return
+    try:
+        found = _stage(command)
+    except (UserError, OSError):  # e.g. a config file only the cluster's nodes see
+        return
+    if found is None or not hasattr(found[1], "checkpoint"):  # evaluate: no checkpoints, no run record
+        return
+    from vit.train.loop import close_job_run
+
+    close_job_run(found[1], rc)
 
 
 class Stopped(Exception):
@@ -386,9 +410,13 @@ def launch(cfg: LaunchConfig, command: list[str], *, dry_run: bool = False) -> i
         # Not for Slurm: its nodes may see paths (a cluster filesystem) that the submitting host does not.
         _preflight(command)
     if cfg.backend == "slurm":
-        return run_slurm(cfg, command)
-    print(f"vitpipe launch: {plan.shell()}", file=sys.stderr, flush=True)
-    return run_stoppable(plan.argv, {**os.environ, **plan.env}, grace=cfg.stop_grace)
+        rc = run_slurm(cfg, command)
+    else:
+        print(f"vitpipe launch: {plan.shell()}", file=sys.stderr, flush=True)
+        rc = run_stoppable(plan.argv, {**os.environ, **plan.env}, grace=cfg.stop_grace)
+    if cfg.module == "vitpipe.cli":
+        _close_job_run(command, rc)
+    return rc
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -193,10 +193,12 @@ def _job(ref_cfg: Path, tmp_path: Path) -> tuple[Path, str]:
     return cfg_file, uri
 
 
-def _launch(cfg_file: Path, *extra: str) -> subprocess.Popen:
+def _launch(cfg_file: Path, *extra: str, through: tuple[str, ...] = ()) -> subprocess.Popen:
+    """`vitpipe pretrain CFG EXTRA...` in the background; `through` puts a launcher command before
+    it (e.g. ("launch", "--nproc-per-node", "2"))."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "vitpipe.cli", "pretrain", str(cfg_file), *extra], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen([sys.executable, "-m", "vitpipe.cli", *through, "pretrain", str(cfg_file), *extra],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
 def _wait_until(done, launcher: subprocess.Popen, what: str, timeout: float = 400) -> None:
@@ -259,8 +261,8 @@ def _assert_resumed_exactly(ref_root: Path, tmp_path: Path, proc, uri: str) -> d
 def test_sigkill_a_rank_then_rank0_the_runs_are_closed_and_the_relaunch_resumes_exactly(two_rank_run, tmp_path):
     """SIGKILL rank 1 (rank 0 survives, torchrun SIGTERMs it: it must close the run, and that close
     must not be cut short by the signal); relaunch, then SIGKILL rank 0 after step 25 is logged with
-    its newest checkpoint at 20 (it cannot close anything: the launching process does, from the run id
-    kept beside the checkpoints); the third launch replays steps 21-25 without logging them twice and
+    its newest checkpoint at 20 (it cannot close anything: the launching process, here `vitpipe launch`,
+    does, from the run id kept beside the checkpoints); the third launch replays steps 21-25 without logging them twice and
     ends with the uninterrupted run's loss curve."""
     ref_root, _, ref_cfg, _ = two_rank_run
     cfg_file, uri = _job(ref_cfg, tmp_path)
@@ -273,7 +275,8 @@ def test_sigkill_a_rank_then_rank0_the_runs_are_closed_and_the_relaunch_resumes_
     assert not (tmp_path / "run" / "results.json").exists()
     assert _the_run(uri)[1].info.status in ("FAILED", "KILLED"), err[-3000:]
 
-    launcher = _launch(cfg_file, "--nproc", "2")  # the same command, no resume flag
+    # The same job, no resume flag, through the cluster launcher (`vitpipe launch`, as deployments run it).
+    launcher = _launch(cfg_file, through=("launch", "--nproc-per-node", "2"))
     _wait_until(lambda: (ck / "step_00000020" / "COMPLETE.json").exists() and _logged(uri, 25)(), launcher,
                 "step 25")
     os.kill(_workers(launcher.pid)[0], signal.SIGKILL)

@@ -116,7 +116,7 @@ def model_card(config: dict[str, Any], *, source: str) -> str:
         "```",
         "",
         "vitpipe reads the folder back as it is: `vitpipe evaluate --model FOLDER`, `vitpipe finetune --init FOLDER`.",
-        *([f"", f"Classes (head output order): {', '.join(map(str, labels))}"] if labels else []),
+        *(["", f"Classes (head output order): {', '.join(map(str, labels))}"] if labels else []),
         "",
     ])
 

@@ -102,6 +102,19 @@ def _say(world: dist.World, msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
 
+def close_job_run(cfg: TrainingConfig, status: int, signum: int | None = None) -> None:
+    """For the process that launched a job's ranks, once they are gone: close the job's MLflow run if
+    it is still RUNNING (rank 0 was SIGKILLed, or died with its node): KILLED when the launch was
+    stopped by a signal (or its ranks were: exit 128 + SIGTERM/SIGINT/SIGHUP), else FAILED."""
+    if status == 0 and not signum:
+        return
+    stopped = signum or status - 128 in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    how = "KILLED" if stopped else "FAILED"
+    closed = close_abandoned_run(Path(cfg.checkpoint.dir or Path(cfg.out) / "checkpoints") / RUN_RECORD, how)
+    if closed:
+        print(f"MLflow run {closed} closed as {how}: the ranks ended without closing it", file=sys.stderr)
+
+
 def launch_ranks(args, cfg: TrainingConfig, preflight: Callable[[TrainingConfig], None]) -> None:
     """`vitpipe pretrain|finetune ... --nproc N`: check the inputs once, start the ranks under the
     launcher and exit with their status when the options ask for several processes; else return.
@@ -115,12 +128,7 @@ def launch_ranks(args, cfg: TrainingConfig, preflight: Callable[[TrainingConfig]
         check_tracking(cfg.tracking)  # tracking.fail_fast: one line here, not one per rank under torchrun's
 
     def on_exit(status: int, signum: int | None) -> None:
-        if status == 0 and not signum:
-            return
-        how = "KILLED" if signum else "FAILED"
-        closed = close_abandoned_run(Path(cfg.checkpoint.dir or Path(cfg.out) / "checkpoints") / RUN_RECORD, how)
-        if closed:
-            print(f"MLflow run {closed} closed as {how}: the ranks ended without closing it", file=sys.stderr)
+        close_job_run(cfg, status, signum)
 
     # torchrun's wait between SIGTERM and SIGKILL to its ranks: long enough for their checkpoint.
     env = {"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(int(cfg.checkpoint.stop_timeout_s) + 15)}
