@@ -288,6 +288,8 @@ def test_training_goes_on_while_its_server_is_restarted_and_the_run_is_whole(mlf
     import subprocess
     import sys
 
+    import psutil
+
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "vitpipe.cli", "pretrain", "--data.shards", str(digits_shards),
                              "--data.image-size", "16", "--data.batch-size", "32", "--data.num-workers", "0",
@@ -310,7 +312,13 @@ def test_training_goes_on_while_its_server_is_restarted_and_the_run_is_whole(mlf
         time.sleep(0.2)
     mlflow_server.stop()
     down = time.time() * 1000
-    time.sleep(5)
+    assert proc.poll() is None, "training ended while the server was stopping: raise --train.steps"
+    # Keep the server down while training goes on: 5 s and 3 s of the job's CPU time (about a dozen
+    # steps, however loaded the machine is), so some steps are trained and held while it is down.
+    job = psutil.Process(proc.pid)
+    cpu0, t0 = sum(job.cpu_times()[:2]), time.monotonic()
+    while time.monotonic() - t0 < 5 or (sum(job.cpu_times()[:2]) - cpu0 < 3 and time.monotonic() - t0 < 120):
+        time.sleep(0.2)
     mlflow_server.start()
     up = time.time() * 1000
     _, err = proc.communicate(timeout=600)
