@@ -166,6 +166,9 @@ class Run:
     index: tuple[tuple[str, int], ...] = ()
 
 
+_decode = json.JSONDecoder().decode  # json.loads less its per-call checks: run lines are ASCII text
+
+
 def _sort_key(line: bytes) -> bytes:
     return line[:line.index(b"\t")]
 
@@ -463,11 +466,10 @@ def plan_bucket(task: BucketTask, progress: Callable[[int], None] | None = None)
                 _, key, digest = line[:tab].decode("ascii").split(" ")
                 if len(lines) > 1:  # keys that collide: each gets a hash of its full source name
                     key = f"{key}_{digest}"
-                uri, size, label, split, extra = json.loads(line[tab + 1:])
-                item = SourceItem(key, uri, size, label, split, extra or {})
+                uri, size, label, split, extra = _decode(line[tab + 1:].decode("ascii"))
                 if task.split_by != "source":
                     split = split_of(key, task.val_ratio)
-                bound = _sample_bytes_bound(item)
+                bound = _sample_bytes_bound(SourceItem(key, uri, size, label, split, extra or {}))
                 if (need := bound + TAR_END_BOUND) > task.max_shard_size:
                     rejects.write("\t" + json.dumps({
                         "source": shown(uri), "reason": "too_large",

@@ -281,20 +281,24 @@ class Workers:
         futures = {pool.submit(fn, t, _QueueProgress(i) if live else None): (i, t) for i, t in enumerate(tasks)}
         reported: dict[int, int] = {}
         pending = set(futures)
-        while pending:
-            finished, pending = cf.wait(pending, timeout=0.2, return_when=cf.FIRST_COMPLETED)
-            if live:
-                for key, count, _ in self.drain():
-                    progress(count - reported.get(key, 0))
-                    reported[key] = count
-            for fut in finished:
-                i, t = futures[fut]
-                with explain_lost_workers(self.n, what(t)):
-                    result = fut.result()
-                if progress is not None and done is not None:
-                    progress(done(t, result) - reported.get(i, 0))
-                    reported[i] = done(t, result)
-                yield t, result
+        try:
+            while pending:
+                finished, pending = cf.wait(pending, timeout=0.2, return_when=cf.FIRST_COMPLETED)
+                if live:
+                    for key, count, _ in self.drain():
+                        progress(count - reported.get(key, 0))
+                        reported[key] = count
+                for fut in finished:
+                    i, t = futures[fut]
+                    with explain_lost_workers(self.n, what(t)):
+                        result = fut.result()
+                    if progress is not None and done is not None:
+                        progress(done(t, result) - reported.get(i, 0))
+                        reported[i] = done(t, result)
+                    yield t, result
+        finally:
+            for fut in pending:  # a failed task ends the phase: the others need not run on (Dask's would)
+                fut.cancel()
 
     def drain(self) -> list[tuple]:
         """Progress messages our pool's workers sent since the last call."""

@@ -634,3 +634,46 @@ def no_images_message(src: str, kind: str, num_rejected: int) -> str:
             f"{'rows with paths' if kind == 'manifest' else 'image files'} with extensions "
             f"{', '.join(sorted(IMAGE_EXTENSIONS))}")
 
+
+
+def listing_digest(src: str) -> str:
+    """sha256 identifying SRC's files (name, size, mtime): any added, removed or edited file changes
+    it. Order-free (a sum of per-file hashes), so it streams: memory does not grow with SRC."""
+    fs, root = fsspec.core.url_to_fs(src)
+    local = local_path(src)
+    total = 0
+
+    def add(rel: str, size, mtime) -> None:
+        nonlocal total
+        entry = f"{rel}\0{size}\0{mtime}".encode("utf-8", "surrogateescape")
+        total += int.from_bytes(hashlib.sha256(entry).digest(), "big")
+
+    if local is not None and os.path.isdir(local):
+        stack = [(local, "")]
+        while stack:
+            folder, rel = stack.pop()
+            try:
+                with os.scandir(folder) as it:
+                    for e in it:
+                        try:
+                            if e.is_dir():
+                                stack.append((e.path, f"{rel}{e.name}/"))
+                                continue
+                            st = e.stat()
+                            add(rel + e.name, st.st_size, st.st_mtime_ns)
+                        except OSError:
+                            add(rel + e.name, None, None)
+            except OSError:
+                add(rel, "unlistable", None)
+    elif _has_glob(src) or (local is None and fs.isdir(root)):
+        paths = fs.glob(root) if _has_glob(src) else (f"{d}/{n}" for d, _, names in fs.walk(root) for n in names)
+        for path in paths:
+            info = fs.info(path)
+            add(path, info.get("size"), info.get("mtime") or info.get("LastModified") or info.get("ETag"))
+    elif fs.exists(root):
+        info = fs.info(root)
+        add(os.path.basename(root), info.get("size"), info.get("mtime") or info.get("LastModified")
+            or info.get("ETag"))
+    else:
+        raise UserError(f"shard source {src!r} does not exist; pass a folder of images or a manifest file")
+    return f"{total % 2**256:064x}"

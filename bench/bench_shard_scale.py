@@ -1,0 +1,124 @@
+"""Sharding at scale: wall time, images/s and peak RSS of `vitpipe shard` as the collection grows.
+
+    .venv/bin/python bench/bench_shard_scale.py --sizes 20000 200000 1000000 --manifest 1000000 --work /big/tmp
+
+For each size N: N tiny real PNGs (16x16, ~100 bytes; the same pixels, so generating a million
+takes seconds) in 100 class folders, sharded by the real command line (`python -m vitpipe.cli
+shard SRC OUT`, one process, default options) in a child process whose peak RSS (ru_maxrss) is
+read when it exits. `--manifest N` also shards the first N of those files through a Parquet
+manifest split in 10 part files (a manifest folder). Goals (issue #17): peak RSS flat (at most
+1.3x from the smallest to the largest size) and images/s not falling with size (at least 0.9x).
+With `--baseline DIR` (a checkout of an older vitpipe), the same runs of that code for sizes up
+to 200,000 are shown side by side. The files go to `--work` (check its free space: about 9 KB per
+image for the files, shards and plan) and are deleted at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CLASSES = 100
+
+
+def tiny_png() -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), (200, 30, 60)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def make_files(root: Path, n: int, start: int = 0) -> None:
+    """Files start..n-1 of the collection, in 100 class folders (written with plain os calls)."""
+    data = tiny_png()
+    for c in range(CLASSES):
+        (root / f"c{c:03d}").mkdir(parents=True, exist_ok=True)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+    for i in range(start, n):
+        fd = os.open(f"{root}/c{i % CLASSES:03d}/{i:08d}.png", flags, 0o644)
+        os.write(fd, data)
+        os.close(fd)
+
+
+def make_manifest(root: Path, files: Path, n: int, parts: int = 10) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root.mkdir(parents=True, exist_ok=True)
+    per = -(-n // parts)
+    for p in range(parts):
+        ids = range(p * per, min(n, (p + 1) * per))
+        pq.write_table(pa.table({"path": [f"{files}/c{i % CLASSES:03d}/{i:08d}.png" for i in ids],
+                                 "label": [f"c{i % CLASSES:03d}" for i in ids]}), root / f"part-{p:03d}.parquet")
+    return root
+
+
+def run_shard(src: Path, out: Path, code: Path) -> dict:
+    """`vitpipe shard SRC OUT` in a child process: wall seconds, images, peak RSS (MB)."""
+    shutil.rmtree(out, ignore_errors=True)
+    env = {**os.environ, "PYTHONPATH": str(code), "TQDM_MININTERVAL": "5"}
+    cmd = [sys.executable, "-m", "vitpipe.cli", "shard", str(src), str(out)]
+    subprocess.run(["sync"], check=False)
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=code, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    summary = proc.stdout.read().decode().strip()
+    if proc.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): {summary}")
+    stats = json.loads((out / "stats.json").read_text())
+    shutil.rmtree(out)
+    return {"wall_s": wall, "images": stats["num_samples"], "rss_mb": usage.ru_maxrss / 1024,
+            "list_plan_s": stats.get("phases_s", {}).get("list_plan")}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[20_000, 200_000, 1_000_000])
+    parser.add_argument("--manifest", type=int, default=0, help="also shard a Parquet manifest of this many rows")
+    parser.add_argument("--baseline", type=Path, help="a checkout of an older vitpipe to run side by side")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/vitpipe-bench-scale"))
+    args = parser.parse_args()
+    files, out = args.work / "files", args.work / "out"
+    shutil.rmtree(args.work, ignore_errors=True)
+    rows = []
+    made = 0
+    try:
+        for n in sorted(args.sizes):
+            t = time.perf_counter()
+            make_files(files, n, start=made)  # each size is the previous one plus more files
+            made = n
+            print(f"[{n} files written in {time.perf_counter() - t:.0f}s]", file=sys.stderr, flush=True)
+            rows.append(("folder tree", n, "this", run_shard(files, out, REPO)))
+            if args.baseline and n <= 200_000:
+                rows.append(("folder tree", n, "baseline", run_shard(files, out, args.baseline)))
+            if args.manifest and args.manifest == n:
+                manifest = make_manifest(args.work / "manifest", files, n)
+                rows.append(("parquet manifest, 10 parts", n, "this", run_shard(manifest, out, REPO)))
+    finally:
+        shutil.rmtree(args.work, ignore_errors=True)
+
+    first = next(r for _, _, who, r in rows if who == "this")
+    print("| input | images | code | wall | listing+planning | images/s | peak RSS | RSS vs first | images/s vs first |")
+    print("| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for what, n, who, r in rows:
+        rate = r["images"] / r["wall_s"]
+        base_rate = first["images"] / first["wall_s"]
+        lp = f"{r['list_plan_s']:.1f} s" if r["list_plan_s"] is not None else "-"
+        print(f"| {what} | {n:,} | {who} | {r['wall_s']:.1f} s | {lp} | {rate:,.0f} | {r['rss_mb']:.0f} MB | "
+              f"{r['rss_mb'] / first['rss_mb']:.2f}x | {rate / base_rate:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
