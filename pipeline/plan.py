@@ -22,6 +22,7 @@ collection, and cut into shards by count and by a byte bound computed from file 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import heapq
 import itertools
@@ -173,11 +174,22 @@ def _sort_key(line: bytes) -> bytes:
     return line[:line.index(b"\t")]
 
 
+@contextlib.contextmanager
+def naming_errors(path):
+    """OSErrors of writes (ENOSPC from write() names no file) re-raised naming `path`."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is not None or e.errno is None:
+            raise
+        raise OSError(e.errno, e.strerror, str(path)) from e
+
+
 def write_run(lines: Iterable[bytes], path: str) -> Run:
     """Write lines (already in order) to `path`, indexing every INDEX_EVERY-th."""
     count = offset = 0
     index = []
-    with open(path, "wb", buffering=1 << 20) as f:
+    with naming_errors(path), open(path, "wb", buffering=1 << 20) as f:
         for line in lines:
             if count % INDEX_EVERY == 0:
                 index.append((_sort_key(line).decode("ascii"), offset))
@@ -438,15 +450,17 @@ class _SplitWriter:
         self._salt = split.encode() + b"\0"
 
     def add(self, line: bytes, bound: int) -> None:
-        self.f.write(line)
+        with naming_errors(self.path):
+            self.f.write(line)
         self.pairs.extend((self.offset, bound))
         self.offset += len(line)
         self.digest += int.from_bytes(hashlib.sha256(self._salt + line).digest(), "big")
 
     def close(self) -> PlannedPart:
-        self.f.close()
         index_path = self.path + ".idx"
-        with open(index_path, "wb") as f:
+        with naming_errors(self.path):
+            self.f.close()
+        with naming_errors(index_path), open(index_path, "wb") as f:
             self.pairs.tofile(f)
         return PlannedPart(self.split, self.path, index_path, len(self.pairs) // 2, self.digest % 2**256)
 
@@ -644,8 +658,10 @@ def make_plan(layout: SourceLayout, cfg: ShardConfig, state: Path, workers: "Wor
 
     shutil.rmtree(planning, ignore_errors=True)  # a plan an interrupted run left: made again below
     planning.mkdir(parents=True)
-    classes_file = planning / "classes.json"
-    classes_file.write_text(json.dumps(classes))
+    text = json.dumps(classes)
+    # named by its content: processes cache it by name (class_ids), and a later plan may differ
+    classes_file = planning / f"classes-{hashlib.sha256(text.encode()).hexdigest()[:16]}.json"
+    classes_file.write_text(text)
     runs = [r.items for r in listed if r.items.count]
     while len(runs) > FAN_IN:  # so that no planning range opens more than FAN_IN files
         merges = [MergeTask(tuple(runs[i:i + FAN_IN]), str(planning / f"runs-{len(runs)}-{i // FAN_IN}"))
@@ -720,7 +736,8 @@ def write_json_atomic(path: Path, obj) -> None:
     path = Path(path)
     tmp = path.with_name(tmp_name(path.name))
     try:
-        tmp.write_text(json.dumps(obj, indent=1) + "\n")
+        with naming_errors(path):
+            tmp.write_text(json.dumps(obj, indent=1) + "\n")
         os.replace(tmp, path)
     finally:
         if tmp.exists():

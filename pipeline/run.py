@@ -28,7 +28,7 @@ import fsspec
 from tqdm.auto import tqdm
 
 from pipeline.images import FORMAT_EXTENSIONS, BadImage, check_image, open_image, reencode
-from pipeline.plan import EncodeOptions, ShardResult, ShardTask, class_ids, tmp_name, write_json_atomic
+from pipeline.plan import EncodeOptions, ShardResult, ShardTask, class_ids, naming_errors, tmp_name, write_json_atomic
 from pipeline.sources import SourceItem, local_path, shown
 from pipeline.tar_writer import ShardTarWriter
 from vitpipe.errors import UserError
@@ -188,7 +188,8 @@ def write_shard(task: ShardTask, progress: Callable[[int, int], None] | None = N
     if samples is None:
         samples = iter_samples(task.load_items(), task.class_ids, task.options)
     try:
-        with open(tmp, "wb") as f, ShardTarWriter(f, writeback_every=4 << 20, background=background) as writer:
+        with naming_errors(final), open(tmp, "wb") as f, \
+                ShardTarWriter(f, writeback_every=4 << 20, background=background) as writer:
             for _, sample in samples:
                 if isinstance(sample, dict):
                     failures.append(sample)

@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 from pipeline.images import describe_conversions
 from pipeline.index import FORMAT, INDEX_NAME, VERSION
 from pipeline.plan import (_NOT_PLANNED, PLAN_FORMAT, TMP_MARK, NoImages, Plan, ShardResult, ShardTask,
-                           failure_records, make_plan, write_json_atomic)
+                           failure_records, make_plan, naming_errors, write_json_atomic)
 from pipeline.run import STATE_DIR, Workers, receipt, receipt_failures, run_tasks
 from pipeline.sources import SourceLayout, describe_source, local_path, shown
 from vitpipe.config import ByteSize, StageConfig, add_config_arguments, config_from_args, save_config
@@ -308,7 +308,8 @@ def _write_all(cfg: ShardConfig, out: Path, layout: SourceLayout, plan: Plan, wo
 
     reasons: Counter = Counter()
     example: dict[str, dict] = {}
-    with open(out / "failures.jsonl", "w", encoding="utf-8", errors="backslashreplace") as f:
+    with naming_errors(out / "failures.jsonl"), \
+            open(out / "failures.jsonl", "w", encoding="utf-8", errors="backslashreplace") as f:
         def record(rec: dict) -> None:
             reasons[rec["reason"]] += 1
             example.setdefault(rec["reason"], rec)

@@ -289,7 +289,8 @@ def _folder_parts(root: str, split_from_source: bool) -> list[ListingPart]:
 def _class_parts(folder: str, prefix: str, split: str | None, classes: list[str]) -> list[ListingPart]:
     """The loose files of `folder`, then one part per class folder in it."""
     parts = [ListingPart("files", folder, prefix, split=split, in_class_tree=bool(classes))]
-    return parts + [ListingPart("tree", os.path.join(folder, c), f"{prefix}{c}/", label=c, split=split)
+    # A class is named by its folder, as text: bytes that are not UTF-8 shown as \xNN (see `shown`).
+    return parts + [ListingPart("tree", os.path.join(folder, c), f"{prefix}{c}/", label=shown(c), split=split)
                     for c in classes]
 
 
