@@ -648,6 +648,9 @@ def make_plan(layout: SourceLayout, cfg: ShardConfig, state: Path, workers: "Wor
             results[t.id] = r
             parts_done += len(t.parts)
             bar.set_postfix(parts=f"{parts_done}/{len(layout.parts)}", refresh=False)
+            # no count of files before listing them: the ETA assumes the parts left hold as many as those done
+            bar.total = bar.n if parts_done == len(layout.parts) else int(bar.n * len(layout.parts) / parts_done)
+            bar.refresh()
     listed = [results[t.id] for t in tasks]
     num_items = sum(r.items.count for r in listed)
     num_rejected = sum(r.rejects.count for r in listed)
