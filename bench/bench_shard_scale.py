@@ -9,7 +9,9 @@ read when it exits. `--manifest N` also shards the first N of those files throug
 manifest split in 10 part files (a manifest folder). Goals (issue #17): peak RSS flat (at most
 1.3x from the smallest to the largest size) and images/s not falling with size (at least 0.9x).
 With `--baseline DIR` (a checkout of an older vitpipe), the same runs of that code for sizes up
-to 200,000 are shown side by side. The files go to `--work` (check its free space: about 9 KB per
+to 200,000 are shown side by side. `--index-shards N` also writes a real set of N shards (2 tiny
+images each) and times what a consumer does with its index: `load_index`, building the training
+loaders of 8 ranks (equal steps), and `vitpipe verify --sample 100` and of all shards. The files go to `--work` (check its free space: about 9 KB per
 image for the files, shards and plan) and are deleted at the end.
 """
 
@@ -83,11 +85,42 @@ def run_shard(src: Path, out: Path, code: Path) -> dict:
             "list_plan_s": stats.get("phases_s", {}).get("list_plan")}
 
 
+def index_at_scale(work: Path, num_shards: int) -> list[tuple[str, float]]:
+    """Seconds for what consumers do with an index of `num_shards` real shards."""
+    from pipeline.index import load_index
+    from pipeline.loader import DataConfig, TrainLoader
+
+    files, out = work / "index-files", work / "index-shards"
+    make_files(files, 2 * num_shards)
+    subprocess.run([sys.executable, "-m", "vitpipe.cli", "shard", str(files), str(out), "--val-ratio", "0",
+                    "--max-samples-per-shard", "2"], check=True, capture_output=True, cwd=REPO,
+                   env={**os.environ, "PYTHONPATH": str(REPO)})
+    timings = []
+    t = time.perf_counter()
+    index = load_index(str(out))
+    timings.append((f"load_index ({index['totals']['num_shards']:,} shards)", time.perf_counter() - t))
+    t = time.perf_counter()
+    loaders = [TrainLoader(DataConfig(shards=str(out), batch_size=64, num_workers=0), index, rank=r,
+                           world_size=8, seed=0, return_keys=False) for r in range(8)]
+    assert len({len(loader) for loader in loaders}) == 1
+    timings.append(("TrainLoader for each of 8 ranks", time.perf_counter() - t))
+    for label, extra in (("vitpipe verify --sample 100", ["--sample", "100"]),
+                         ("vitpipe verify --workers 2 (all)", ["--workers", "2"])):
+        t = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "vitpipe.cli", "verify", str(out), *extra], check=True,
+                       capture_output=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+        timings.append((label, time.perf_counter() - t))
+    shutil.rmtree(files)
+    shutil.rmtree(out)
+    return timings
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[20_000, 200_000, 1_000_000])
     parser.add_argument("--manifest", type=int, default=0, help="also shard a Parquet manifest of this many rows")
     parser.add_argument("--baseline", type=Path, help="a checkout of an older vitpipe to run side by side")
+    parser.add_argument("--index-shards", type=int, default=0, help="also time an index of this many real shards")
     parser.add_argument("--work", type=Path, default=Path("/tmp/vitpipe-bench-scale"))
     args = parser.parse_args()
     files, out = args.work / "files", args.work / "out"
@@ -106,6 +139,7 @@ def main() -> None:
             if args.manifest and args.manifest == n:
                 manifest = make_manifest(args.work / "manifest", files, n)
                 rows.append(("parquet manifest, 10 parts", n, "this", run_shard(manifest, out, REPO)))
+        index_timings = index_at_scale(args.work, args.index_shards) if args.index_shards else []
     finally:
         shutil.rmtree(args.work, ignore_errors=True)
 
@@ -118,6 +152,10 @@ def main() -> None:
         lp = f"{r['list_plan_s']:.1f} s" if r["list_plan_s"] is not None else "-"
         print(f"| {what} | {n:,} | {who} | {r['wall_s']:.1f} s | {lp} | {rate:,.0f} | {r['rss_mb']:.0f} MB | "
               f"{r['rss_mb'] / first['rss_mb']:.2f}x | {rate / base_rate:.2f}x |")
+    if index_timings:
+        print("\n| with an index of many shards | seconds |\n| --- | ---: |")
+        for label, seconds in index_timings:
+            print(f"| {label} | {seconds:.2f} |")
 
 
 if __name__ == "__main__":

@@ -95,7 +95,7 @@ class ShardTask:
             with open(path, "rb") as f:
                 f.seek(offset)
                 for line in itertools.islice(f, count):
-                    key, uri, size, label, extra = json.loads(line)
+                    key, uri, size, label, _, extra, _ = json.loads(line)
                     items.append(SourceItem(key, uri, size, label, self.split, extra or {}))
         return items
 
@@ -268,13 +268,6 @@ class SortedSpool:
         return merge_runs([r for level in self._levels for r in level], self.path)
 
 
-def read_payloads(run: Run) -> Iterator[bytes]:
-    """The payloads of a run's lines (what follows the sort key), in order."""
-    with open(run.path, "rb") as f:
-        for line in f:
-            yield line[line.index(b"\t") + 1:]
-
-
 # ---------------------------------------------------------------------------------------------
 # 1. Listing
 
@@ -309,9 +302,10 @@ class ListResult:
 
 
 def item_line(name: str, item: SourceItem, sample_order: str) -> str:
-    """A listed item as a run line: sort key (order, key, hash of its full name), then payload."""
+    """A listed item as a run line: sort key (order, key, hash of its full name), then payload
+    (with the sample's byte bound, worked out here, on the listing workers, for its key as listed)."""
     order = hashlib.sha256(b"order:" + item.key.encode()).hexdigest() if sample_order == "shuffled" else ""
-    payload = json.dumps([item.uri, item.size, item.label, item.split, item.extra or None])
+    payload = json.dumps([item.uri, item.size, item.label, item.split, item.extra or None, _sample_bytes_bound(item)])
     return f"{order} {item.key} {name_digest(name)}\t{payload}\n"
 
 
@@ -478,12 +472,13 @@ def plan_bucket(task: BucketTask, progress: Callable[[int], None] | None = None)
             for line in lines:
                 tab = line.index(b"\t")
                 _, key, digest = line[:tab].decode("ascii").split(" ")
+                payload = line[tab + 1:]
+                uri, size, label, split, extra, bound = _decode(payload.decode("ascii"))
                 if len(lines) > 1:  # keys that collide: each gets a hash of its full source name
                     key = f"{key}_{digest}"
-                uri, size, label, split, extra = _decode(line[tab + 1:].decode("ascii"))
+                    bound = _sample_bytes_bound(SourceItem(key, uri, size, label, split, extra or {}))
                 if task.split_by != "source":
                     split = split_of(key, task.val_ratio)
-                bound = _sample_bytes_bound(SourceItem(key, uri, size, label, split, extra or {}))
                 if (need := bound + TAR_END_BOUND) > task.max_shard_size:
                     rejects.write("\t" + json.dumps({
                         "source": shown(uri), "reason": "too_large",
@@ -495,7 +490,8 @@ def plan_bucket(task: BucketTask, progress: Callable[[int], None] | None = None)
                     continue
                 if split not in writers:
                     writers[split] = _SplitWriter(split, os.path.join(task.folder, f"b{task.index:06d}-{split}.plan"))
-                writers[split].add(json.dumps([key, uri, size, label, extra]).encode("ascii") + b"\n", bound)
+                # [key, *payload]: keys are plain ASCII, so no JSON escaping is needed
+                writers[split].add(b'["' + key.encode("ascii") + b'",' + payload[1:], bound)
             done += len(lines)
             if progress and done >= 16384:
                 progress(done)
@@ -510,18 +506,15 @@ def bucket_tasks(runs: list[Run], num_items: int, cfg: ShardConfig, folder: str)
     wanted = max(1, math.ceil(num_items / BUCKET_LINES))
     samples = sorted({_group(key.encode("ascii") + b"\t") for r in runs for key, _ in r.index})
     step = len(samples) / wanted
-    cuts = sorted({samples[int(i * step)] for i in range(1, wanted)} - {samples[0]} if samples else set())
+    cuts = sorted({samples[int(i * step)] for i in range(1, wanted)}) if samples else []
     bounds = [None, *cuts, None]
+    keys = [[k.encode("ascii") for k, _ in r.index] for r in runs]
     tasks = []
-    for i, (lo, hi) in enumerate(zip(bounds, bounds[1:])):
+    for i, (lo, hi) in enumerate(itertools.pairwise(bounds)):
         starts = []
-        for r in runs:
-            if lo is None:
-                starts.append((r.path, 0))
-                continue
-            # the last indexed line below lo: every line before it is below lo too
-            keys = [k.encode("ascii") for k, _ in r.index]
-            j = bisect_left(keys, lo) - 1
+        for r, run_keys in zip(runs, keys, strict=True):
+            # from the last indexed line below lo: every line before it is below lo too
+            j = bisect_left(run_keys, lo) - 1 if lo is not None else -1
             starts.append((r.path, r.index[j][1] if j >= 0 else 0))
         tasks.append(BucketTask(i, lo, hi, tuple(starts), cfg.split_by, cfg.val_ratio, cfg.max_shard_size, folder))
     return tasks

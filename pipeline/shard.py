@@ -135,6 +135,9 @@ def _check_out(out: Path, cfg: ShardConfig) -> None:
         # (Without a plan no shard was written: an earlier run stopped while listing or planning.)
         raise UserError(f"OUT {str(out)!r} holds another shard set: its {changed}; "
                         f"pass --overwrite to replace it, or choose another OUT")
+    elif (fmt := _plan_format(out)) not in (None, PLAN_FORMAT):
+        raise UserError(f"OUT {str(out)!r} holds a shard set an older vitpipe planned (plan format {fmt}, now "
+                        f"{PLAN_FORMAT}); pass --overwrite to re-shard it")
     (out / STATE_DIR).mkdir(exist_ok=True)
     remove_leftovers(out)
 
@@ -165,9 +168,17 @@ def _changed_options(out: Path, cfg: ShardConfig) -> str:
                      for k, v in now.items() if before.get(k, v) != v)
 
 
+def _plan_format(out: Path) -> int | None:
+    """The plan format of the shard set in OUT (1: before plan.json said), None if none was planned."""
+    try:
+        return json.loads((out / STATE_DIR / "plan.json").read_text()).get("format", 1)
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def _adopt_plan(out: Path, plan: Plan) -> None:
     """Record the plan's fingerprint; refuse if OUT holds shards of another plan (same options,
-    but SRC's files changed since, or an older vitpipe planned them)."""
+    but SRC's files changed since)."""
     plan_file = out / STATE_DIR / "plan.json"
     try:
         previous = json.loads(plan_file.read_text())
@@ -175,9 +186,6 @@ def _adopt_plan(out: Path, plan: Plan) -> None:
         previous = None
     if previous is not None and previous.get("fingerprint") != plan.fingerprint:
         shutil.rmtree(plan.folder, ignore_errors=True)
-        if previous.get("format") != PLAN_FORMAT:
-            raise UserError(f"OUT {str(out)!r} holds a shard set an older vitpipe planned (plan format "
-                            f"{previous.get('format', 1)}, now {PLAN_FORMAT}); pass --overwrite to re-shard it")
         raise UserError(f"OUT {str(out)!r} holds another shard set: same options, but the files in SRC changed "
                         f"since (added, removed or resized); pass --overwrite to replace it, or choose another OUT")
     write_json_atomic(plan_file, {"format": PLAN_FORMAT, "fingerprint": plan.fingerprint})
@@ -217,9 +225,11 @@ def shard(cfg: ShardConfig, *, executor: cf.Executor | None = None) -> dict:
                 space.plan = plan
                 return _write_all(cfg, out, layout, plan, workers, start, phases)
         except NoImages:
-            if was_empty:  # leave OUT as it was: nothing to resume
-                shutil.rmtree(out) if created else [shutil.rmtree(p) if p.is_dir() else p.unlink()
-                                                    for p in list(out.iterdir())]
+            if was_empty:  # leave OUT as it was: there is nothing to resume
+                for p in out.iterdir():
+                    shutil.rmtree(p) if p.is_dir() else p.unlink()
+                if created:
+                    out.rmdir()
             raise
 
 

@@ -249,7 +249,8 @@ def _glob_manifest_parts(src: str) -> list[str]:
         fs, path = fsspec.core.url_to_fs(src)
         found = fs.glob(path)
     except Exception as e:  # noqa: BLE001 - any fsspec backend error: say where
-        raise UserError(f"SRC {src!r}: cannot list it ({type(e).__name__}: {e}); check the URL and credentials") from None
+        raise UserError(f"SRC {src!r}: cannot list it ({type(e).__name__}: {e}); check the URL and "
+                        f"credentials") from None
     names = sorted(p for p in found if is_manifest(p) and not p.rstrip("/").rsplit("/", 1)[-1].startswith((".", "_")))
     if not names:
         raise UserError(f"SRC {src!r} matches no manifest files (.csv, .tsv, .jsonl, .parquet); check the pattern")
@@ -425,10 +426,18 @@ def _manifest_chunks(uri: str, fmt: str, rows: int = MANIFEST_CHUNK_ROWS):
     try:
         with fsspec.open(uri, "rb") as f:
             if fmt == "parquet":
+                import pyarrow as pa
                 import pyarrow.parquet as pq
 
-                for batch in pq.ParquetFile(f).iter_batches(batch_size=rows):
-                    yield batch.to_pandas()
+                # Parquet is decoded a row group at a time (the unit its writer chose). Arrow's
+                # default allocator (mimalloc) keeps what one took; the system one gives it back.
+                pool = pa.default_memory_pool()
+                pa.set_memory_pool(pa.system_memory_pool())
+                try:
+                    for batch in pq.ParquetFile(f).iter_batches(batch_size=rows, use_threads=False):
+                        yield batch.to_pandas()
+                finally:
+                    pa.set_memory_pool(pool)
             elif fmt == "jsonl":
                 with pd.read_json(f, lines=True, dtype=False, chunksize=rows) as reader:
                     yield from reader

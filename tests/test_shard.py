@@ -1268,3 +1268,30 @@ def test_temporary_files_a_kill_leaves_are_removed_everywhere_in_out(digits_dir,
     assert stats["num_shards_written"] == 1
     assert not [p for p in out.rglob("*") if ".tmp-" in p.name]
     assert verify(str(out)) == []
+
+
+def test_a_shard_set_an_older_vitpipe_planned_asks_for_overwrite_before_listing(digits_dir, tmp_path, monkeypatch):
+    import pipeline.plan as plan
+
+    out = tmp_path / "out"
+    shard(ShardConfig(src=str(digits_dir), out=str(out), max_samples_per_shard=500))
+    (out / ".vitpipe" / "plan.json").write_text(json.dumps({"fingerprint": "0" * 64}))  # as vitpipe <= 2026-12 wrote
+    monkeypatch.setattr(plan, "list_task", lambda *a: pytest.fail("listed SRC before refusing"))
+    with pytest.raises(UserError, match=r"an older vitpipe planned \(plan format 1, now 2\); pass --overwrite"):
+        shard(ShardConfig(src=str(digits_dir), out=str(out), max_samples_per_shard=500))
+    monkeypatch.undo()
+    stats = shard(ShardConfig(src=str(digits_dir), out=str(out), max_samples_per_shard=500, overwrite=True))
+    assert stats["num_shards_written"] == stats["num_shards"]
+
+
+def test_progress_covers_listing_planning_and_writing(digits_dir, tmp_path):
+    """Listing tens of millions of files on network storage takes minutes: it has its own bar
+    (files, rate, parts done, an ETA from them), as planning and writing do, then one summary."""
+    proc = subprocess.run([sys.executable, "-m", "vitpipe.cli", "shard", str(digits_dir), str(tmp_path / "out")],
+                          capture_output=True, text=True, cwd=REPO, check=True,
+                          env={**os.environ, "TQDM_MININTERVAL": "0"})
+    bars = proc.stderr.replace("\r", "\n")
+    assert re.search(r"list images: 100%.*1797/1797 \[.*file/s, parts=11/11\]", bars), bars[-2000:]
+    assert re.search(r"plan: 100%.*1797/1797 .*img/s", bars) and re.search(r"shard images: 100%.*img/s", bars)
+    assert re.fullmatch(r"sharded 1797 images \(train \d+ / val \d+\) into \d+ shards \[\d+ written, 0 resumed\], "
+                        r"0 failures, [\d.]+ MB in [\d.]+s \(listing and planning [\d.]+s\) -> .*\n", proc.stdout)
