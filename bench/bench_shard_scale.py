@@ -4,9 +4,12 @@
 
 For each size N: N tiny real PNGs (16x16, ~100 bytes; the same pixels, so generating a million
 takes seconds) in 100 class folders, sharded by the real command line (`python -m vitpipe.cli
-shard SRC OUT`, one process, default options) in a child process whose peak RSS (ru_maxrss) is
-read when it exits. `--manifest N` also shards the first N of those files through a Parquet
-manifest split in 10 part files (a manifest folder). Goals (issue #17): peak RSS flat (at most
+shard SRC OUT`, one process, default options) in a child process whose peak RSS (VmHWM, read by
+the child as it exits: ru_maxrss would also count the benchmark's own memory, shared until exec)
+and CPU time (user + system) are recorded. Before each run the files are read once, untimed,
+so every run finds them in the page cache (the machine's other work and its disk then move the
+wall time, not the CPU time: images per CPU-second is the figure to compare across sizes). `--manifest N` also shards each size up to N through a Parquet manifest
+split in 10 part files (a manifest folder, each part one row group, as pyarrow writes them). Goals (issue #17): peak RSS flat (at most
 1.3x from the smallest to the largest size) and images/s not falling with size (at least 0.9x).
 With `--baseline DIR` (a checkout of an older vitpipe), the same runs of that code for sizes up
 to 200,000 are shown side by side. `--index-shards N` also writes a real set of N shards (2 tiny
@@ -65,11 +68,35 @@ def make_manifest(root: Path, files: Path, n: int, parts: int = 10) -> Path:
     return root
 
 
-def run_shard(src: Path, out: Path, code: Path) -> dict:
-    """`vitpipe shard SRC OUT` in a child process: wall seconds, images, peak RSS (MB)."""
+def warm(files: Path) -> None:
+    """Read every file once (untimed), so the timed run finds them in the page cache."""
+    for folder in os.scandir(files):
+        for e in os.scandir(folder.path):
+            fd = os.open(e.path, os.O_RDONLY)
+            os.read(fd, 1 << 16)
+            os.close(fd)
+
+
+# The child: the command line as `python -m vitpipe.cli`, then its own peak RSS into $PEAK_RSS_FILE.
+CHILD = """
+import os, runpy
+try:
+    runpy.run_module("vitpipe.cli", run_name="__main__")
+finally:
+    with open("/proc/self/status") as f:
+        kb = next(line.split()[1] for line in f if line.startswith("VmHWM:"))
+    with open(os.environ["PEAK_RSS_FILE"], "w") as f:
+        f.write(kb)
+"""
+
+
+def run_shard(src: Path, out: Path, code: Path, files: Path) -> dict:
+    """`vitpipe shard SRC OUT` in a child process: wall and CPU seconds, images, peak RSS (MB)."""
     shutil.rmtree(out, ignore_errors=True)
-    env = {**os.environ, "PYTHONPATH": str(code), "TQDM_MININTERVAL": "5"}
-    cmd = [sys.executable, "-m", "vitpipe.cli", "shard", str(src), str(out)]
+    warm(files)
+    peak_file = out.parent / "peak-rss-kb"
+    env = {**os.environ, "PYTHONPATH": str(code), "TQDM_MININTERVAL": "5", "PEAK_RSS_FILE": str(peak_file)}
+    cmd = [sys.executable, "-c", CHILD, "shard", str(src), str(out)]
     subprocess.run(["sync"], check=False)
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=code, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
@@ -78,10 +105,11 @@ def run_shard(src: Path, out: Path, code: Path) -> dict:
     proc.returncode = os.waitstatus_to_exitcode(status)
     summary = proc.stdout.read().decode().strip()
     if proc.returncode:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): {summary}")
+        raise RuntimeError(f"vitpipe shard {src} {out} failed ({proc.returncode}): {summary}")
     stats = json.loads((out / "stats.json").read_text())
     shutil.rmtree(out)
-    return {"wall_s": wall, "images": stats["num_samples"], "rss_mb": usage.ru_maxrss / 1024,
+    return {"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime, "images": stats["num_samples"],
+            "rss_mb": int(peak_file.read_text()) / 1024,
             "list_plan_s": stats.get("phases_s", {}).get("list_plan")}
 
 
@@ -118,7 +146,8 @@ def index_at_scale(work: Path, num_shards: int) -> list[tuple[str, float]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[20_000, 200_000, 1_000_000])
-    parser.add_argument("--manifest", type=int, default=0, help="also shard a Parquet manifest of this many rows")
+    parser.add_argument("--manifest", type=int, default=0,
+                        help="also shard each size up to this one through a Parquet manifest in 10 parts")
     parser.add_argument("--baseline", type=Path, help="a checkout of an older vitpipe to run side by side")
     parser.add_argument("--index-shards", type=int, default=0, help="also time an index of this many real shards")
     parser.add_argument("--work", type=Path, default=Path("/tmp/vitpipe-bench-scale"))
@@ -133,25 +162,27 @@ def main() -> None:
             make_files(files, n, start=made)  # each size is the previous one plus more files
             made = n
             print(f"[{n} files written in {time.perf_counter() - t:.0f}s]", file=sys.stderr, flush=True)
-            rows.append(("folder tree", n, "this", run_shard(files, out, REPO)))
+            rows.append(("folder tree", n, "this", run_shard(files, out, REPO, files)))
             if args.baseline and n <= 200_000:
-                rows.append(("folder tree", n, "baseline", run_shard(files, out, args.baseline)))
-            if args.manifest and args.manifest == n:
-                manifest = make_manifest(args.work / "manifest", files, n)
-                rows.append(("parquet manifest, 10 parts", n, "this", run_shard(manifest, out, REPO)))
+                rows.append(("folder tree", n, "baseline", run_shard(files, out, args.baseline, files)))
+            if args.manifest and n <= args.manifest:
+                manifest = make_manifest(args.work / f"manifest-{n}", files, n)
+                rows.append(("parquet manifest, 10 parts", n, "this", run_shard(manifest, out, REPO, files)))
         index_timings = index_at_scale(args.work, args.index_shards) if args.index_shards else []
     finally:
         shutil.rmtree(args.work, ignore_errors=True)
 
-    first = next(r for _, _, who, r in rows if who == "this")
-    print("| input | images | code | wall | listing+planning | images/s | peak RSS | RSS vs first | images/s vs first |")
-    print("| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    first = {}
+    print("| input | images | code | wall | listing+planning | images/s | CPU | images per CPU-s | peak RSS "
+          "| RSS vs first | images per CPU-s vs first |")
+    print("| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for what, n, who, r in rows:
-        rate = r["images"] / r["wall_s"]
-        base_rate = first["images"] / first["wall_s"]
+        f = first.setdefault((what, who), r)  # each input kind and code against its own smallest run
+        per_cpu, first_per_cpu = r["images"] / r["cpu_s"], f["images"] / f["cpu_s"]
         lp = f"{r['list_plan_s']:.1f} s" if r["list_plan_s"] is not None else "-"
-        print(f"| {what} | {n:,} | {who} | {r['wall_s']:.1f} s | {lp} | {rate:,.0f} | {r['rss_mb']:.0f} MB | "
-              f"{r['rss_mb'] / first['rss_mb']:.2f}x | {rate / base_rate:.2f}x |")
+        print(f"| {what} | {n:,} | {who} | {r['wall_s']:.1f} s | {lp} | {r['images'] / r['wall_s']:,.0f} | "
+              f"{r['cpu_s']:.1f} s | {per_cpu:,.0f} | {r['rss_mb']:.0f} MB | {r['rss_mb'] / f['rss_mb']:.2f}x | "
+              f"{per_cpu / first_per_cpu:.2f}x |")
     if index_timings:
         print("\n| with an index of many shards | seconds |\n| --- | ---: |")
         for label, seconds in index_timings:

@@ -34,13 +34,12 @@ import shutil
 import socket
 import sys
 from array import array
-from bisect import bisect_left
+from bisect import bisect_left, bisect_right
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
-import numpy as np
 from tqdm.auto import tqdm
 
 from pipeline.sources import (ListingPart, SourceItem, SourceLayout, iter_part, name_digest, no_images_message, shown,
@@ -538,21 +537,22 @@ def cut_split(parts: list[PlannedPart], max_samples: int, max_bytes: int) -> lis
         slices, count, size = [], 0, TAR_END_BOUND
 
     for part in parts:
-        pairs = np.fromfile(part.index_path, dtype=np.int64).reshape(-1, 2)
-        offsets, bounds = pairs[:, 0], pairs[:, 1]
-        total = np.concatenate([[0], np.cumsum(bounds)])
+        pairs = array("q")
+        with open(part.index_path, "rb") as f:
+            pairs.fromfile(f, 2 * part.count)
+        offsets, bounds = pairs[0::2], pairs[1::2]
+        total = array("q", itertools.accumulate(bounds, initial=0))
         i, n = 0, len(bounds)
         while i < n:
             # the largest j with total[j] - total[i] <= the bytes left, within the samples left
-            j = min(n, i + max_samples - count,
-                    int(np.searchsorted(total, total[i] + (max_bytes - size), side="right")) - 1)
+            j = min(n, i + max_samples - count, bisect_right(total, total[i] + (max_bytes - size)) - 1)
             if j <= i:
                 if count == 0:  # cannot happen: items that fit in no shard were rejected
                     raise AssertionError(f"item {i} of {part.path} fits in no shard")
                 close()
                 continue
-            slices.append((part.path, int(offsets[i]), j - i))
-            count, size = count + j - i, size + int(total[j] - total[i])
+            slices.append((part.path, offsets[i], j - i))
+            count, size = count + j - i, size + total[j] - total[i]
             i = j
             if i < n:
                 close()
