@@ -34,6 +34,7 @@ import shutil
 import socket
 import sys
 from array import array
+from collections import Counter
 from bisect import bisect_left, bisect_right
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
@@ -42,6 +43,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 from tqdm.auto import tqdm
 
+from pipeline.interop import format_of_name, image_member_ext_of
 from pipeline.sources import (ListingPart, SourceItem, SourceLayout, iter_part, name_digest, no_images_message, shown,
                               sort_labels)
 from pipeline.tar_writer import TAR_END_BOUND, tar_member_bytes
@@ -118,6 +120,7 @@ class ShardResult:
     sha256: str
     failures: list[dict] = field(default_factory=list)
     num_failures: int = 0
+    conversions: dict[str, int] = field(default_factory=dict)  # images per pipeline.images.CONVERSIONS id
 
 
 def _json_len_bound(text: str | None) -> int:
@@ -293,6 +296,7 @@ class ListResult:
     rejects: Run
     labels: list[str]
     splits: list[str]
+    formats: dict[str, int] = field(default_factory=dict)  # items per format their names say (interop)
 
     @classmethod
     def from_json(cls, d: dict) -> "ListResult":
@@ -339,6 +343,7 @@ def list_task(task: ListTask, progress: Callable[[int], None] | None = None) -> 
     items, rejects = SortedSpool(f"{base}.items"), SortedSpool(f"{base}.rejects")
     labels: set[str] = set()
     splits: set[str] = set()
+    formats: Counter[str] = Counter()
     seen = 0
 
     def reject(sort_key: str, record: dict) -> None:
@@ -351,6 +356,8 @@ def list_task(task: ListTask, progress: Callable[[int], None] | None = None) -> 
     for part in task.parts:
         for name, item in iter_part(part, reject):
             items.add(item_line(name, item, task.sample_order))
+            if fmt := format_of_name(item.uri):
+                formats[fmt] += 1
             if item.label is not None:
                 labels.add(item.label)
             if item.split is not None:
@@ -361,7 +368,8 @@ def list_task(task: ListTask, progress: Callable[[int], None] | None = None) -> 
                 reported = seen
     if progress and seen > reported:
         progress(seen - reported)
-    result = ListResult(task.id, task.identity(), items.finish(), rejects.finish(), sorted(labels), sorted(splits))
+    result = ListResult(task.id, task.identity(), items.finish(), rejects.finish(), sorted(labels), sorted(splits),
+                        dict(sorted(formats.items())))
     write_json_atomic(_receipt_path(task), asdict(result))
     return result
 
@@ -414,6 +422,7 @@ class BucketResult:
     rejects: str                # too_large records, one JSON per line
     num_rejected: int
     smallest: tuple[int, int, str] | None   # (bytes a shard needs, size, uri) of the smallest rejected
+    rejected_formats: dict[str, int] = field(default_factory=dict)  # of those, per format_of_name
 
 
 def _group(line: bytes) -> bytes:
@@ -464,6 +473,7 @@ def plan_bucket(task: BucketTask, progress: Callable[[int], None] | None = None)
     writers: dict[str, _SplitWriter] = {}
     rejects_path = os.path.join(task.folder, f"b{task.index:06d}.rejects")
     num_rejected, smallest, done = 0, None, 0
+    rejected_formats: Counter[str] = Counter()
     merged = heapq.merge(*(_in_range(p, o, task.lo, task.hi) for p, o in task.runs))
     with open(rejects_path, "w", encoding="utf-8") as rejects:
         for _, group in itertools.groupby(merged, key=_group):
@@ -484,6 +494,8 @@ def plan_bucket(task: BucketTask, progress: Callable[[int], None] | None = None)
                         "detail": f"{size} bytes: a shard holding it needs --max-shard-size {need} or more "
                                   f"(tar headers, metadata, end record), not {task.max_shard_size}"}) + "\n")
                     num_rejected += 1
+                    if fmt := format_of_name(uri):
+                        rejected_formats[fmt] += 1
                     if smallest is None or need < smallest[0]:
                         smallest = (need, size, shown(uri))
                     continue
@@ -497,7 +509,8 @@ def plan_bucket(task: BucketTask, progress: Callable[[int], None] | None = None)
                 done = 0
     if progress and done:
         progress(done)
-    return BucketResult(task.index, {s: w.close() for s, w in writers.items()}, rejects_path, num_rejected, smallest)
+    return BucketResult(task.index, {s: w.close() for s, w in writers.items()}, rejects_path, num_rejected, smallest,
+                        dict(rejected_formats))
 
 
 def bucket_tasks(runs: list[Run], num_items: int, cfg: ShardConfig, folder: str) -> list[BucketTask]:
@@ -684,7 +697,11 @@ def make_plan(layout: SourceLayout, cfg: ShardConfig, state: Path, workers: "Wor
                         f"bytes: one holding the smallest ({size} bytes) needs at least {need} bytes, "
                         f"for its tar headers, .cls/.json members and the 10 KiB tar end record; raise it, "
                         f"e.g. --max-shard-size 1GB")
-    options = EncodeOptions(cfg.encode, cfg.quality, cfg.resize, cfg.size, cfg.decode_check, cfg.max_image_pixels)
+    # pass-through: one image member extension for the set (pipeline.interop), from the names kept
+    formats = sum((Counter(r.formats) for r in listed), Counter()) - sum((Counter(b.rejected_formats)
+                                                                          for b in planned), Counter())
+    options = EncodeOptions(cfg.encode, cfg.quality, cfg.resize, cfg.size, cfg.decode_check, cfg.max_image_pixels,
+                            image_member_ext_of(formats) if cfg.encode == "none" else "")
     by_split: dict[str, list[PlannedPart]] = {}
     for b in planned:
         for split, part in b.parts.items():

@@ -28,6 +28,7 @@ import fsspec
 from tqdm.auto import tqdm
 
 from pipeline.images import FORMAT_EXTENSIONS, BadImage, check_image, open_image, reencode
+from pipeline.interop import write_dali_index
 from pipeline.plan import EncodeOptions, ShardResult, ShardTask, class_ids, naming_errors, tmp_name, write_json_atomic
 from pipeline.sources import SourceItem, local_path, shown
 from pipeline.tar_writer import ShardTarWriter
@@ -79,7 +80,7 @@ def encode_sample(item: SourceItem, data: bytes, digest: str, class_ids: dict[st
         ext = opt.encode
     else:
         info = check_image(data, max_pixels=opt.max_image_pixels, decode=opt.decode_check)
-        payload, ext = data, FORMAT_EXTENSIONS[info.format]
+        payload, ext = data, opt.image_ext or FORMAT_EXTENSIONS[info.format]  # one name per set: HF datasets
     meta = {"source": shown(item.uri), "width": info.width, "height": info.height, "format": info.format,
             "label": item.label, "sha256": digest, "extra": item.extra}
     if info.conversions:  # what turns its values into 8-bit L/RGB (docs/formats.md, "Image modes")
@@ -209,7 +210,7 @@ def write_shard(task: ShardTask, progress: Callable[[int, int], None] | None = N
         if tmp.exists():
             tmp.unlink()
     result = ShardResult(task.name, task.split, n, writer.num_bytes, writer.sha256.hexdigest(), failures,
-                         len(failures))
+                         num_failures=len(failures), conversions=dict(sorted(conversions.items())))
     write_json_atomic(out / STATE_DIR / f"{task.name}.json", asdict(result))
     return result
 

@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 
 from pipeline.images import describe_conversions
 from pipeline.index import FORMAT, INDEX_NAME, VERSION
+from pipeline.interop import is_reader_file, write_reader_files
 from pipeline.plan import (_NOT_PLANNED, PLAN_FORMAT, TMP_MARK, NoImages, Plan, ShardResult, ShardTask,
                            failure_records, make_plan, naming_errors, write_json_atomic)
 from pipeline.run import STATE_DIR, Workers, receipt, receipt_failures, run_tasks
@@ -338,6 +339,7 @@ def _write_all(cfg: ShardConfig, out: Path, layout: SourceLayout, plan: Plan, wo
         "num_samples": index["totals"]["num_samples"],
         "num_failures": num_failures,
         "failures_by_reason": dict(sorted(reasons.items())),
+        "conversions": dict(sorted(sum((Counter(r.conversions) for r in results), Counter()).items())),
         "num_shards": len(tasks),
         "num_shards_written": len(todo),
         "num_shards_resumed": len(done),
@@ -349,6 +351,8 @@ def _write_all(cfg: ShardConfig, out: Path, layout: SourceLayout, plan: Plan, wo
         "workers": cfg.workers,
     }
     write_json_atomic(out / "stats.json", stats)
+    with naming_errors(out):
+        write_reader_files(out, index, tasks[0].options.image_ext if tasks else None)  # HF card, wids, DALI
     write_json_atomic(out / INDEX_NAME, index)  # last: its presence means the set is complete
     shutil.rmtree(out / STATE_DIR / "listing", ignore_errors=True)
     shutil.rmtree(plan.folder, ignore_errors=True)
@@ -365,6 +369,8 @@ def _write_all(cfg: ShardConfig, out: Path, layout: SourceLayout, plan: Plan, wo
           f"[{len(todo)} written, {len(done)} resumed], {num_failures} failures, "
           f"{stats['num_bytes'] / 1e6:.1f} MB in {duration:.1f}s (listing and planning "
           f"{phases['list_plan']:.1f}s) -> {out}")
+    if stats["conversions"]:
+        print(describe_conversions(stats["conversions"], encoded=cfg.encode != "none"))
     return stats
 
 

@@ -162,7 +162,8 @@ def verify(out: str, *, sample: int | None = None, seed: int = 0, workers: int =
             problems.append(f"{extra}: a shard file the index does not list")
         elif _TMP_MARK in extra:
             problems.append(f"{extra}: a half-written shard (an interrupted run); re-run 'vitpipe shard'")
-    problems += check_reader_files(root, index)  # the wids and DALI indexes beside the shards
+    # the wids indexes, and the DALI index of each shard checked and sound (a damaged shard's is moot)
+    problems += check_reader_files(root, index, [e["name"] for _, e in chosen if not found[e["name"]]])
     if "failures.jsonl" in present:
         with fs.open(f"{path}/failures.jsonl", "rt") as f:
             n = sum(1 for line in f if line.strip())
