@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -671,28 +672,37 @@ def test_cli_help_explains_every_option(capsys):
 # Manifests with fsspec URLs: file:// and http:// (a real http.server on 127.0.0.1)
 
 
+@contextlib.contextmanager
+def _serve(www: Path, handler):
+    """Serve folder `www` over HTTP on 127.0.0.1 with `handler` (a SimpleHTTPRequestHandler class)
+    until the context ends; yields the base URL."""
+    import functools
+    import threading
+    from http.server import ThreadingHTTPServer
+
+    www.mkdir()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler, directory=str(www)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
 @pytest.fixture
 def http_root(tmp_path):
     """Serve tmp_path/www over HTTP on 127.0.0.1 for the test's duration; yields (dir, base URL)."""
-    import functools
-    import threading
-    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+    from http.server import SimpleHTTPRequestHandler
 
     class Quiet(SimpleHTTPRequestHandler):
         def log_message(self, *args):  # keep test output clean
             pass
 
-    www = tmp_path / "www"
-    www.mkdir()
-    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(www)))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield www, f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
+    with _serve(tmp_path / "www", Quiet) as base:
+        yield tmp_path / "www", base
 
 
 def test_manifest_with_file_and_http_urls(http_root, tmp_path):
@@ -1098,10 +1108,7 @@ def test_a_folder_that_disappears_while_listing_is_reported(digits_dir, tmp_path
 def slow_http_root(tmp_path):
     """tmp_path/www over HTTP on 127.0.0.1, answering each HEAD (a size lookup) after 30 ms, as a
     far object store does; counts the HEADs per path."""
-    import functools
-    import threading
-    from collections import Counter
-    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+    from http.server import SimpleHTTPRequestHandler
 
     heads: Counter = Counter()
 
@@ -1114,17 +1121,8 @@ def slow_http_root(tmp_path):
         def log_message(self, *args):
             pass
 
-    www = tmp_path / "www"
-    www.mkdir()
-    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Slow, directory=str(www)))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield www, f"http://127.0.0.1:{server.server_address[1]}", heads
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
+    with _serve(tmp_path / "www", Slow) as base:
+        yield tmp_path / "www", base, heads
 
 
 @pytest.mark.slow
