@@ -122,6 +122,21 @@ def test_sample_checks_n_shards_drawn_by_the_seed(shards, capsys):
     assert main(["verify", str(shards), "--sample", "0"]) == 2  # argparse: must be >= 1
 
 
+def test_sample_reads_the_dali_index_of_the_drawn_shards_only(shards, monkeypatch):
+    """A stale DALI index is named by a full verify and by a sample that draws its shard; a sample
+    reads no other shard's headers for DALI (on 10,000 shards that would be most of the work)."""
+    import pipeline.interop
+
+    (shards / "train-000001.idx").write_text("stale 0 0\n")
+    assert [p.split(":")[0] for p in verify(str(shards))] == ["train-000001.idx"]
+    read = []
+    real = pipeline.interop.dali_index
+    monkeypatch.setattr(pipeline.interop, "dali_index", lambda path: read.append(path.name) or real(path))
+    drawn = {seed: verify(str(shards), sample=1, seed=seed) for seed in range(8)}
+    assert len(read) == 8 and set(read) > {"train-000001.tar"}  # one shard's headers per run: the drawn one
+    assert {tuple(p) for p in drawn.values()} == {(), tuple(verify(str(shards)))}
+
+
 @pytest.mark.multiprocess
 def test_workers_find_the_same_problems_in_the_same_order(shards):
     _flip_a_byte(shards / "train-000001.tar")
