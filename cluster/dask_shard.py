@@ -1,14 +1,20 @@
-"""Shard an image collection on a Dask cluster: the shard writers run on its workers.
+"""Shard an image collection on a Dask cluster: listing, planning and shard writing run on its workers.
 
-Call it when one machine's cores are not enough to pack a collection; the output is the same,
-byte for byte, as a local `vitpipe shard` (the shard plan never depends on who writes a shard):
+Call it when one machine is not enough to list or pack a collection; the output is the same,
+byte for byte, as a local `vitpipe shard` (the plan never depends on who lists, plans or writes).
+Each part of SRC (a few class folders, a manifest part file) is listed by a task on a worker, each
+range of the sort order is planned by another, and each shard is written by a third; this process
+only cuts the plan into shards and writes index.json, in memory that does not grow with SRC:
 
     python -m cluster.dask_shard --scheduler tcp://sched:8786 SRC OUT [vitpipe shard options]
 
 or from Python, `shard_on_dask(ShardConfig(src=..., out=...), "tcp://sched:8786")`. Start the
 cluster the way your site does (`dask scheduler` + `dask worker` per node, dask-jobqueue's
 SLURMCluster, the Dask Helm chart); every worker needs vitpipe installed, read access to SRC and
-write access to OUT (a shared filesystem), since each worker writes whole shards there.
+write access to OUT (a shared filesystem): workers write the listing and plan files under
+OUT/.vitpipe and whole shards in OUT. A worker that dies mid-task is replaced by Dask and its
+task re-run (a half-written shard is never counted); if Dask gives up on a task, the command says
+which, and re-running it resumes.
 """
 
 from __future__ import annotations

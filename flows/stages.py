@@ -169,22 +169,9 @@ def place(path: str, root: Path | None) -> str:
 
 def source_listing_digest(src: str) -> str:
     """sha256 over the source's file listing (path, size, mtime); any added, removed or edited file changes it."""
-    import fsspec
+    from pipeline.sources import listing_digest
 
-    fs, root = fsspec.core.url_to_fs(src)
-    if not fs.exists(root):
-        raise UserError(f"shard source {src!r} does not exist; pass a folder of images or a manifest file")
-    if fs.isdir(root):
-        entries = fs.find(root, detail=True)
-    else:
-        entries = {root: fs.info(root)}
-    h = hashlib.sha256()
-    for path in sorted(entries):
-        info = entries[path]
-        rel = os.path.relpath(path, root) if path != root else os.path.basename(path)
-        mtime = info.get("mtime") or info.get("LastModified") or info.get("last_modified") or ""
-        h.update(f"{rel}\0{info.get('size')}\0{mtime}\n".encode())
-    return h.hexdigest()
+    return listing_digest(src)
 
 
 # Options that change how fast shards are written, not what is written.
@@ -206,7 +193,7 @@ def _recorded_key(out: Path) -> str | None:
 
 
 @task(name="shard", **RETRIES)
-def shard_task(cfg_json: dict, key: str) -> dict:
+def shard_task(cfg_json: dict, key: str, dask_scheduler: str | None = None) -> dict:
     """Shard unless `out` already holds a complete shard set for the same key; returns {'skipped', 'stats'}.
 
     The shard directory itself is the cache (not Prefect's result store): deleting it, or editing
@@ -228,7 +215,12 @@ def shard_task(cfg_json: dict, key: str) -> dict:
         cfg = cfg.model_copy(update={"overwrite": True})
     if cfg.overwrite:
         (out / CACHE_KEY_FILE).unlink(missing_ok=True)  # the shard stage deletes only its own files
-    stats = shard(cfg)
+    if dask_scheduler:  # listing, planning and writing on the Dask cluster's workers
+        from cluster.dask_shard import shard_on_dask
+
+        stats = shard_on_dask(cfg, dask_scheduler)
+    else:
+        stats = shard(cfg)
     (out / CACHE_KEY_FILE).write_text(json.dumps({"key": key}))
     return {"skipped": False, "stats": stats}
 
@@ -244,8 +236,12 @@ def shard_table(index: dict) -> list[dict]:
 def shard_flow(src: str | None = None, out: str | None = None, config: str | None = None,
                overrides: dict[str, Any] | None = None, name: str | None = None,
                emit_ready: bool = True, tracking_uri: str | None = None,
-               experiment: str = tracking.DEFAULT_EXPERIMENT, parent_run_id: str | None = None) -> dict:
+               experiment: str = tracking.DEFAULT_EXPERIMENT, parent_run_id: str | None = None,
+               dask_scheduler: str | None = None) -> dict:
     """Shard a collection (skipped when already complete), publish its stats, emit `vitpipe.dataset.ready`.
+
+    `dask_scheduler` (tcp://HOST:8786): list, plan and write on that Dask cluster's workers
+    (`cluster.dask_shard`); the shards are the same bytes.
 
     Returns {'name', 'path', 'digest', 'skipped', 'totals', 'num_classes', 'mlflow_run_id'}.
     """
@@ -261,7 +257,7 @@ def shard_flow(src: str | None = None, out: str | None = None, config: str | Non
 
     with tracking.stage_run(uri, experiment, f"shard-{name}", parent_run_id=parent_run_id,
                             stage="shard") as run_id:
-        result = shard_task(cfg.model_dump(mode="json"), shard_cache_key(cfg))
+        result = shard_task(cfg.model_dump(mode="json"), shard_cache_key(cfg), dask_scheduler)
         index = load_index(str(out_dir))
         digest = tracking.index_digest(out_dir)
         totals = index["totals"]

@@ -46,17 +46,23 @@ _FORMAT_OF_SUFFIX = {".jpg": "jpg", ".jpeg": "jpg", ".jpe": "jpg", ".jfif": "jpg
                      ".pbm": "ppm", ".pnm": "ppm"}
 
 
+def format_of_name(uri: str) -> str | None:
+    """The member extension of the format a file's name says (None: its name says none)."""
+    name = uri.rsplit("/", 1)[-1].split("?", 1)[0]
+    dot = name.rfind(".")
+    return _FORMAT_OF_SUFFIX.get(name[dot:].lower()) if dot > 0 else None
+
+
 def image_member_ext(uris: Iterable[str]) -> str:
     """The one extension the image members of a shard set get, from its inputs' names: the format
     of the most inputs (ties: alphabetical), jpg when no name says one. Decided from the listing,
     before any byte is read, so the shards stay a pure function of the source."""
-    counts: Counter[str] = Counter()
-    for uri in uris:
-        name = uri.rsplit("/", 1)[-1].split("?", 1)[0]
-        dot = name.rfind(".")
-        fmt = _FORMAT_OF_SUFFIX.get(name[dot:].lower()) if dot > 0 else None
-        if fmt:
-            counts[fmt] += 1
+    return image_member_ext_of(Counter(fmt for uri in uris if (fmt := format_of_name(uri))))
+
+
+def image_member_ext_of(counts: dict[str, int]) -> str:
+    """image_member_ext from the inputs counted by `format_of_name` (the shard stage counts as it lists)."""
+    counts = {fmt: n for fmt, n in counts.items() if n > 0}
     if not counts:
         return DEFAULT_IMAGE_EXT
     return min(counts, key=lambda fmt: (-counts[fmt], fmt))
@@ -159,7 +165,7 @@ def dataset_card(index: dict, image_ext: str | None) -> str:
         "from datasets import load_dataset",
         "ds = load_dataset(\"FOLDER\")                  # splits: " + ", ".join(
             s for s, v in index["splits"].items() if v["num_samples"]),
-        *([f"ds = ds.cast_column(\"cls\", ClassLabel(names=[...]))  # the classes below"] if classes else []),
+        *(["ds = ds.cast_column(\"cls\", ClassLabel(names=[...]))  # the classes below"] if classes else []),
         "import wids",
         "train = wids.ShardListDataset(\"FOLDER/train.wids.json\")",
         "from nvidia.dali import fn",
@@ -212,10 +218,12 @@ def _first_image_ext(out: Path, index: dict) -> str | None:
     return None
 
 
-def check_reader_files(root: str, index: dict) -> list[str]:
+def check_reader_files(root: str, index: dict, shards: Iterable[str] | None = None) -> list[str]:
     """Problems of the reader files of the shard set in folder `root` (what `vitpipe verify` adds):
     each split's wids index must describe the shards index.json lists, and each DALI index must be
-    the one the shard's headers give. A remote set (an fsspec URL) is not checked here."""
+    the one the shard's headers give. `shards`: the shards whose DALI index to check (default all;
+    verify passes those it checked and found sound). A remote set (an fsspec URL) is not checked here."""
+    wanted = None if shards is None else set(shards)
     if "://" in root and not root.startswith("file://"):
         return []
     root = Path(root.removeprefix("file://"))
@@ -234,7 +242,8 @@ def check_reader_files(root: str, index: dict) -> list[str]:
         if found != wids_index(index, split):
             problems.append(f"{path.name}: does not describe the shards index.json lists for {split!r}; {fix}")
         for s in index["splits"][split]["shards"]:
-            if not s["num_samples"] or not (root / s["name"]).is_file():
+            if not s["num_samples"] or (wanted is not None and s["name"] not in wanted) \
+                    or not (root / s["name"]).is_file():
                 continue  # a missing shard is reported by the shard check
             idx = root / (s["name"].removesuffix(".tar") + DALI_SUFFIX)
             try:

@@ -1,10 +1,11 @@
-"""Running a shard plan: reading and checking each input, writing each shard, on one or many processes.
+"""Running the shard stage's tasks: reading and checking each input, writing each shard, on one or many processes.
 
 `write_shard(task)` is a top-level function of a picklable `ShardTask`, so a process pool or a Dask
-executor can run it. It writes `NAME.tar.tmp-<pid>`, renames it to `NAME.tar` when complete, then
-drops a receipt in `OUT/.vitpipe/` (counts, sha256, failures) that a resumed run trusts. Bad inputs
-are skipped and reported in the receipt, never fatal. `run_tasks` runs the writers in this process,
-on a process pool, or on a given executor, with a progress bar.
+executor can run it. It writes `NAME.tar.tmp-<host>-<pid>`, renames it to `NAME.tar` when complete,
+then drops a receipt in `OUT/.vitpipe/` (counts, sha256, failures) that a resumed run trusts. Bad
+inputs are skipped and reported in the receipt, never fatal. `Workers` is where the tasks of every
+phase run (this process, a process pool, or a given executor such as Dask's), and `run_tasks`
+writes the shards on it with a progress bar.
 """
 
 from __future__ import annotations
@@ -28,13 +29,12 @@ from tqdm.auto import tqdm
 
 from pipeline.images import FORMAT_EXTENSIONS, BadImage, check_image, open_image, reencode
 from pipeline.interop import write_dali_index
-from pipeline.plan import EncodeOptions, ShardResult, ShardTask
-from pipeline.sources import SourceItem, local_path
+from pipeline.plan import EncodeOptions, ShardResult, ShardTask, class_ids, naming_errors, tmp_name, write_json_atomic
+from pipeline.sources import SourceItem, local_path, shown
 from pipeline.tar_writer import ShardTarWriter
 from vitpipe.errors import UserError
 
 STATE_DIR = ".vitpipe"          # plan fingerprint and per-shard receipts, for resuming
-TMP_MARK = ".tmp-"              # NAME.tar.tmp-<pid>: never a final name
 
 
 def read_bytes(uri: str, *, size: int = 0, attempts: int = 3) -> bytes:
@@ -81,7 +81,7 @@ def encode_sample(item: SourceItem, data: bytes, digest: str, class_ids: dict[st
     else:
         info = check_image(data, max_pixels=opt.max_image_pixels, decode=opt.decode_check)
         payload, ext = data, opt.image_ext or FORMAT_EXTENSIONS[info.format]  # one name per set: HF datasets
-    meta = {"source": item.uri, "width": info.width, "height": info.height, "format": info.format,
+    meta = {"source": shown(item.uri), "width": info.width, "height": info.height, "format": info.format,
             "label": item.label, "sha256": digest, "extra": item.extra}
     if info.conversions:  # what turns its values into 8-bit L/RGB (docs/formats.md, "Image modes")
         meta["conversions"] = list(info.conversions)
@@ -109,7 +109,7 @@ def _sample(item: SourceItem, fetched: tuple[bytes, str] | Exception, class_ids:
             opt: EncodeOptions) -> Sample:
     try:
         if isinstance(fetched, Exception):
-            raise BadImage("unreadable", f"{type(fetched).__name__}: {fetched}")
+            raise BadImage("unreadable", shown(f"{type(fetched).__name__}: {fetched}"))
         data, digest = fetched
         try:
             return encode_sample(item, data, digest, class_ids, opt)
@@ -118,7 +118,7 @@ def _sample(item: SourceItem, fetched: tuple[bytes, str] | Exception, class_ids:
         except Exception as e:  # noqa: BLE001 - odd files trip decoders in odd ways
             raise BadImage("corrupt", f"{type(e).__name__}: {e}") from None
     except BadImage as e:
-        return {"source": item.uri, "reason": e.reason, "detail": e.detail}
+        return {"source": shown(item.uri), "reason": e.reason, "detail": shown(e.detail)}
 
 
 # Local files are read in the calling thread while reads are fast (page cache, local SSD): reader
@@ -163,10 +163,10 @@ def iter_samples(items: Iterable[SourceItem], class_ids: dict[str, int], opt: En
             yield item, _sample(item, fut.result(), class_ids, opt)
 
 
-def encode_chunk(items: tuple[SourceItem, ...], class_ids: dict[str, int], opt: EncodeOptions) -> list[Sample]:
+def encode_chunk(items: list[SourceItem], classes_file: str, opt: EncodeOptions) -> list[Sample]:
     """Samples of a run of items, for a pool worker (re-encoding is CPU-bound, so a shard's
     items are spread over the pool and the parent writes the shard in order)."""
-    return [s for _, s in iter_samples(items, class_ids, opt)]
+    return [s for _, s in iter_samples(items, class_ids(classes_file), opt)]
 
 
 def write_shard(task: ShardTask, progress: Callable[[int, int], None] | None = None,
@@ -181,15 +181,16 @@ def write_shard(task: ShardTask, progress: Callable[[int, int], None] | None = N
     """
     out = Path(task.out_dir)
     final = out / task.name
-    tmp = out / f"{task.name}{TMP_MARK}{os.getpid()}"
+    tmp = out / tmp_name(task.name)
     failures: list[dict] = []
     conversions: Counter[str] = Counter()
     n = 0
     layout: list[list[tuple[str, int]]] = []  # (name, size) of each member: DALI's index, without a re-read
     if samples is None:
-        samples = iter_samples(task.items, task.class_ids, task.options)
+        samples = iter_samples(task.load_items(), task.class_ids, task.options)
     try:
-        with open(tmp, "wb") as f, ShardTarWriter(f, writeback_every=4 << 20, background=background) as writer:
+        with naming_errors(final), open(tmp, "wb") as f, \
+                ShardTarWriter(f, writeback_every=4 << 20, background=background) as writer:
             for _, sample in samples:
                 if isinstance(sample, dict):
                     failures.append(sample)
@@ -209,35 +210,110 @@ def write_shard(task: ShardTask, progress: Callable[[int, int], None] | None = N
         if tmp.exists():
             tmp.unlink()
     result = ShardResult(task.name, task.split, n, writer.num_bytes, writer.sha256.hexdigest(), failures,
-                         dict(sorted(conversions.items())))
-    _write_json_atomic(out / STATE_DIR / f"{task.name}.json", asdict(result))
+                         num_failures=len(failures), conversions=dict(sorted(conversions.items())))
+    write_json_atomic(out / STATE_DIR / f"{task.name}.json", asdict(result))
     return result
 
 
-def _write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(f"{path.name}{TMP_MARK}{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
-
-
-
-def _receipt(out: Path, task: ShardTask) -> ShardResult | None:
-    """The result of a shard finished by an earlier run, if its file is there and intact in size."""
+def receipt(out: Path, task: ShardTask) -> ShardResult | None:
+    """The result of a shard finished by an earlier run, if its file is there and intact in size;
+    without its failure records (they stay in the receipt: see `receipt_failures`)."""
     path = out / STATE_DIR / f"{task.name}.json"
     try:
         r = ShardResult(**json.loads(path.read_text()))
     except (OSError, ValueError, TypeError):
         return None
     tar = out / task.name
-    if not tar.exists() or tar.stat().st_size != r.num_bytes:
+    if not tar.exists() or tar.stat().st_size != r.num_bytes or r.num_failures != len(r.failures):
         return None
+    r.failures = []
     return r
 
 
-def run_tasks(tasks: list[ShardTask], workers: int, executor: cf.Executor | None,
-               bar: tqdm, failures: int, shards: int) -> dict[str, ShardResult]:
-    """Run write_shard over tasks: in-process, on a process pool, or on a given executor.
-    `failures` and `shards`: counts so far (listing, resumed shards), shown on the progress bar.
+def receipt_failures(out: Path, name: str) -> list[dict]:
+    return json.loads((out / STATE_DIR / f"{name}.json").read_text())["failures"]
+
+
+class Workers:
+    """Where the stage's tasks run (listing, planning, writing): in this process (`n == 1`), on a
+    process pool of `n` (started on first use, kept for every phase), or on an executor given by
+    the caller (a Dask client's). `map` runs `fn(task, progress)` over tasks, results as they come."""
+
+    def __init__(self, n: int, executor: cf.Executor | None = None):
+        self.n, self.executor = n, executor
+        self.reports = None
+        self._pool: cf.ProcessPoolExecutor | None = None
+
+    @property
+    def in_process(self) -> bool:
+        return self.executor is None and self.n == 1
+
+    @property
+    def own_pool(self) -> bool:
+        return self.executor is None
+
+    def pool(self) -> cf.Executor:
+        if self.executor is not None:
+            return self.executor
+        if self._pool is None:
+            self.reports = multiprocessing.get_context("forkserver").SimpleQueue()
+            self._pool = _process_pool(self.n, initializer=_worker_init, initargs=(os.getpid(), self.reports))
+        return self._pool
+
+    def __enter__(self) -> "Workers":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)
+            self._pool = None
+
+    def map(self, fn: Callable, tasks: list, *, progress: Callable[[int], None] | None = None,
+            done: Callable[[object, object], int] | None = None, what: Callable[[object], str] = str
+            ) -> Iterator[tuple[object, object]]:
+        """(task, fn(task, progress)) per task as each finishes. `progress(k)`: k more units done,
+        fed live in-process and from our pool (through a queue), else when each task ends, from
+        `done(task, result)` (the task's units in all). `what(task)` names a task in errors."""
+        if self.in_process:
+            for t in tasks:
+                yield t, fn(t, progress)
+            return
+        pool = self.pool()
+        live = self.own_pool and progress is not None
+        futures = {pool.submit(fn, t, _QueueProgress(i) if live else None): (i, t) for i, t in enumerate(tasks)}
+        reported: dict[int, int] = {}
+        pending = set(futures)
+        try:
+            while pending:
+                finished, pending = cf.wait(pending, timeout=0.2, return_when=cf.FIRST_COMPLETED)
+                if live:
+                    for key, count, _ in self.drain():
+                        progress(count - reported.get(key, 0))
+                        reported[key] = count
+                for fut in finished:
+                    i, t = futures[fut]
+                    with explain_lost_workers(self.n, what(t)):
+                        result = fut.result()
+                    if progress is not None and done is not None:
+                        progress(done(t, result) - reported.get(i, 0))
+                        reported[i] = done(t, result)
+                    yield t, result
+        finally:
+            for fut in pending:  # a failed task ends the phase: the others need not run on (Dask's would)
+                fut.cancel()
+
+    def drain(self) -> list[tuple]:
+        """Progress messages our pool's workers sent since the last call."""
+        out = []
+        while self.reports is not None and not self.reports.empty():
+            out.append(self.reports.get())
+        return out
+
+
+def run_tasks(tasks: list[ShardTask], workers: Workers, bar: tqdm, failures: int, shards: int
+              ) -> dict[str, ShardResult]:
+    """Write the shards of `tasks` on `workers`; returns their results (failure records left in the
+    receipts). `failures` and `shards`: counts so far (listing, resumed shards), shown on the bar.
 
     With our own pool, pass-through writes whole shards in the workers (reading and hashing the
     bytes is the work; shipping them to the parent would double it), while re-encoding spreads
@@ -248,76 +324,65 @@ def run_tasks(tasks: list[ShardTask], workers: int, executor: cf.Executor | None
 
     def shard_done(r: ShardResult) -> None:
         nonlocal failures
-        failures += len(r.failures)
+        failures += r.num_failures
+        r.failures = []  # on record in the receipt; the run keeps only counts, whatever its size
         results[r.name] = r
         bar.set_postfix(failures=failures, shards=shards + len(results), refresh=False)
 
     def ticker() -> Callable[[int, int], None]:
-        base, shown = failures, failures
+        base, shown_now = failures, failures
 
         def tick(k: int, f: int) -> None:
-            nonlocal shown
+            nonlocal shown_now
             bar.update(k)
-            if base + f != shown:  # set_postfix per sample would cost more than tar's work
-                shown = base + f
-                bar.set_postfix(failures=shown, shards=shards + len(results), refresh=False)
+            if base + f != shown_now:  # set_postfix per sample would cost more than tar's work
+                shown_now = base + f
+                bar.set_postfix(failures=shown_now, shards=shards + len(results), refresh=False)
         return tick
 
-    if executor is None and (workers == 1 or (len(tasks) == 1 and tasks[0].options.encode == "none")):
+    if workers.in_process or (workers.own_pool and len(tasks) == 1 and tasks[0].options.encode == "none"):
         # one pass-through shard gains nothing from a pool: its own writer thread is the parallelism
         for t in tasks:
             shard_done(write_shard(t, ticker()))
         return results
 
-    if executor is None and tasks and tasks[0].options.encode != "none":
-        pool = _process_pool(workers, initializer=_worker_init, initargs=(os.getpid(), None))
-        try:
-            with _explain_dead_workers(workers):
-                for t, samples in _pooled_samples(pool, tasks, workers):
-                    shard_done(write_shard(t, ticker(), samples))
-        finally:
-            pool.shutdown(cancel_futures=True)
+    if workers.own_pool and tasks and tasks[0].options.encode != "none":
+        pool = workers.pool()
+        with explain_lost_workers(workers.n, "re-encoding"):
+            for t, samples in _pooled_samples(pool, tasks, workers.n):
+                shard_done(write_shard(t, ticker(), samples))
         return results
 
     # Our own pool reports per-sample progress through a queue (batched by time); a foreign
     # executor (Dask) may run on other hosts, so there the bar moves once per finished shard.
-    own_pool = executor is None
-    reports = multiprocessing.get_context("forkserver").SimpleQueue() if own_pool else None
-    pool = executor or _process_pool(workers, initializer=_worker_init, initargs=(os.getpid(), reports))
-    reported: dict[str, int] = {}
-    try:
-        futures = {pool.submit(write_shard, t, _QueueProgress(t.name) if own_pool else None, background=False): t
-                   for t in tasks}
-        pending = set(futures)
-        while pending:
-            finished, pending = cf.wait(pending, timeout=0.2, return_when=cf.FIRST_COMPLETED)
-            while reports is not None and not reports.empty():
-                name, done, _ = reports.get()
-                bar.update(done - reported.get(name, 0))
-                reported[name] = done
-            for fut in finished:
-                t = futures[fut]
-                with _explain_dead_workers(workers):
-                    r = fut.result()
-                bar.update(len(t.items) - reported.get(t.name, 0))
-                reported[t.name] = len(t.items)
-                shard_done(r)
-    finally:
-        if own_pool:
-            pool.shutdown(cancel_futures=True)
+    for _, r in workers.map(write_shard_in_worker, tasks, progress=bar.update, done=lambda t, r: t.num_items,
+                            what=lambda t: f"shard {t.name}"):
+        shard_done(r)
     return results
 
 
+def write_shard_in_worker(task: ShardTask, progress) -> ShardResult:
+    """write_shard in a worker that shares the cores with others (no writer thread)."""
+    return write_shard(task, progress, background=False)
+
+
 @contextlib.contextmanager
-def _explain_dead_workers(workers: int):
-    """A pool process killed from outside (most often by the kernel for memory) breaks the pool;
-    say what that means instead of a bare BrokenProcessPool traceback."""
+def explain_lost_workers(workers: int, what: str):
+    """A worker killed from outside (most often by the kernel for memory) breaks a process pool,
+    and a Dask worker that dies too often makes Dask give up on its task: say what that means
+    instead of a bare BrokenProcessPool or KilledWorker traceback."""
     try:
         yield
     except cf.process.BrokenProcessPool as e:
         raise UserError(f"a --workers process died before finishing its work ({e}); most often the system "
                         f"killed it for memory. Re-run the same command to resume from the finished shards, "
                         f"with fewer --workers than {workers} if memory is short") from e
+    except Exception as e:
+        if type(e).__name__ != "KilledWorker":  # dask.distributed's, not imported: Dask is optional
+            raise
+        raise UserError(f"Dask gave up on {what}: the workers running it died ({e}); check their logs (memory, "
+                        f"preemption), then re-run the same command: finished shards are kept, and a shard a "
+                        f"dead worker left half-written is never counted") from e
 
 
 def _process_pool(workers: int, **kwargs) -> cf.ProcessPoolExecutor:
@@ -338,18 +403,25 @@ def _pooled_samples(pool: cf.Executor, tasks: list[ShardTask], workers: int
     """(task, its samples in order) per task, encoded on the pool in chunks of ENCODE_CHUNK items.
     Chunks are submitted across shard boundaries, 4 per worker ahead of the writer, so the pool
     does not idle while a shard is closed. Each task's samples must be consumed before the next."""
-    chunks = ((t, t.items[i:i + ENCODE_CHUNK]) for t in tasks for i in range(0, len(t.items), ENCODE_CHUNK))
-    inflight: deque[cf.Future] = deque()
+    def task_chunks():  # a task's items are read from its plan file when the first chunk is due
+        for t in tasks:
+            items = t.load_items()
+            for i in range(0, len(items), ENCODE_CHUNK):
+                yield t, items[i:i + ENCODE_CHUNK]
+
+    chunks = task_chunks()
+    inflight: deque[tuple[list[SourceItem], cf.Future]] = deque()
 
     def top_up() -> None:
         while len(inflight) < 4 * workers and (nxt := next(chunks, None)) is not None:
             t, items = nxt
-            inflight.append(pool.submit(encode_chunk, items, t.class_ids, t.options))
+            inflight.append((items, pool.submit(encode_chunk, items, t.classes_file, t.options)))
 
     def samples(t: ShardTask) -> Iterator[tuple[SourceItem, Sample]]:
-        for i in range(0, len(t.items), ENCODE_CHUNK):
+        for _ in range(0, t.num_items, ENCODE_CHUNK):
             top_up()
-            yield from zip(t.items[i:i + ENCODE_CHUNK], inflight.popleft().result())
+            items, fut = inflight.popleft()
+            yield from zip(items, fut.result())
 
     for t in tasks:
         yield t, samples(t)
@@ -384,18 +456,18 @@ def _exit_with(pid: int) -> None:
 
 
 class _QueueProgress:
-    """Picklable progress callback for pool workers: sends (shard, samples done, failures) to the
-    parent at most every 0.5 s (a queue message per sample would cost more than the sample)."""
+    """Picklable progress callback for pool workers: sends (task key, units done, failures) to
+    the parent at most every 0.5 s (a queue message per sample would cost more than the sample)."""
 
-    def __init__(self, name: str):
-        self.name = name
+    def __init__(self, key):
+        self.key = key
         self.done, self.last = 0, 0.0
 
-    def __call__(self, k: int, failures: int) -> None:
+    def __call__(self, k: int, failures: int = 0) -> None:
         self.done += k
         now = time.monotonic()
         if now - self.last >= 0.5 and _reports is not None:
             self.last = now
-            _reports.put((self.name, self.done, failures))
+            _reports.put((self.key, self.done, failures))
 
 

@@ -2,17 +2,20 @@
 
     vitpipe shard SRC OUT [--max-samples-per-shard N] [--max-shard-size 512MB] [--workers N] ...
 
-How it works, and why:
-1. List SRC (folder tree or manifest, `pipeline.sources`) into items sorted by key.
-2. Plan: assign each item a split (hash of its key, or the source's split) and cut each split into
-   shards by count and by a byte bound computed from file sizes. The plan depends only on the
-   source and the config, never on workers or timing, so the output is byte-identical whatever
-   runs it; bad files found later only leave their shard smaller (the index records exact counts).
+How it works, and why (memory stays bounded whatever the collection's size; docs/formats.md):
+1. Look at the top of SRC (`pipeline.sources.describe_source`): its parts (class folders, loose
+   files, manifest files), and whether it exists at all, before any work.
+2. Plan (`pipeline.plan.make_plan`): list the parts into sorted runs on disk, then assign each
+   item a split (hash of its key, or the source's split), order each split over the whole
+   collection, and cut it into shards by count and by a byte bound computed from file sizes. The
+   plan depends only on the source and the config, never on workers or timing, so the output is
+   byte-identical whatever runs it; bad files found later only leave their shard smaller.
 3. Write each shard with `write_shard(task)` (`pipeline.run`): a top-level function of a picklable
-   `ShardTask`, so a process pool or a Dask executor can run it. It writes `NAME.tar.tmp-<pid>` and renames it to
-   `NAME.tar` when complete, then drops a receipt in `OUT/.vitpipe/` (counts, sha256, failures).
+   `ShardTask`, so a process pool or a Dask executor can run it. It writes `NAME.tar.tmp-<host>-<pid>`
+   and renames it to `NAME.tar` when complete, then drops a receipt in `OUT/.vitpipe/`.
 4. Resume: a re-run with the same source and config skips shards with a receipt, so after a crash
-   only missing shards are written. `--overwrite` starts over.
+   only missing shards are written (and a crash while listing keeps the parts listed). `--overwrite`
+   starts over.
 5. Write `failures.jsonl`, `stats.json` and, last and atomically, `index.json`.
 """
 
@@ -21,6 +24,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as cf
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -39,9 +43,10 @@ from tqdm.auto import tqdm
 from pipeline.images import describe_conversions
 from pipeline.index import FORMAT, INDEX_NAME, VERSION
 from pipeline.interop import is_reader_file, write_reader_files
-from pipeline.plan import _NOT_PLANNED, ShardResult, ShardTask, plan_fingerprint, plan_shards
-from pipeline.run import STATE_DIR, TMP_MARK, _receipt, _write_json_atomic, run_tasks
-from pipeline.sources import Source, list_source, local_path
+from pipeline.plan import (_NOT_PLANNED, PLAN_FORMAT, TMP_MARK, NoImages, Plan, ShardResult, ShardTask,
+                           failure_records, make_plan, naming_errors, write_json_atomic)
+from pipeline.run import STATE_DIR, Workers, receipt, receipt_failures, run_tasks
+from pipeline.sources import SourceLayout, describe_source, local_path, shown
 from vitpipe.config import ByteSize, StageConfig, add_config_arguments, config_from_args, save_config
 from vitpipe.errors import UserError
 
@@ -109,11 +114,11 @@ def _is_own(name: str) -> bool:
     return name in _OWN_FILES or name.endswith(".tar") or TMP_MARK in name or is_reader_file(name)
 
 
-def _prepare_out(out: Path, fingerprint: str, cfg: ShardConfig) -> None:
-    """Check OUT before any work: empty, our own earlier run (resume), or refuse."""
+def _check_out(out: Path, cfg: ShardConfig) -> None:
+    """Check OUT before any work: empty, our own earlier run of the same options (resume), or
+    refuse; --overwrite deletes our own earlier run."""
     entries = sorted(p.name for p in out.iterdir())
-    plan_file = out / STATE_DIR / "plan.json"
-    ours = plan_file.exists() or (out / INDEX_NAME).exists()
+    ours = (out / STATE_DIR).is_dir() or (out / INDEX_NAME).exists()
     if entries and not ours:
         raise UserError(f"OUT {str(out)!r} is not empty and holds no vitpipe shard set "
                         f"({', '.join(entries[:5])}{', ...' if len(entries) > 5 else ''}); "
@@ -126,41 +131,74 @@ def _prepare_out(out: Path, fingerprint: str, cfg: ShardConfig) -> None:
         for e in entries:
             p = out / e
             shutil.rmtree(p) if p.is_dir() else p.unlink()
-    elif entries:
-        previous = json.loads(plan_file.read_text()).get("fingerprint") if plan_file.exists() else None
-        if previous != fingerprint:
-            raise UserError(f"OUT {str(out)!r} holds another shard set: {_what_differs(out, cfg)}; "
-                            f"pass --overwrite to replace it, or choose another OUT")
+    elif (out / STATE_DIR / "plan.json").exists() and (changed := _changed_options(out, cfg)):
+        # Said before listing, which can take minutes; a change in SRC's files is found after it.
+        # (Without a plan no shard was written: an earlier run stopped while listing or planning.)
+        raise UserError(f"OUT {str(out)!r} holds another shard set: its {changed}; "
+                        f"pass --overwrite to replace it, or choose another OUT")
+    elif (fmt := _plan_format(out)) not in (None, PLAN_FORMAT):
+        raise UserError(f"OUT {str(out)!r} holds a shard set an older vitpipe planned (plan format {fmt}, now "
+                        f"{PLAN_FORMAT}); pass --overwrite to re-shard it")
     (out / STATE_DIR).mkdir(exist_ok=True)
-    for p in out.iterdir():  # leftovers of a killed run: never final names, safe to drop
-        if TMP_MARK in p.name:
-            p.unlink()
-    _write_json_atomic(plan_file, {"fingerprint": fingerprint})
+    remove_leftovers(out)
 
 
-def _what_differs(out: Path, cfg: ShardConfig) -> str:
-    """How `cfg` differs from the config that wrote OUT (its config.yaml, saved with the plan)."""
+def remove_leftovers(out: Path) -> None:
+    """Delete temporary files of killed writers, in OUT and below OUT/.vitpipe: never final names,
+    and no writer is running (the lock on OUT, or all tasks of this run are done)."""
+    for folder in (out, *(p for p in (out / STATE_DIR).rglob("*") if p.is_dir()), out / STATE_DIR):
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            continue
+        for e in entries:
+            if TMP_MARK in e.name and not e.is_dir():
+                Path(e.path).unlink(missing_ok=True)
+
+
+def _changed_options(out: Path, cfg: ShardConfig) -> str:
+    """How `cfg` differs from the config that wrote OUT (its config.yaml), '' if it does not."""
     try:
         before = yaml.safe_load((out / "config.yaml").read_text())
     except (OSError, yaml.YAMLError):
-        before = None
+        return ""
     if not isinstance(before, dict):
-        return "different source or options"
+        return ""
     now = cfg.model_dump(mode="json", exclude=_NOT_PLANNED)
-    changed = [f"{'SRC' if k == 'src' else '--' + k.replace('_', '-')} was {before.get(k)!r}, now {v!r}"
-               for k, v in now.items() if before.get(k, v) != v]
-    if changed:
-        return "its " + "; ".join(changed)
-    return "same options, but the files in SRC changed since (added, removed or resized)"
+    return "; ".join(f"{'SRC' if k == 'src' else '--' + k.replace('_', '-')} was {before.get(k)!r}, now {v!r}"
+                     for k, v in now.items() if before.get(k, v) != v)
+
+
+def _plan_format(out: Path) -> int | None:
+    """The plan format of the shard set in OUT (1: before plan.json said), None if none was planned."""
+    try:
+        return json.loads((out / STATE_DIR / "plan.json").read_text()).get("format", 1)
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _adopt_plan(out: Path, plan: Plan) -> None:
+    """Record the plan's fingerprint; refuse if OUT holds shards of another plan (same options,
+    but SRC's files changed since)."""
+    plan_file = out / STATE_DIR / "plan.json"
+    try:
+        previous = json.loads(plan_file.read_text())
+    except (OSError, ValueError):
+        previous = None
+    if previous is not None and previous.get("fingerprint") != plan.fingerprint:
+        shutil.rmtree(plan.folder, ignore_errors=True)
+        raise UserError(f"OUT {str(out)!r} holds another shard set: same options, but the files in SRC changed "
+                        f"since (added, removed or resized); pass --overwrite to replace it, or choose another OUT")
+    write_json_atomic(plan_file, {"format": PLAN_FORMAT, "fingerprint": plan.fingerprint})
 
 
 def shard(cfg: ShardConfig, *, executor: cf.Executor | None = None) -> dict:
     """Shard `cfg.src` into `cfg.out` (resuming an earlier run of the same config); returns stats.
 
-    `executor` (e.g. `dask.distributed.Client.get_executor()`) runs the shard writers instead of a
-    local process pool; OUT must then be a filesystem the executor's workers share. With
-    `workers > 1` the pool starts processes by forkserver, so a script calling this needs the
-    usual `if __name__ == "__main__":` guard.
+    `executor` (e.g. `dask.distributed.Client.get_executor()`) runs the listing, planning and
+    shard-writing tasks instead of this process or a local process pool; OUT must then be a
+    filesystem the executor's workers share. With `workers > 1` the pool starts processes by
+    forkserver, so a script calling this needs the usual `if __name__ == "__main__":` guard.
     """
     start = time.perf_counter()
     if "://" in cfg.out and not cfg.out.startswith("file://"):
@@ -171,14 +209,29 @@ def shard(cfg: ShardConfig, *, executor: cf.Executor | None = None) -> dict:
     # then holds however it is spelled (./src/, src, /abs/src) and from whatever directory.
     src = os.path.realpath(cfg.src) if local_path(cfg.src) == cfg.src else cfg.src
     cfg = cfg.model_copy(update={"out": str(out), "src": src})
-    source = list_source(cfg.src, path_column=cfg.path_column, label_column=cfg.label_column,
-                         split_from_source=cfg.split_by == "source")
-    tasks = plan_shards(source, cfg)
-    fingerprint = plan_fingerprint(cfg, tasks)
+    layout = describe_source(cfg.src, path_column=cfg.path_column, label_column=cfg.label_column,
+                             split_from_source=cfg.split_by == "source")
+    created = not out.exists()
     with _exclusive(out):
-        _prepare_out(out, fingerprint, cfg)
-        save_config(cfg, out / "config.yaml")
-        return _write_all(cfg, out, source, tasks, fingerprint, executor, start)
+        was_empty = not any(out.iterdir())
+        _check_out(out, cfg)
+        space = _Space(out)
+        try:
+            with space.explained(), Workers(cfg.workers, executor) as workers:
+                save_config(cfg, out / "config.yaml")
+                phases = {}
+                plan = make_plan(layout, cfg, out / STATE_DIR, workers)
+                phases["list_plan"] = time.perf_counter() - start
+                _adopt_plan(out, plan)
+                space.plan = plan
+                return _write_all(cfg, out, layout, plan, workers, start, phases)
+        except NoImages:
+            if was_empty:  # leave OUT as it was: there is nothing to resume
+                for p in out.iterdir():
+                    shutil.rmtree(p) if p.is_dir() else p.unlink()
+                if created:
+                    out.rmdir()
+            raise
 
 
 @contextlib.contextmanager
@@ -200,31 +253,92 @@ def _exclusive(out: Path):
         os.close(fd)  # releases the lock
 
 
-def _write_all(cfg: ShardConfig, out: Path, source: Source, tasks: list[ShardTask], fingerprint: str,
-               executor: cf.Executor | None, start: float) -> dict:
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    raise AssertionError
+
+
+class _Space:
+    """Turns a full disk (or quota, or file size limit) into one line: which file, how much the
+    run still needs, how much is free; the shards written so far stay valid for the re-run."""
+
+    # Listing and planning keep about this much per image under OUT/.vitpipe (run + plan lines).
+    PLAN_BYTES_PER_IMAGE = 600
+
+    def __init__(self, out: Path):
+        self.out = out
+        self.plan: Plan | None = None
+
+    def need(self) -> str:
+        if self.plan is None:
+            return (f"listing and planning keep about {self.PLAN_BYTES_PER_IMAGE} bytes per image under "
+                    f"{self.out / STATE_DIR} until the shards are written")
+        todo = [t for t in self.plan.tasks if receipt(self.out, t) is None]
+        bound = sum(t.bytes_bound for t in todo)
+        how = "at most about" if self.plan.tasks and self.plan.tasks[0].options.encode != "none" else "about"
+        return f"the {len(todo)} shards still to write need {how} {_size(bound)}"
+
+    @contextlib.contextmanager
+    def explained(self):
+        try:
+            yield
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                raise
+            what = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "the disk quota is exceeded",
+                    errno.EFBIG: "the file size limit (ulimit -f) is reached"}[e.errno]
+            try:
+                free = f", {_size(shutil.disk_usage(self.out).free)} free there now"
+            except OSError:
+                free = ""
+            raise UserError(f"{what} writing {shown(str(e.filename or self.out))}: {self.need()}{free}; free some "
+                            f"space (or choose another OUT) and re-run the same command: the finished shards "
+                            f"are kept and nothing half-written counts as done") from None
+
+
+def _write_all(cfg: ShardConfig, out: Path, layout: SourceLayout, plan: Plan, workers: Workers, start: float,
+               phases: dict) -> dict:
     """Write the shards not done yet, then failures.jsonl, stats.json and index.json (last)."""
-    done = {t.name: r for t in tasks if (r := _receipt(out, t)) is not None}
+    tasks = plan.tasks
+    done = {t.name: r for t in tasks if (r := receipt(out, t)) is not None}
     todo = [t for t in tasks if t.name not in done]
-    total = sum(len(t.items) for t in tasks)
-    resumed = sum(len(t.items) for t in tasks if t.name in done)
+    total = sum(t.num_items for t in tasks)
+    resumed = sum(t.num_items for t in tasks if t.name in done)
+    _warn_if_short_of_space(out, todo)
+    write_start = time.perf_counter()
     with tqdm(total=total, initial=resumed, unit="img", desc=f"shard {Path(cfg.src).name or cfg.src}",
               dynamic_ncols=True, file=sys.stderr) as bar:
-        known_failures = len(source.rejected) + sum(len(r.failures) for r in done.values())
+        known_failures = plan.num_rejected + sum(r.num_failures for r in done.values())
         bar.set_postfix(failures=known_failures, shards=len(done), refresh=False)
-        written = run_tasks(todo, cfg.workers, executor, bar, known_failures, len(done))
+        written = run_tasks(todo, workers, bar, known_failures, len(done))
+    phases["write"] = time.perf_counter() - write_start
     results = [done.get(t.name) or written[t.name] for t in tasks]
-    duration = time.perf_counter() - start
 
-    failures = source.rejected + [f for r in results for f in r.failures]
-    with open(out / "failures.jsonl", "w") as f:
-        for rec in failures:
+    reasons: Counter = Counter()
+    example: dict[str, dict] = {}
+    with naming_errors(out / "failures.jsonl"), \
+            open(out / "failures.jsonl", "w", encoding="utf-8", errors="backslashreplace") as f:
+        def record(rec: dict) -> None:
+            reasons[rec["reason"]] += 1
+            example.setdefault(rec["reason"], rec)
             f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-    index = build_index(source, cfg, results, len(failures), fingerprint)
+
+        for rec in failure_records(plan):
+            record(rec)
+        for r in results:
+            for rec in receipt_failures(out, r.name) if r.num_failures else ():
+                record(rec)
+    num_failures = sum(reasons.values())
+    index = build_index(layout, plan, cfg, results, num_failures)
     n_written = sum(written[t.name].num_samples for t in todo)
+    duration = time.perf_counter() - start
     stats = {
         "num_samples": index["totals"]["num_samples"],
-        "num_failures": len(failures),
-        "failures_by_reason": dict(sorted(Counter(f["reason"] for f in failures).items())),
+        "num_failures": num_failures,
+        "failures_by_reason": dict(sorted(reasons.items())),
         "conversions": dict(sorted(sum((Counter(r.conversions) for r in results), Counter()).items())),
         "num_shards": len(tasks),
         "num_shards_written": len(todo),
@@ -232,31 +346,49 @@ def _write_all(cfg: ShardConfig, out: Path, source: Source, tasks: list[ShardTas
         "num_bytes": index["totals"]["num_bytes"],
         "splits": {s: v["num_samples"] for s, v in index["splits"].items()},
         "duration_s": round(duration, 3),
+        "phases_s": {k: round(v, 3) for k, v in phases.items()},
         "images_per_s": round(n_written / duration, 1) if duration > 0 else None,
         "workers": cfg.workers,
     }
-    _write_json_atomic(out / "stats.json", stats)
-    write_reader_files(out, index, tasks[0].options.image_ext if tasks else None)  # HF card, wids, DALI
-    _write_json_atomic(out / INDEX_NAME, index)  # last: its presence means the set is complete
-    if failures and not stats["num_samples"]:
+    write_json_atomic(out / "stats.json", stats)
+    with naming_errors(out):
+        write_reader_files(out, index, tasks[0].options.image_ext if tasks else None)  # HF card, wids, DALI
+    write_json_atomic(out / INDEX_NAME, index)  # last: its presence means the set is complete
+    shutil.rmtree(out / STATE_DIR / "listing", ignore_errors=True)
+    shutil.rmtree(plan.folder, ignore_errors=True)
+    remove_leftovers(out)  # e.g. what a Dask worker that died mid-shard left
+    if num_failures and not stats["num_samples"]:
         # Written anyway, so the reasons are on record, but an empty shard set is no success:
         # a script or flow must not go on to train on it.
-        reason, n = Counter(f["reason"] for f in failures).most_common(1)[0]
-        example = next(f for f in failures if f["reason"] == reason)
-        raise UserError(f"no image could be read: all {len(failures)} inputs failed, most often {reason} "
-                        f"({n} of {len(failures)}, e.g. {example['source']}: {example['detail']}); "
+        reason, n = reasons.most_common(1)[0]
+        raise UserError(f"no image could be read: all {num_failures} inputs failed, most often {reason} "
+                        f"({n} of {num_failures}, e.g. {example[reason]['source']}: {example[reason]['detail']}); "
                         f"see {out / 'failures.jsonl'} for each file and its reason")
     splits = " / ".join(f"{s} {n}" for s, n in stats["splits"].items())
     print(f"sharded {stats['num_samples']} images ({splits}) into {len(tasks)} shards "
-          f"[{len(todo)} written, {len(done)} resumed], {len(failures)} failures, "
-          f"{stats['num_bytes'] / 1e6:.1f} MB in {duration:.1f}s -> {out}")
+          f"[{len(todo)} written, {len(done)} resumed], {num_failures} failures, "
+          f"{stats['num_bytes'] / 1e6:.1f} MB in {duration:.1f}s (listing and planning "
+          f"{phases['list_plan']:.1f}s) -> {out}")
     if stats["conversions"]:
         print(describe_conversions(stats["conversions"], encoded=cfg.encode != "none"))
     return stats
 
 
-def build_index(source: Source, cfg: ShardConfig, results: list[ShardResult], num_failures: int,
-                fingerprint: str) -> dict:
+def _warn_if_short_of_space(out: Path, todo: list[ShardTask]) -> None:
+    """Say up front when the shards to write cannot fit (pass-through only: re-encoded shards
+    are usually far smaller than their sources, which is all the plan knows)."""
+    if not todo or todo[0].options.encode != "none":
+        return
+    need = sum(t.bytes_bound for t in todo)
+    free = shutil.disk_usage(out).free
+    if need > free:
+        print(f"vitpipe shard: warning: the {len(todo)} shards to write need up to {_size(need)}, but only "
+              f"{_size(free)} is free in {out}; the run stops when the disk is full (re-run it after "
+              f"freeing space: finished shards are kept)", file=sys.stderr, flush=True)
+
+
+def build_index(layout: SourceLayout, plan: Plan, cfg: ShardConfig, results: list[ShardResult],
+                num_failures: int) -> dict:
     """The index.json contract (docs/formats.md) from the shard results, in plan order."""
     splits: dict[str, dict] = {}
     for r in results:
@@ -268,12 +400,12 @@ def build_index(source: Source, cfg: ShardConfig, results: list[ShardResult], nu
     return {
         "format": FORMAT,
         "version": VERSION,
-        "classes": source.classes,
+        "classes": plan.classes,
         "splits": splits,
         "totals": {"num_samples": sum(s["num_samples"] for s in splits.values()),
                    "num_bytes": sum(s["num_bytes"] for s in splits.values()),
                    "num_shards": len(results), "num_failures": num_failures},
-        "source": {**source.describe(), "plan_sha256": fingerprint},
+        "source": {**layout.describe(plan.num_listed), "plan_sha256": plan.fingerprint},
         "config": cfg.model_dump(mode="json"),
     }
 

@@ -3,21 +3,30 @@
 Run it after copying a shard set somewhere (or before a long training run) to prove that every
 shard the index lists is there, complete and unchanged. `verify(out)` returns the problems found,
 one line each (empty when all is well); the command exits non-zero and names each mismatch.
+Each shard is read once, as a stream (memory does not grow with its size); `--workers N` checks N
+shards at a time, and `--sample N` checks N shards drawn at random (seeded: the same N every time
+for a --seed) instead of all, for a quick look at a set of thousands of shards. The index, the
+names of the files present and failures.jsonl are always checked in full.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures as cf
 import hashlib
 import json
+import multiprocessing
+import random
 import sys
 import tarfile
+from typing import Callable
 
 import fsspec
 from tqdm.auto import tqdm
 
 from pipeline.index import INDEX_NAME, index_location, load_index
 from pipeline.interop import check_reader_files
+from vitpipe.errors import UserError
 
 _TMP_MARK = ".tmp-"
 
@@ -41,15 +50,24 @@ class _HashingReader:
             pass
 
 
-def _check_shard(url: str, entry: dict, num_classes: int, bar: tqdm) -> list[str]:
-    """Problems of one shard: readable tar, sample count, byte size, sha256, sample contents."""
+def _check_shard(url: str, entry: dict, num_classes: int, progress: Callable[[int], None] | None = None
+                 ) -> list[str]:
+    """Problems of one shard: readable tar, sample count, byte size, sha256, sample contents.
+    `progress(k)`: k more bytes read."""
     name = entry["name"]
     problems: list[str] = []
     try:
         f = fsspec.open(url, "rb").open()
     except FileNotFoundError:
         return [f"{name}: missing (the index lists it with {entry['num_samples']} samples)"]
-    done_before = bar.n
+    shown = 0
+
+    def tick(reader) -> None:
+        nonlocal shown
+        if progress is not None and reader.num_bytes > shown:
+            progress(reader.num_bytes - shown)
+            shown = reader.num_bytes
+
     with f:
         reader = _HashingReader(f)
         keys: list[str] = []
@@ -80,9 +98,9 @@ def _check_shard(url: str, entry: dict, num_classes: int, bar: tqdm) -> list[str
                             json.loads(data)
                         except ValueError:
                             problems.append(f"{name}: {key}.json is not valid JSON")
-                    bar.update(reader.num_bytes - bar.n + done_before)
+                    tick(reader)
             reader.drain()  # the end-of-archive padding counts towards size and checksum
-            bar.update(reader.num_bytes - bar.n + done_before)
+            tick(reader)
         except (tarfile.TarError, OSError, EOFError) as e:
             return [f"{name}: not a readable tar ({type(e).__name__}: {e})"]
     for key, exts in members.items():
@@ -101,19 +119,37 @@ def _check_shard(url: str, entry: dict, num_classes: int, bar: tqdm) -> list[str
     return problems
 
 
-def verify(out: str) -> list[str]:
-    """Problems found in the shard set at `out` (a directory or fsspec URL); [] when all is good."""
+def verify(out: str, *, sample: int | None = None, seed: int = 0, workers: int = 1) -> list[str]:
+    """Problems found in the shard set at `out` (a directory or fsspec URL); [] when all is good.
+    `sample`: check that many shards, drawn at random with `seed`, instead of all; `workers`:
+    shards checked at a time (processes)."""
     index = load_index(out)
     root = index["_root"]
     problems: list[str] = []
     num_classes = len(index["classes"])
     listed = [(split, s) for split, v in index["splits"].items() for s in v["shards"]]
-    total = sum(s["num_bytes"] for _, s in listed)
-    with tqdm(total=total, unit="B", unit_scale=True, desc="verify", file=sys.stderr) as bar:
-        for split, entry in listed:
-            if not entry["name"].startswith(f"{split}-"):
-                problems.append(f"{entry['name']}: listed under split {split!r} but named for another")
-            problems += _check_shard(f"{root}/{entry['name']}", entry, num_classes, bar)
+    for split, entry in listed:
+        if not entry["name"].startswith(f"{split}-"):
+            problems.append(f"{entry['name']}: listed under split {split!r} but named for another")
+    chosen = listed
+    if sample is not None and sample < len(listed):
+        chosen = [listed[i] for i in sorted(random.Random(seed).sample(range(len(listed)), sample))]
+    found: dict[str, list[str]] = {}
+    with tqdm(total=sum(s["num_bytes"] for _, s in chosen), unit="B", unit_scale=True, desc="verify",
+              file=sys.stderr) as bar:
+        if workers <= 1 or len(chosen) <= 1:
+            for _, entry in chosen:
+                found[entry["name"]] = _check_shard(f"{root}/{entry['name']}", entry, num_classes, bar.update)
+        else:
+            ctx = multiprocessing.get_context("forkserver")  # the caller may have threads (fsspec, tqdm)
+            with cf.ProcessPoolExecutor(min(workers, len(chosen)), mp_context=ctx) as pool:
+                futures = {pool.submit(_check_shard, f"{root}/{e['name']}", e, num_classes): e for _, e in chosen}
+                for fut in cf.as_completed(futures):
+                    entry = futures[fut]
+                    found[entry["name"]] = fut.result()
+                    bar.update(entry["num_bytes"])
+    for _, entry in chosen:  # in index order, however they finished
+        problems += found[entry["name"]]
 
     fs, path = fsspec.core.url_to_fs(root)
     try:
@@ -126,7 +162,8 @@ def verify(out: str) -> list[str]:
             problems.append(f"{extra}: a shard file the index does not list")
         elif _TMP_MARK in extra:
             problems.append(f"{extra}: a half-written shard (an interrupted run); re-run 'vitpipe shard'")
-    problems += check_reader_files(root, index)  # the wids and DALI indexes beside the shards
+    # the wids indexes, and the DALI index of each shard checked and sound (a damaged shard's is moot)
+    problems += check_reader_files(root, index, [e["name"] for _, e in chosen if not found[e["name"]]])
     if "failures.jsonl" in present:
         with fs.open(f"{path}/failures.jsonl", "rt") as f:
             n = sum(1 for line in f if line.strip())
@@ -138,10 +175,18 @@ def verify(out: str) -> list[str]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("out", metavar="OUT",
                         help=f"shard set directory (local or fsspec URL) holding {INDEX_NAME}, or that {INDEX_NAME}")
+    parser.add_argument("--sample", type=int, metavar="N",
+                        help="check N shards drawn at random (see --seed) instead of all of them")
+    parser.add_argument("--seed", type=int, default=0, help="which shards --sample draws (default 0: the same each time)")
+    parser.add_argument("--workers", type=int, default=1, metavar="N",
+                        help="shards checked at a time, each in its own process (default 1)")
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    problems = verify(args.out)
+    for option in ("sample", "workers"):
+        if (value := getattr(args, option)) is not None and value < 1:
+            raise UserError(f"--{option} {value}: must be >= 1, e.g. --{option} 8")
+    problems = verify(args.out, sample=args.sample, seed=args.seed, workers=args.workers)
     index = load_index(args.out)
     if problems:
         for p in problems:
@@ -149,6 +194,8 @@ def run_cli(args: argparse.Namespace) -> int:
         print(f"verify: {len(problems)} problem(s) in {args.out}", file=sys.stderr)
         return 1
     t = index["totals"]
-    print(f"verify: OK, {t['num_shards']} shards, {t['num_samples']} samples, "
-          f"{t['num_bytes'] / 1e6:.1f} MB match {index_location(args.out)[0]}")
+    checked = (f"{args.sample} of {t['num_shards']} shards (drawn with --seed {args.seed})"
+               if args.sample is not None and args.sample < t["num_shards"] else f"{t['num_shards']} shards")
+    print(f"verify: OK, {checked}, {t['num_samples']} samples, {t['num_bytes'] / 1e6:.1f} MB "
+          f"match {index_location(args.out)[0]}")
     return 0

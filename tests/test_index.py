@@ -69,3 +69,35 @@ def test_counts_must_be_integers(digits_shards):
     index["splits"]["train"]["num_samples"] = str(index["splits"]["train"]["num_samples"])
     with pytest.raises(UserError, match=r"split 'train': num_samples must be an integer, got '\d+'"):
         validate_index(index)
+
+
+def test_an_index_of_10000_shards_loads_and_every_rank_gets_equal_steps(tmp_path):
+    """A collection of tens of millions is thousands of shards of uneven size: the index loads and
+    validates, every one of 8 ranks gets the same number of steps, and their workers' slices
+    cover the epoch exactly once (no tar is opened to plan this)."""
+    import random
+
+    from pipeline.loader import DataConfig, EvalLoader, TrainLoader
+
+    rng = random.Random(0)
+    shards = [{"name": f"train-{i:06d}.tar", "num_samples": rng.randint(1, 300), "num_bytes": 10240,
+               "sha256": "0" * 64} for i in range(10_000)]
+    n = sum(s["num_samples"] for s in shards)
+    index = {"format": "vitpipe-shards", "version": 1, "classes": ["a", "b"],
+             "splits": {"train": {"num_samples": n, "num_bytes": 10240 * len(shards), "shards": shards}},
+             "totals": {"num_samples": n, "num_bytes": 10240 * len(shards), "num_shards": len(shards),
+                        "num_failures": 0},
+             "source": {}, "config": {}}
+    (tmp_path / INDEX_NAME).write_text(json.dumps(index))
+    loaded = load_index(str(tmp_path))
+    assert len(shard_urls(loaded, "train")) == 10_000
+    cfg = DataConfig(shards=str(tmp_path), batch_size=64, num_workers=2)
+    world = 8
+    loaders = [TrainLoader(cfg, loaded, rank=r, world_size=world, seed=1, return_keys=False) for r in range(world)]
+    steps = {len(loader) for loader in loaders}
+    assert steps == {-(-n // (64 * world))}  # equal on every rank, every sample seen once per epoch
+    covered = sorted(loader._stream.worker_slice(k) for loader in loaders for k in range(2))
+    assert covered[0][0] == 0 and covered[-1][1] == len(loaders[0]) * 64 * world
+    assert all(a[1] == b[0] for a, b in zip(covered, covered[1:]))  # contiguous, no overlap
+    evals = [EvalLoader(cfg, loaded, "train", rank=r, world_size=world) for r in range(world)]
+    assert sum(e.rank_num_samples for e in evals) == n and len({len(e) for e in evals}) == 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -671,28 +672,37 @@ def test_cli_help_explains_every_option(capsys):
 # Manifests with fsspec URLs: file:// and http:// (a real http.server on 127.0.0.1)
 
 
+@contextlib.contextmanager
+def _serve(www: Path, handler):
+    """Serve folder `www` over HTTP on 127.0.0.1 with `handler` (a SimpleHTTPRequestHandler class)
+    until the context ends; yields the base URL."""
+    import functools
+    import threading
+    from http.server import ThreadingHTTPServer
+
+    www.mkdir()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler, directory=str(www)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
 @pytest.fixture
 def http_root(tmp_path):
     """Serve tmp_path/www over HTTP on 127.0.0.1 for the test's duration; yields (dir, base URL)."""
-    import functools
-    import threading
-    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+    from http.server import SimpleHTTPRequestHandler
 
     class Quiet(SimpleHTTPRequestHandler):
         def log_message(self, *args):  # keep test output clean
             pass
 
-    www = tmp_path / "www"
-    www.mkdir()
-    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(www)))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield www, f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
+    with _serve(tmp_path / "www", Quiet) as base:
+        yield tmp_path / "www", base
 
 
 def test_manifest_with_file_and_http_urls(http_root, tmp_path):
@@ -929,3 +939,358 @@ def test_read_bytes_reads_to_the_end_whatever_the_listed_size(tmp_path):
     for hint in (0, 1, len(data) - 1, len(data), len(data) + 5, 10 << 20):
         assert read_bytes(str(path), size=hint) == data, hint
     assert read_bytes(f"file://{path}", size=len(data)) == data
+
+
+# ---------------------------------------------------------------------------------------------
+# At scale: bounded memory (runs on disk, planning ranges), manifest parts, faults while listing
+
+
+def _all_outputs(out: Path) -> dict[str, bytes]:
+    """What must not change whoever writes a shard set: the shards, failures.jsonl, index splits."""
+    files = _shard_bytes(out)
+    files["failures.jsonl"] = (out / "failures.jsonl").read_bytes()
+    files["splits"] = json.dumps(json.loads((out / "index.json").read_text())["splits"]).encode()
+    return files
+
+
+def _tiny_limits(monkeypatch) -> None:
+    """Spill, merge and cut the plan into ranges after a handful of lines, as tens of millions would."""
+    import pipeline.plan as plan
+
+    for name, value in {"RUN_LINES": 40, "FAN_IN": 3, "INDEX_EVERY": 7, "BUCKET_LINES": 90,
+                        "TREE_PARTS_PER_TASK": 2}.items():
+        monkeypatch.setattr(plan, name, value)
+
+
+@pytest.mark.multiprocess
+def test_bounded_plan_gives_the_same_bytes_however_the_work_is_divided(messy_dir, tmp_path, monkeypatch):
+    """Sorted runs of 40 lines merged 3 at a time, planning ranges of ~90 items, 2 class folders per
+    listing task: the same shards and failures as one in-memory chunk, in one process, on threads
+    and on a 2-process pool (which lists, plans and writes in its workers)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    src, expected = messy_dir
+    photos = src / "photo" / "nested" / "deeper"
+    for i in range(6):  # more class folders than one listing task takes, and keys that collide
+        (src.parent / "wide" / f"c{i}").mkdir(parents=True, exist_ok=True)
+        for p in sorted((src / "digit").glob("*.png"))[i * 10:(i + 1) * 10]:
+            (src.parent / "wide" / f"c{i}" / p.name).write_bytes(p.read_bytes())
+        (src.parent / "wide" / f"c{i}" / "same.jpg").write_bytes((photos / "coffee.jpg").read_bytes())
+        (src.parent / "wide" / f"c{i}" / "same.png").write_bytes(next((src / "digit").glob("*.png")).read_bytes())
+    wide = src.parent / "wide"
+    for root, kw in ((src, dict(val_ratio=0.2, max_samples_per_shard=16)),
+                     (wide, dict(val_ratio=0.3, max_shard_size="20KB", sample_order="sorted")),
+                     (wide, dict(val_ratio=0.3, max_samples_per_shard=7))):
+        cfg = dict(src=str(root), **kw)
+        shard(ShardConfig(out=str(tmp_path / "plain"), overwrite=True, **cfg))
+        reference = _all_outputs(tmp_path / "plain")
+        assert len(reference) > 5
+        shard(ShardConfig(out=str(tmp_path / "pool"), workers=2, overwrite=True, **cfg))
+        assert _all_outputs(tmp_path / "pool") == reference
+        with monkeypatch.context() as m:
+            _tiny_limits(m)
+            shard(ShardConfig(out=str(tmp_path / "tiny"), overwrite=True, **cfg))
+            assert _all_outputs(tmp_path / "tiny") == reference
+            with ThreadPoolExecutor(3) as pool:
+                shard(ShardConfig(out=str(tmp_path / "threads"), overwrite=True, **cfg), executor=pool)
+            assert _all_outputs(tmp_path / "threads") == reference
+        assert verify(str(tmp_path / "tiny")) == []
+        assert not list((tmp_path / "tiny" / ".vitpipe").glob("*/"))  # listing and plan files gone
+    keys = [s["__key__"] for s in _read_samples(load_index(str(tmp_path / "plain")), "train")]
+    assert sum(k.startswith("c0/same_") for k in keys + [s["__key__"] for s in _read_samples(
+        load_index(str(tmp_path / "plain")), "val")]) == 2  # same.jpg and same.png: both kept, suffixed
+
+
+def _digit_rows(digits_dir: Path, n: int) -> list[dict]:
+    files = sorted(digits_dir.rglob("*.png"))[:n]
+    return [{"path": str(p), "label": p.parent.name} for p in files]
+
+
+def test_a_manifest_folder_of_parts_is_one_manifest(digits_dir, tmp_path):
+    """Large collections ship their manifest as many part files: a folder of them (or a glob, or
+    a mix of Parquet and JSONL parts) gives the same shards as the rows in one file."""
+    import pandas as pd
+
+    rows = _digit_rows(digits_dir, 300)
+    (tmp_path / "one").mkdir()  # keys are paths relative to the manifest file: same depth for all
+    one = tmp_path / "one" / "all.parquet"
+    pd.DataFrame(rows).to_parquet(one)
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    for i in range(3):
+        pd.DataFrame(rows[i * 100:(i + 1) * 100]).to_parquet(parts / f"part-{i:03d}.parquet")
+    (parts / "_SUCCESS").write_text("")  # what Spark leaves next to its parts
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    pd.DataFrame(rows[:150]).to_parquet(mixed / "a.parquet")
+    (mixed / "b.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[150:]))
+    cfg = dict(val_ratio=0.2, max_samples_per_shard=70)
+    shard(ShardConfig(src=str(one), out=str(tmp_path / "o1"), **cfg))
+    expected = _shard_bytes(tmp_path / "o1")
+    for src in (parts, f"{parts}/part-*.parquet", mixed):
+        out = tmp_path / f"o-{Path(str(src)).name.replace('*', 'x')}"
+        stats = shard(ShardConfig(src=str(src), out=str(out), **cfg))
+        assert stats["num_samples"] == 300 and _shard_bytes(out) == expected, src
+        assert load_index(str(out))["source"]["kind"] == "manifest"
+
+
+def _bad_part_case(tmp_path: Path, digits_dir: Path, fault: str) -> tuple[Path, list[dict]]:
+    import pandas as pd
+
+    rows = _digit_rows(digits_dir, 90)
+    src = tmp_path / f"manifest-{fault}"
+    src.mkdir()
+    for i in range(3):
+        pd.DataFrame(rows[i * 30:(i + 1) * 30]).to_parquet(src / f"part-{i}.parquet")
+    if fault == "unreadable":
+        (src / "part-1.parquet").write_bytes(b"PAR1 this is not parquet, a copy cut short")
+    else:
+        pd.DataFrame(rows[30:60]).rename(columns={"path": "file_name"}).to_parquet(src / "part-1.parquet")
+    return src, rows
+
+
+@pytest.mark.parametrize("fault,message", [("unreadable", "could not be read as parquet"),
+                                           ("schema", r"has another schema.*lacks the column\(s\) \['path'\]")])
+def test_a_bad_manifest_part_is_named_and_the_rerun_finishes_with_the_same_bytes(digits_dir, tmp_path, capsys,
+                                                                                 monkeypatch, fault, message):
+    import pandas as pd
+
+    import pipeline.plan as plan
+
+    src, rows = _bad_part_case(tmp_path, digits_dir, fault)
+    out = tmp_path / "out"
+    rc, err = _cli(["shard", str(src), str(out), "--max-samples-per-shard", "20"], capsys)
+    assert rc == 2 and re.search(message, err) and str(src / "part-1.parquet") in err, err
+    assert "Traceback" not in err and not (out / "index.json").exists() and not list(out.glob("*.tar"))
+    # fixed, the same command finishes; the parts listed before the error are not listed again
+    pd.DataFrame(rows[30:60]).to_parquet(src / "part-1.parquet")
+    listed = []
+    real = plan.iter_part
+    monkeypatch.setattr(plan, "iter_part", lambda part, reject: (listed.append(Path(part.uri).name),
+                                                                   real(part, reject))[1])
+    rc, _ = _cli(["shard", str(src), str(out), "--max-samples-per-shard", "20"], capsys)
+    assert rc == 0 and "part-1.parquet" in listed and "part-0.parquet" not in listed
+    shard(ShardConfig(src=str(src), out=str(tmp_path / "clean"), max_samples_per_shard=20))
+    assert _shard_bytes(out) == _shard_bytes(tmp_path / "clean") and len(_shard_bytes(out)) >= 4
+    assert verify(str(out)) == []
+
+
+def test_a_folder_that_disappears_while_listing_is_reported(digits_dir, tmp_path, monkeypatch):
+    """A class folder deleted after SRC was looked at, before its files are listed (another job
+    cleaning up): its loss is a failure record naming it, the rest is sharded, and a re-run
+    finds the same collection and resumes every shard."""
+    import shutil
+
+    src = tmp_path / "src"
+    shutil.copytree(digits_dir, src)
+    doomed = src / "7"
+    n7 = len(list(doomed.iterdir()))
+    real = os.scandir
+
+    def scandir(path="."):
+        if isinstance(path, str) and Path(path) == doomed and doomed.exists():
+            monkeypatch.setattr(os, "scandir", real)  # rmtree scans too
+            shutil.rmtree(doomed)  # for real: the listing below then fails as it would
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    out = tmp_path / "out"
+    stats = shard(ShardConfig(src=str(src), out=str(out), max_samples_per_shard=400))
+    failures = [json.loads(line) for line in (out / "failures.jsonl").read_text().splitlines()]
+    assert failures == [{"source": str(doomed), "reason": "unreadable",
+                         "detail": "cannot list this folder (No such file or directory); its files are not sharded"}]
+    assert stats["num_samples"] == 1797 - n7 and "7" not in load_index(str(out))["classes"]
+    again = shard(ShardConfig(src=str(src), out=str(out), max_samples_per_shard=400))
+    assert again["num_shards_resumed"] == stats["num_shards"] and verify(str(out)) == []
+
+
+@pytest.fixture
+def slow_http_root(tmp_path):
+    """tmp_path/www over HTTP on 127.0.0.1, answering each HEAD (a size lookup) after 30 ms, as a
+    far object store does; counts the HEADs per path."""
+    from http.server import SimpleHTTPRequestHandler
+
+    heads: Counter = Counter()
+
+    class Slow(SimpleHTTPRequestHandler):
+        def do_HEAD(self):
+            heads[self.path] += 1
+            time.sleep(0.03)
+            super().do_HEAD()
+
+        def log_message(self, *args):
+            pass
+
+    with _serve(tmp_path / "www", Slow) as base:
+        yield tmp_path / "www", base, heads
+
+
+@pytest.mark.slow
+def test_kill_9_while_listing_then_rerun_keeps_the_listed_parts(digits_dir, slow_http_root, tmp_path):
+    """A manifest of 6 parts whose images sit on a slow HTTP store: `vitpipe shard` killed with
+    SIGKILL once some parts are listed (their receipts written) and before any plan; the re-run
+    lists only the parts not finished and writes the same bytes as a clean run."""
+    www, base, heads = slow_http_root
+    files = sorted(digits_dir.rglob("*.png"))[:240]
+    manifest = tmp_path / "manifest"
+    manifest.mkdir()
+    for p in files:
+        (www / p.parent.name).mkdir(exist_ok=True)
+        (www / p.parent.name / p.name).write_bytes(p.read_bytes())
+    for i in range(6):
+        lines = ["url,label"] + [f"{base}/{p.parent.name}/{p.name},{p.parent.name}" for p in files[i * 40:(i + 1) * 40]]
+        (manifest / f"part-{i}.csv").write_text("\n".join(lines) + "\n")
+    out, clean = tmp_path / "out", tmp_path / "clean"
+    cmd = [sys.executable, "-m", "vitpipe.cli", "shard", str(manifest)]
+    opts = ["--max-samples-per-shard", "25", "--val-ratio", "0.2"]
+    proc = subprocess.Popen(cmd + [str(out)] + opts, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
+    deadline = time.monotonic() + 120
+    while len(list((out / ".vitpipe" / "listing").glob("*.json"))) < 2 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / ".vitpipe" / "plan.json").exists(), "the listing ended before the kill; slow it down"
+    listed_before = {p.name for p in (out / ".vitpipe" / "listing").glob("*.json")}
+    assert 2 <= len(listed_before) < 6
+    heads.clear()
+    subprocess.run(cmd + [str(out)] + opts, check=True, capture_output=True, cwd=REPO)
+    rerun = dict(heads)
+    heads.clear()
+    subprocess.run(cmd + [str(clean)] + opts, check=True, capture_output=True, cwd=REPO)
+    # Listing looks up each file's size once (a HEAD); reading it later may too. The re-run
+    # looked up the files of the parts listed before the kill one time fewer than a clean run.
+    done_parts = {int(name.split("-")[1].split(".")[0]) for name in listed_before}  # list-<part>.json
+    for i, p in enumerate(files):
+        path = f"/{p.parent.name}/{p.name}"
+        assert rerun[path] == heads[path] - (i // 40 in done_parts), (path, rerun[path], heads[path])
+    assert _shard_bytes(out) == _shard_bytes(clean) and len(_shard_bytes(out)) >= 8
+    assert not [p for p in out.rglob("*") if ".tmp-" in p.name] and verify(str(out)) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Faults of issue #14: names that are not UTF-8, a full disk, temporary files left by a kill
+
+
+def test_file_names_that_are_not_utf8_are_kept_under_safe_keys(digits_dir, tmp_path, capsys):
+    """Linux names are bytes: b'\\xff\\xfe.jpg' is a valid file name (Python holds it with surrogate
+    escapes). It used to crash the stage in plan_fingerprint; now the image is sharded under an
+    ASCII key, its JSON `source` shows the bytes as \\xNN, and webdataset and GNU tar read the shard."""
+    from pipeline.packaged_data import write_photos
+
+    write_photos(tmp_path / "photos", names=("coffee",))
+    jpg = (tmp_path / "photos" / "coffee.jpg").read_bytes()
+    png = next((digits_dir / "3").glob("*.png")).read_bytes()
+    src = tmp_path / "src"
+    (src / "cls").mkdir(parents=True)
+    bad = {b"\xff\xfe.jpg": jpg, b"caf\xe9.png": png, b"\xfe\xff.png": png}  # the first and last collide
+    for name, data in bad.items():
+        with open(os.path.join(os.fsencode(src / "cls"), name), "wb") as f:
+            f.write(data)
+    (src / "cls" / "ok.png").write_bytes(png)
+    (src / b"\xe9t\xe9".decode("utf-8", "surrogateescape")).mkdir()  # a class folder name, too
+    (src / b"\xe9t\xe9".decode("utf-8", "surrogateescape") / "x.png").write_bytes(png)
+    out = tmp_path / "out"
+    rc, err = _cli(["shard", str(src), str(out), "--val-ratio", "0"], capsys)
+    assert rc == 0, err
+    index = load_index(str(out))
+    samples = _read_samples(index, "train")
+    assert len(samples) == 5 and len({s["__key__"] for s in samples}) == 5
+    assert all(re.fullmatch(r"[A-Za-z0-9_/-]+", s["__key__"]) for s in samples)
+    by_source = {json.loads(s["json"])["source"]: s for s in samples}
+    # pass-through keeps the bytes; the members share the set's one extension (the most names say png)
+    assert by_source[f"{src}/cls/\\xff\\xfe.jpg"]["png"] == jpg
+    assert by_source[f"{src}/cls/caf\\xe9.png"]["png"] == png
+    assert index["classes"] == ["\\xe9t\\xe9", "cls"]  # a class is named by its folder, shown the same way
+    assert index["classes"][int(by_source[f"{src}/\\xe9t\\xe9/x.png"]["cls"])] == "\\xe9t\\xe9"
+    listing = subprocess.run(["tar", "-tf", str(out / "train-000000.tar")], capture_output=True, check=True)
+    assert listing.stdout.decode("ascii").count(".json") == 5  # member names are plain ASCII
+    assert verify(str(out)) == []
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A real 3 MB tmpfs (a full disk on demand); unmounted whatever happens."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+@pytest.mark.slow
+def test_a_full_disk_is_one_line_and_the_rerun_after_freeing_space_is_exact(tmp_path, small_tmpfs):
+    src = _copies_of_photo(tmp_path, 60)  # ~6 MB of JPEGs for a 3 MB filesystem
+    opts = ["--max-samples-per-shard", "5", "--val-ratio", "0.2"]
+    cmd = [sys.executable, "-m", "vitpipe.cli", "shard", str(src)]
+    subprocess.run(cmd + [str(tmp_path / "clean")] + opts, check=True, capture_output=True, cwd=REPO)
+    expected = _shard_bytes(tmp_path / "clean")
+    out = small_tmpfs / "shards"
+    proc = subprocess.run(cmd + [str(out)] + opts, capture_output=True, text=True, cwd=REPO)
+    line = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert re.fullmatch(rf"vitpipe shard: error: no space left on the device writing {re.escape(str(out))}/"
+                        r"(train|val)-\d{6}\.tar: the \d+ shards still to write need about [\d.]+ MB, [\d.]+ \w?B "
+                        r"free there now; free some space \(or choose another OUT\) and re-run the same command: "
+                        r"the finished shards are kept and nothing half-written counts as done", line), line
+    need = float(re.search(r"need about ([\d.]+) MB", line).group(1))
+    assert 1 < need < 7
+    assert not (out / "index.json").exists() and not [p for p in out.rglob("*") if ".tmp-" in p.name]
+    partial = _shard_bytes(out)
+    assert partial and all(expected[name] == data for name, data in partial.items())  # complete or absent
+    subprocess.run(["mount", "-o", "remount,size=40m", str(small_tmpfs)], check=True)  # space freed
+    done = subprocess.run(cmd + [str(out)] + opts, check=True, capture_output=True, text=True, cwd=REPO)
+    assert f"{len(partial)} resumed" in done.stdout
+    assert _shard_bytes(out) == expected and verify(str(out)) == []
+
+
+def test_temporary_files_a_kill_leaves_are_removed_everywhere_in_out(digits_dir, tmp_path):
+    """A writer killed between writing and renaming leaves NAME.tmp-<host>-<pid>: a shard, a
+    receipt in .vitpipe/, a listing file below it. The window is microseconds, so the files are
+    made here the way a kill leaves them; the next run removes all of them (it used to look at
+    the top of OUT only, leaving .vitpipe/*.tar.json.tmp-PID forever)."""
+    out = tmp_path / "out"
+    cfg = dict(src=str(digits_dir), out=str(out), max_samples_per_shard=500)
+    shard(ShardConfig(**cfg))
+    left = [out / "train-000001.tar.tmp-host-4242", out / ".vitpipe" / "train-000000.tar.json.tmp-4242",
+            out / ".vitpipe" / "plan.json.tmp-host-77"]
+    (out / ".vitpipe" / "listing").mkdir()
+    left.append(out / ".vitpipe" / "listing" / "list-000000.json.tmp-host-9")
+    for p in left:
+        p.write_bytes(b"half")
+    (out / "train-000001.tar").unlink()  # and a shard to write again
+    stats = shard(ShardConfig(**cfg))
+    assert stats["num_shards_written"] == 1
+    assert not [p for p in out.rglob("*") if ".tmp-" in p.name]
+    assert verify(str(out)) == []
+
+
+def test_a_shard_set_an_older_vitpipe_planned_asks_for_overwrite_before_listing(digits_dir, tmp_path, monkeypatch):
+    import pipeline.plan as plan
+
+    out = tmp_path / "out"
+    shard(ShardConfig(src=str(digits_dir), out=str(out), max_samples_per_shard=500))
+    (out / ".vitpipe" / "plan.json").write_text(json.dumps({"fingerprint": "0" * 64}))  # as vitpipe <= 2026-12 wrote
+    monkeypatch.setattr(plan, "list_task", lambda *a: pytest.fail("listed SRC before refusing"))
+    with pytest.raises(UserError, match=r"an older vitpipe planned \(plan format 1, now 2\); pass --overwrite"):
+        shard(ShardConfig(src=str(digits_dir), out=str(out), max_samples_per_shard=500))
+    monkeypatch.undo()
+    stats = shard(ShardConfig(src=str(digits_dir), out=str(out), max_samples_per_shard=500, overwrite=True))
+    assert stats["num_shards_written"] == stats["num_shards"]
+
+
+def test_progress_covers_listing_planning_and_writing(digits_dir, tmp_path):
+    """Listing tens of millions of files on network storage takes minutes: it has its own bar
+    (files, rate, parts done, an ETA from them), as planning and writing do, then one summary."""
+    proc = subprocess.run([sys.executable, "-m", "vitpipe.cli", "shard", str(digits_dir), str(tmp_path / "out")],
+                          capture_output=True, text=True, cwd=REPO, check=True,
+                          env={**os.environ, "TQDM_MININTERVAL": "0"})
+    bars = proc.stderr.replace("\r", "\n")
+    assert re.search(r"list images: 100%.*1797/1797 \[.*file/s, parts=11/11\]", bars), bars[-2000:]
+    assert re.search(r"plan: 100%.*1797/1797 .*img/s", bars) and re.search(r"shard images: 100%.*img/s", bars)
+    assert re.fullmatch(r"sharded 1797 images \(train \d+ / val \d+\) into \d+ shards \[\d+ written, 0 resumed\], "
+                        r"0 failures, [\d.]+ MB in [\d.]+s \(listing and planning [\d.]+s\) -> .*\n", proc.stdout)

@@ -94,3 +94,55 @@ def test_a_file_or_the_index_itself_as_out(shards, tmp_path, capsys):
     # index.json itself names the shard set, and is named once in the message
     assert main(["verify", str(shards / INDEX_NAME)]) == 0
     assert capsys.readouterr().out.strip().endswith(f"match {shards / INDEX_NAME}")
+
+
+def _flip_a_byte(path) -> None:
+    data = bytearray(path.read_bytes())
+    data[700] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_sample_checks_n_shards_drawn_by_the_seed(shards, capsys):
+    """--sample 2 of 5 shards: some seeds draw the damaged one (and name it), others do not; a
+    seed always draws the same shards; the missing and stray files are found either way."""
+    _flip_a_byte(shards / "train-000001.tar")
+    runs = {seed: verify(str(shards), sample=2, seed=seed) for seed in range(12)}
+    assert all(x.startswith("train-000001.tar: sha256") for p in runs.values() for x in p)
+    hits = [seed for seed, p in runs.items() if p]
+    assert 0 < len(hits) < 12  # 2 of 5 drawn: 40% of seeds on average
+    assert verify(str(shards), sample=2, seed=hits[0]) == runs[hits[0]]
+    assert verify(str(shards), sample=50) == verify(str(shards))  # a sample of all is all
+    miss = next(seed for seed, p in runs.items() if not p)
+    assert main(["verify", str(shards), "--sample", "2", "--seed", str(miss)]) == 0
+    assert "verify: OK, 2 of 5 shards (drawn with --seed" in capsys.readouterr().out
+    (shards / "val-000000.tar").unlink()
+    (shards / "train-000042.tar").write_bytes(b"")
+    problems = "\n".join(verify(str(shards), sample=1, seed=miss))
+    assert "train-000042.tar: a shard file the index does not list" in problems
+    assert main(["verify", str(shards), "--sample", "0"]) == 2  # argparse: must be >= 1
+
+
+def test_sample_reads_the_dali_index_of_the_drawn_shards_only(shards, monkeypatch):
+    """A stale DALI index is named by a full verify and by a sample that draws its shard; a sample
+    reads no other shard's headers for DALI (on 10,000 shards that would be most of the work)."""
+    import pipeline.interop
+
+    (shards / "train-000001.idx").write_text("stale 0 0\n")
+    assert [p.split(":")[0] for p in verify(str(shards))] == ["train-000001.idx"]
+    read = []
+    real = pipeline.interop.dali_index
+    monkeypatch.setattr(pipeline.interop, "dali_index", lambda path: read.append(path.name) or real(path))
+    drawn = {seed: verify(str(shards), sample=1, seed=seed) for seed in range(8)}
+    assert len(read) == 8 and set(read) > {"train-000001.tar"}  # one shard's headers per run: the drawn one
+    assert {tuple(p) for p in drawn.values()} == {(), tuple(verify(str(shards)))}
+
+
+@pytest.mark.multiprocess
+def test_workers_find_the_same_problems_in_the_same_order(shards):
+    _flip_a_byte(shards / "train-000001.tar")
+    (shards / "val-000000.tar").unlink()
+    data = (shards / "train-000003.tar").read_bytes()
+    (shards / "train-000003.tar").write_bytes(data[: len(data) // 2])
+    one = verify(str(shards))
+    assert {p.split(":")[0] for p in one} == {"train-000001.tar", "train-000003.tar", "val-000000.tar"}
+    assert verify(str(shards), workers=3) == one
