@@ -12,20 +12,32 @@ default: sharper reconstructions, better representations).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import AfterValidator, Field
 
 from vitpipe.config import StageConfig
 from vitpipe.errors import UserError
 
 
+def open_fraction(key: str, what: str, example: float):
+    """A float option that must lie in (0, 1); the error names the key, what it is and an example."""
+
+    def check(value: float) -> float:
+        if not 0.0 < value < 1.0:
+            raise ValueError(f"{key}={value} must be in (0, 1), {what}; e.g. {example}")
+        return value
+
+    return Annotated[float, AfterValidator(check)]
+
+
 class MAESection(StageConfig):
     """Options of --train.objective mae; the decoder defaults follow model.preset (512 x 8 for b/16)."""
 
-    mask_ratio: float = Field(0.75, description="fraction of patches hidden from the encoder, per sample; "
-                                                "0.75 in the paper (the encoder then costs ~1/4 of a full step)")
+    mask_ratio: open_fraction("mae.mask_ratio", "the fraction of patches hidden", 0.75) = Field(
+        0.75, description="fraction of patches hidden from the encoder, per sample; 0.75 in the paper (the "
+                          "encoder then costs ~1/4 of a full step)")
     norm_pix_loss: bool = Field(True, description="reconstruct each patch's pixels normalised by its own mean "
                                                   "and variance (the paper's default; better features)")
     decoder_dim: int | None = Field(None, gt=0, description="decoder width; empty = the preset's (512 for the "
@@ -36,17 +48,6 @@ class MAESection(StageConfig):
     reconstructions: int = Field(8, ge=0, le=64, description="fixed val images shown as original / masked / "
                                                              "reconstruction in MLflow at each evaluation; 0 = none")
 
-    @field_validator("mask_ratio")
-    @classmethod
-    def _ratio(cls, v: float) -> float:
-        return open_fraction(v, key="mae.mask_ratio", what="the fraction of patches hidden", example=0.75)
-
-
-def open_fraction(value: float, *, key: str, what: str, example: float) -> float:
-    """`value` if it is in (0, 1), else a ValueError naming the key, what it is and an example."""
-    if not 0.0 < value < 1.0:
-        raise ValueError(f"{key}={value} must be in (0, 1), {what}; e.g. {example}")
-    return value
 
 
 def patch_targets(images: torch.Tensor, patch_size: int, norm_pix: bool) -> torch.Tensor:

@@ -16,28 +16,23 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
+from vit.objectives.mae import open_fraction
 from vitpipe.config import StageConfig
 
 
 class MPPSection(StageConfig):
     """Options of --train.objective mpp; the defaults are the paper's."""
 
-    mask_ratio: float = Field(0.5, description="fraction of patches corrupted per sample (the paper: 50%)")
+    mask_ratio: open_fraction("mpp.mask_ratio", "the fraction of patches corrupted", 0.5) = Field(
+        0.5, description="fraction of patches corrupted per sample (the paper: 50%)")
     replace_mask: float = Field(0.8, ge=0, le=1, description="of the corrupted, the fraction replaced by the "
                                                              "learned mask embedding")
     replace_random: float = Field(0.1, ge=0, le=1, description="of the corrupted, the fraction replaced by a random "
                                                                "other patch's embedding; the rest stay unchanged")
     bits: int = Field(3, ge=1, le=4, description="bits per channel of the predicted mean colour (3: 512 RGB "
                                                  "colours, 8 grey levels)")
-
-    @field_validator("mask_ratio")
-    @classmethod
-    def _ratio(cls, v: float) -> float:
-        from vit.objectives.mae import open_fraction
-
-        return open_fraction(v, key="mpp.mask_ratio", what="the fraction of patches corrupted", example=0.5)
 
     @model_validator(mode="after")
     def _shares(self) -> MPPSection:
