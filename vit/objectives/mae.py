@@ -32,10 +32,13 @@ def open_fraction(key: str, what: str, example: float):
     return Annotated[float, AfterValidator(check)]
 
 
+MAEMaskRatio = open_fraction("mae.mask_ratio", "the fraction of patches hidden", 0.75)
+
+
 class MAESection(StageConfig):
     """Options of --train.objective mae; the decoder defaults follow model.preset (512 x 8 for b/16)."""
 
-    mask_ratio: open_fraction("mae.mask_ratio", "the fraction of patches hidden", 0.75) = Field(
+    mask_ratio: MAEMaskRatio = Field(
         0.75, description="fraction of patches hidden from the encoder, per sample; 0.75 in the paper (the "
                           "encoder then costs ~1/4 of a full step)")
     norm_pix_loss: bool = Field(True, description="reconstruct each patch's pixels normalised by its own mean "

@@ -22,10 +22,13 @@ from vit.objectives.mae import open_fraction
 from vitpipe.config import StageConfig
 
 
+MPPMaskRatio = open_fraction("mpp.mask_ratio", "the fraction of patches corrupted", 0.5)
+
+
 class MPPSection(StageConfig):
     """Options of --train.objective mpp; the defaults are the paper's."""
 
-    mask_ratio: open_fraction("mpp.mask_ratio", "the fraction of patches corrupted", 0.5) = Field(
+    mask_ratio: MPPMaskRatio = Field(
         0.5, description="fraction of patches corrupted per sample (the paper: 50%)")
     replace_mask: float = Field(0.8, ge=0, le=1, description="of the corrupted, the fraction replaced by the "
                                                              "learned mask embedding")

@@ -16,7 +16,6 @@ score, so at each evaluation it reports, on every rank together:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import torch
 from pydantic import Field, PositiveInt
