@@ -83,7 +83,7 @@ def test_mae_run_logs_reconstructions_knn_and_the_loss_curve(mae_run):
     top = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"model", "loss_curve.png", "reconstructions"} <= top
     pngs = sorted(a.path for a in client.list_artifacts(run.info.run_id, "reconstructions"))
-    assert pngs == ["reconstructions/reconstruction_step00000010.png", "reconstructions/reconstruction_step00000020.png"]
+    assert pngs == [f"reconstructions/reconstruction_step{s:08d}.png" for s in (10, 20)]
     local = client.download_artifacts(run.info.run_id, pngs[-1], str(root / "download"))
     with Image.open(local) as img:
         assert img.format == "PNG" and img.width > 200 and img.height > 8 * 50  # 3 columns x 8 val images

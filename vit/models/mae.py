@@ -34,7 +34,7 @@ class DecoderConfig:
     """The MAE decoder; it only exists during pretraining, so it can be narrow and shallow."""
 
     embed_dim: int = 512     # decoder width; the paper's 512 is ~9% of ViT-L's FLOPs per token
-    depth: int = 8           # decoder blocks; 1 already fine-tunes as well (paper Table 1a), 8 gives better linear probes
+    depth: int = 8           # decoder blocks; 1 fine-tunes as well (paper Table 1a), 8 gives better linear probes
     num_heads: int = 16      # attention heads of the decoder blocks
     mlp_ratio: float = 4.0   # MLP hidden width / embed_dim
 

@@ -46,7 +46,7 @@ class MAESection(StageConfig):
     decoder_dim: int | None = Field(None, gt=0, description="decoder width; empty = the preset's (512 for the "
                                                             "ImageNet presets, 64-128 for the /4 CPU presets)")
     decoder_depth: int | None = Field(None, gt=0, description="decoder blocks; empty = the preset's (8 for the "
-                                                              "ImageNet presets); 1-2 is cheaper and fine-tunes as well")
+                                                              "ImageNet presets); 1-2 cost less, fine-tune as well")
     decoder_heads: int | None = Field(None, gt=0, description="decoder attention heads; empty = the preset's")
     reconstructions: int = Field(8, ge=0, le=64, description="fixed val images shown as original / masked / "
                                                              "reconstruction in MLflow at each evaluation; 0 = none")
