@@ -193,6 +193,16 @@ def test_bad_objective_options_name_the_value_and_the_fix(overrides, message):
         build_config(PretrainConfig, None, {"data.shards": "s", **overrides})
 
 
+def test_a_resolved_config_written_back_loads_again(tmp_path):
+    """config.yaml holds every section with its defaults: a supervised one must not trip the MAE check."""
+    from vitpipe.config import build_config, save_config
+
+    for objective in ("supervised", "mae"):
+        cfg = build_config(PretrainConfig, None, {"data.shards": "s", "train.objective": objective})
+        again = build_config(PretrainConfig, save_config(cfg, tmp_path / f"{objective}.yaml"))
+        assert again == cfg
+
+
 def test_decoder_that_cannot_fit_or_be_built_is_refused_before_building():
     vit_cfg = create_model("micro/4", num_classes=0, image_size=16).cfg
     huge = MAEObjective(MAESection(decoder_dim=65536, decoder_depth=8, decoder_heads=64), preset="micro/4")

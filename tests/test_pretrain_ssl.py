@@ -333,3 +333,18 @@ def test_mae_finetune_recipe_moves_the_final_norm_after_pooling(unlabelled_digit
     assert model.cfg.fc_norm and model.cfg.global_pool == "avg" and model.cfg.drop_path_rate == 0.1
     assert torch.equal(model.fc_norm.weight, encoder.norm.weight) and isinstance(model.norm, torch.nn.Identity)
     assert cfg.layer_decay == 0.75
+
+
+def test_the_pretrain_deployment_takes_an_mae_config_and_refuses_a_mixed_one(tmp_path, capsys):
+    """The objective is a config value: the nightly pretrain deployment runs MAE from its config file."""
+    from flows.deploy import build_deployments
+    from vitpipe.cli import main
+
+    recipe = Path(__file__).resolve().parents[1] / "vit" / "recipes" / "digits_mae_pretrain.yaml"
+    deps = {d.name: d for d in build_deployments(pretrain_config=str(recipe))}
+    assert deps["pretrain"].parameters["config"] == str(recipe.resolve())
+    assert deps["pretrain"].entrypoint == "flows.stages.pretrain_flow"
+    mixed = tmp_path / "mixed.yaml"
+    mixed.write_text("mae:\n  mask_ratio: 0.5\n")  # an MAE option on a supervised run
+    assert main(["deploy", "--pretrain-config", str(mixed)]) == 2
+    assert "mae.mask_ratio is an option of --train.objective mae" in capsys.readouterr().err

@@ -61,11 +61,14 @@ def objective_options_problem(objective: str, sections: dict[str, Any], augment:
     """Why options of one objective were given to a run of another (one line), or None.
 
     `sections`: the objective-specific config sections by name (mae, mpp, probe) as set by the
-    user; `augment`: data.augment, whose label mixing only the supervised objective uses.
+    user; `augment`: data.augment, whose label mixing only the supervised objective uses. Values
+    equal to their defaults pass: a resolved config written back (config.yaml) holds them all.
     """
     owners = {"mae": ("mae",), "mpp": ("mpp",), "probe": SELF_SUPERVISED}
     for section, values in sections.items():
-        given = sorted(values.model_fields_set)
+        fields = type(values).model_fields
+        given = sorted(k for k in values.model_fields_set if getattr(values, k) != fields[k].get_default(
+            call_default_factory=True))
         if given and objective not in owners[section]:
             wanted = owners[section][0]
             return (f"{section}.{given[0]} is an option of --train.objective {'/'.join(owners[section])}, but this "
