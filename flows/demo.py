@@ -123,7 +123,7 @@ def self_supervised(out: Path, size: DemoSize, *, labelled_shards: str, uri: str
                         overrides={"out": str(out / "pretrain_mae"), "probe.shards": labelled_shards,
                                    **training_overrides(size, "mae")}, **common)
     knn = evaluate_flow(model=pre["export"], dataset=labelled_shards, out=str(out / "evaluate_mae"),
-                        overrides={"knn.enabled": True, "knn.k": [20]}, **common)
+                        overrides={"data": pre["data_config"], "knn.enabled": True, "knn.k": [20]}, **common)
     return {"pretrain": pre, "knn": knn, "dataset": data}
 
 

@@ -131,8 +131,8 @@ def test_self_supervised_path_pretrains_mae_on_unlabelled_digits_then_knn(small_
     assert mae.info.status == "FINISHED" and "val/knn_top1" in mae.data.metrics and "val/loss" in mae.data.metrics
     pngs = [a.path for a in client.list_artifacts(mae.info.run_id, "reconstructions")]
     assert pngs and all(p.startswith("reconstructions/reconstruction_step") for p in pngs)
-    knn = [r for r in client.search_runs([exp.experiment_id]) if "knn_top1_k20" in r.data.metrics]
-    assert len(knn) == 1 and 0 < knn[0].data.metrics["knn_top1_k20"] <= 1
+    knn = [r for r in client.search_runs([exp.experiment_id]) if "val/knn_top1_k20" in r.data.metrics]
+    assert len(knn) == 1 and 0 < knn[0].data.metrics["val/knn_top1_k20"] <= 1
 
 
 def test_demo_rejects_bad_arguments(tmp_path):

@@ -107,10 +107,13 @@ class SelfSupervisedEval:
         original, masked, recon = reconstructions(images[:n], out["pred"][:n], out["mask"][:n], patch_size=patch,
                                                   norm_pix=self.cfg.mae.norm_pix_loss, mean=mean, std=std)
         path = self.out / "reconstructions" / f"reconstruction_step{step:08d}.png"
-        ratio = self.cfg.mae.mask_ratio
+        ratio, norm_pix = self.cfg.mae.mask_ratio, self.cfg.mae.norm_pix_loss
+        # With norm_pix_loss the model predicts each patch's pixels up to its mean and std, which the
+        # picture borrows from the original (as MAE's own figures do): the title says so.
+        title = f"MAE, step {step}" + ("\n* hidden patches at their original mean/std" if norm_pix else "")
         return [plot_reconstructions({"original": original.numpy(), f"masked {ratio:.0%}": masked.numpy(),
-                                      "reconstruction": recon.numpy()}, path,
-                                     title=f"MAE, step {step}")]
+                                      "reconstruction*" if norm_pix else "reconstruction": recon.numpy()}, path,
+                                     title=title)]
 
     def _knn(self, engine) -> dict[str, float]:
         if self.probe is None:
