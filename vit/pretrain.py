@@ -37,10 +37,12 @@ def model_overrides(cfg, num_classes: int) -> dict[str, Any]:
 
 def encoder_overrides(cfg: PretrainConfig, num_classes: int, *, needs_labels: bool) -> dict[str, Any]:
     """model_overrides for the objective: a self-supervised run trains a head-less encoder, whose
-    features are the mean of its patch tokens unless model.overrides says otherwise (MAE's choice)."""
+    features are the mean of its patch tokens unless model.overrides says otherwise, with MAE's
+    final LayerNorm on every token (what the decoder reads), not fc_norm after pooling."""
     overrides = model_overrides(cfg, num_classes if needs_labels else 0)
     if not needs_labels:
         overrides.setdefault("global_pool", "avg")
+        overrides.setdefault("fc_norm", False)
     return overrides
 
 

@@ -170,7 +170,7 @@ class MaskedAutoencoder(nn.Module):
         cfg, dec = self.vit.cfg, self.decoder_cfg
         encoder = self.vit.flops_per_image(encoded_patches=self.num_keep)
         n = self.num_patches + self.vit.num_prefix_tokens
-        decoder = 2 * ((self.num_keep + 1) * cfg.embed_dim * dec.embed_dim
+        decoder = 2 * ((self.num_keep + self.vit.num_prefix_tokens) * cfg.embed_dim * dec.embed_dim
                        + dec.depth * block_macs(n, dec.embed_dim, int(dec.embed_dim * dec.mlp_ratio))
                        + self.num_patches * dec.embed_dim * cfg.patch_size ** 2 * cfg.in_chans)
         return 3 * (encoder + decoder) if training else encoder + decoder

@@ -334,14 +334,16 @@ class VisionTransformer(nn.Module):
         some for a mask embedding). With `keep` (B, K) patch indices only those K patches are
         encoded, each with its own position (MAE: the encoder never sees the masked ones, so a
         step costs about K/N of a full one). Returns (B, 1 + K, D) after the final norm, class token
-        first; with keep=None the same as forward_features on the image the tokens came from.
+        first ((B, K, D) with class_token=False); with keep=None the same as forward_features on the
+        image the tokens came from.
         """
         x = tokens + self.pos_embed[:, self.num_prefix_tokens:]
         if keep is not None:
             x = torch.gather(x, 1, keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-        prefix = self.cls_token + self.pos_embed[:, :self.num_prefix_tokens]
-        x = self.pos_drop(torch.cat([prefix.expand(x.shape[0], -1, -1), x], dim=1))
-        return self.norm(self._run_blocks(x))
+        if self.cls_token is not None:
+            prefix = self.cls_token + self.pos_embed[:, :self.num_prefix_tokens]
+            x = torch.cat([prefix.expand(x.shape[0], -1, -1), x], dim=1)
+        return self.norm(self._run_blocks(self.pos_drop(x)))
 
     def _run_blocks(self, x: torch.Tensor) -> torch.Tensor:
         for block in self.blocks:
