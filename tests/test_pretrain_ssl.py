@@ -196,7 +196,7 @@ def test_labelled_shards_train_mae_with_labels_ignored(digits_shards, tmp_path):
     (["--train.objective", "mae", "--data.image-size", "18"], "image_size=18 must be a positive multiple of "
                                                               "patch_size=4, e.g. image_size=16"),
     (["--mae.mask-ratio", "0.5"], "mae.mask_ratio is an option of --train.objective mae"),
-    (["--train.objective", "mpp", "--mae.norm-pix-loss"], "mae.norm_pix_loss is an option of --train.objective mae"),
+    (["--train.objective", "mpp", "--no-mae.norm-pix-loss"], "mae.norm_pix_loss is an option of --train.objective mae"),
     ([], "has no class labels.*--train.objective mae"),  # supervised on unlabelled images
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(args, message, unlabelled_digits, tmp_path):
@@ -323,7 +323,7 @@ def test_mae_finetune_recipe_moves_the_final_norm_after_pooling(unlabelled_digit
     from vitpipe.config import build_config
 
     torch.manual_seed(0)
-    encoder = create_model("micro/4", num_classes=0, image_size=16, in_chans=1, global_pool="avg")
+    encoder = create_model("micro/4", num_classes=0, image_size=16, in_chans=1, global_pool="avg", fc_norm=False)
     with torch.no_grad():
         encoder.norm.weight.uniform_(0.5, 1.5)
     export = save_pretrained(encoder, tmp_path / "export")
@@ -345,6 +345,6 @@ def test_the_pretrain_deployment_takes_an_mae_config_and_refuses_a_mixed_one(tmp
     assert deps["pretrain"].parameters["config"] == str(recipe.resolve())
     assert deps["pretrain"].entrypoint == "flows.stages.pretrain_flow"
     mixed = tmp_path / "mixed.yaml"
-    mixed.write_text("mae:\n  mask_ratio: 0.5\n")  # an MAE option on a supervised run
+    mixed.write_text("data: {}\nmae:\n  mask_ratio: 0.5\n")  # an MAE option on a supervised run
     assert main(["deploy", "--pretrain-config", str(mixed)]) == 2
     assert "mae.mask_ratio is an option of --train.objective mae" in capsys.readouterr().err

@@ -233,7 +233,7 @@ def load_pretrained(path: str | Path, *, num_classes: int | None = None, image_s
         config = named_config(named)
     values = _read_values(weights) if config is None and weights.is_file() else None
     cfg = config or _read_config(weights, values)
-    state_dict = _unwrap(_read_tensors(weights))
+    state_dict = mae_encoder(_unwrap(_read_tensors(weights)))  # an MAE pretraining file: its encoder
     if cfg is None:
         raise UserError(f"{weights} carries no vitpipe config; pass config= a preset name "
                         f"({', '.join(list(PRESETS)[:3])}, ...), a timm model name or a ViTConfig")
