@@ -335,13 +335,23 @@ def test_mae_finetune_recipe_moves_the_final_norm_after_pooling(unlabelled_digit
     assert cfg.layer_decay == 0.75
 
 
-def test_the_pretrain_deployment_takes_an_mae_config_and_refuses_a_mixed_one(tmp_path, capsys):
+def test_the_pretrain_deployment_takes_an_mae_config_and_refuses_a_mixed_one(tmp_path, capsys, monkeypatch):
     """The objective is a config value: the nightly pretrain deployment runs MAE from its config file."""
+    import tempfile
+
     from flows.deploy import build_deployments
+    from vit.models.vit import create_model
+    from vit.models.weights import save_pretrained
     from vitpipe.cli import main
 
+    # deploy refuses an init under the machine's temporary folder (not durable): move that folder aside
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "scratch"))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "scratch"))
+    (tmp_path / "scratch").mkdir()
+    init = tmp_path / "init"
+    save_pretrained(create_model("micro/4", image_size=16, in_chans=1, num_classes=10), init)
     recipe = Path(__file__).resolve().parents[1] / "vit" / "recipes" / "digits_mae_pretrain.yaml"
-    deps = {d.name: d for d in build_deployments(pretrain_config=str(recipe))}
+    deps = {d.name: d for d in build_deployments(pretrain_config=str(recipe), finetune_init=str(init))}
     assert deps["pretrain"].parameters["config"] == str(recipe.resolve())
     assert deps["pretrain"].entrypoint == "flows.stages.pretrain_flow"
     mixed = tmp_path / "mixed.yaml"
