@@ -200,7 +200,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="demo-output",
                         help="folder for the images, shards, runs and the MLflow store [default: demo-output]")
     parser.add_argument("--size", choices=sorted(SIZES), default="full",
-                        help="full: the advertised run (~2 min on 2 cores, see docs/demo.md); small: a quick smoke test")
+                        help="full: the advertised run (~3 min on 2 cores, see docs/demo.md); small: a quick smoke test")
     parser.add_argument("--nproc", type=int, default=2, help="DeepSpeed ranks for training [default: 2]")
 
 
