@@ -159,7 +159,7 @@ def dataset_card(index: dict, image_ext: str | None) -> str:
         "from datasets import load_dataset",
         "ds = load_dataset(\"FOLDER\")                  # splits: " + ", ".join(
             s for s, v in index["splits"].items() if v["num_samples"]),
-        *([f"ds = ds.cast_column(\"cls\", ClassLabel(names=[...]))  # the classes below"] if classes else []),
+        *(["ds = ds.cast_column(\"cls\", ClassLabel(names=[...]))  # the classes below"] if classes else []),
         "import wids",
         "train = wids.ShardListDataset(\"FOLDER/train.wids.json\")",
         "from nvidia.dali import fn",

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import re
 import types
-import typing
 from pathlib import Path
 from typing import Any, Annotated, Literal, Union, get_args, get_origin
 
