@@ -72,8 +72,10 @@ def _sync(device: str) -> None:
 
 def time_interleaved(models: dict[str, torch.nn.Module], x: torch.Tensor, y: torch.Tensor, *,
                      dtype: torch.dtype | None, steps: int, warmup: int,
-                     clock=time.perf_counter) -> dict[str, list[float]]:
-    """Seconds per step of each model; the order flips every round so neither always runs first."""
+                     clock=time.perf_counter, step=None) -> dict[str, list[float]]:
+    """Seconds per step of each model; the order flips every round so neither always runs first.
+    `step(model, x, y, dtype)` is one training step (default: `train_step`, cross-entropy)."""
+    step = step or train_step
     device = str(x.device)
     names = list(models)
     times: dict[str, list[float]] = {name: [] for name in names}
@@ -81,7 +83,7 @@ def time_interleaved(models: dict[str, torch.nn.Module], x: torch.Tensor, y: tor
         for name in names if i % 2 == 0 else reversed(names):
             _sync(device)
             start = clock()
-            train_step(models[name], x, y, dtype)
+            step(models[name], x, y, dtype)
             _sync(device)
             if i >= warmup:
                 times[name].append(clock() - start)

@@ -7,11 +7,14 @@ demo, tests and benchmarks:
 - `write_faces`: scikit-image's `lfw_subset`, 100 faces and 100 non-faces (25x25 crops).
 - `write_photos`: scikit-image's bundled photos (astronaut, coffee, ...), unlabelled or by name.
 - `write_shapes`: generated strokes and shapes in N classes, as many as a scale test needs.
+- `write_unlabelled`: any of these with the labels dropped (one folder of loose images), the
+  kind of collection self-supervised pretraining (`--train.objective mae`) learns from.
 """
 
 from __future__ import annotations
 
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -156,3 +159,15 @@ def _color_shape(kind: str, size: int, jitter: float, rng: np.random.Generator) 
     _draw_shape(ImageDraw.Draw(mask), kind, side, rng)
     img.paste(tuple(int(v) for v in rng.integers(0, 256, size=3)), ((w - side) // 2, (h - side) // 2), mask)
     return img
+
+
+def write_unlabelled(out: str | Path, *trees: str | Path) -> Path:
+    """Copy the images of class-folder trees into one folder, `out/<tree>_<class>_<name>`, without
+    classes: the same pixels unlabelled (`vitpipe shard` writes `classes: []` for it)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for tree in map(Path, trees):
+        for f in sorted(p for p in tree.rglob("*") if p.is_file() and p.suffix.lower() in (".png", ".jpg", ".jpeg")):
+            parts = f.relative_to(tree).parts
+            shutil.copyfile(f, out / "_".join((tree.name, *parts)))
+    return out

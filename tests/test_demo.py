@@ -111,10 +111,28 @@ def test_prefect_flow_runs_completed_with_artifacts(runs, small_demo):
         assert pipeline.state.is_completed()
         flows = {f.id: f.name for f in client.read_flows()}
         names = sorted(flows[r.flow_id] for r in client.read_flow_runs() if r.state.is_completed())
-        assert names == ["evaluate", "finetune", "pipeline", "pretrain", "shard", "shard"]
+        # the supervised pipeline, then the self-supervised path's own shard, pretrain and evaluate
+        assert names == ["evaluate", "evaluate", "finetune", "pipeline", "pretrain", "pretrain", "shard", "shard",
+                         "shard"]
         keys = {a.key for a in client.read_artifacts(artifact_filter=ArtifactFilter(
             key=ArtifactFilterKey(any_=["pipeline-summary", "shards-digits", "finetune-mlflow-digits"])))}
         assert keys == {"pipeline-summary", "shards-digits", "finetune-mlflow-digits"}
+
+
+def test_self_supervised_path_pretrains_mae_on_unlabelled_digits_then_knn(small_demo):
+    from mlflow import MlflowClient
+
+    assert "self-supervised: MAE on 300 unlabelled digits, frozen encoder k-NN top-1" in small_demo["stdout"]
+    index = json.loads((small_demo["out"] / "shards" / "digits_unlabelled" / "index.json").read_text())
+    assert index["classes"] == []
+    client = MlflowClient(small_demo["tracking_uri"])
+    exp = client.get_experiment_by_name(EXPERIMENT)
+    (mae,) = [r for r in client.search_runs([exp.experiment_id]) if r.data.params.get("train.objective") == "mae"]
+    assert mae.info.status == "FINISHED" and "val/knn_top1" in mae.data.metrics and "val/loss" in mae.data.metrics
+    pngs = [a.path for a in client.list_artifacts(mae.info.run_id, "reconstructions")]
+    assert pngs and all(p.startswith("reconstructions/reconstruction_step") for p in pngs)
+    knn = [r for r in client.search_runs([exp.experiment_id]) if "val/knn_top1_k20" in r.data.metrics]
+    assert len(knn) == 1 and 0 < knn[0].data.metrics["val/knn_top1_k20"] <= 1
 
 
 def test_demo_rejects_bad_arguments(tmp_path):

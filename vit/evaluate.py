@@ -368,7 +368,9 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     class_names = list(loader.class_names)
     if not class_names:
         raise UserError(f"data.shards={cfg.data.shards!r} is unlabelled (no classes in index.json); evaluation "
-                        f"needs labels: shard a folder tree with one sub-folder per class")
+                        f"needs labels: shard a folder tree with one sub-folder per class. A self-supervised "
+                        f"backbone is measured with --knn.enabled on a labelled shard set (k-NN needs labelled "
+                        f"images too)")
     if loader.num_samples == 0:
         raise UserError(f"split {split!r} of {cfg.data.shards!r} has no samples (every input of it failed when "
                         f"sharding? see failures.jsonl there); evaluate on a split with images")

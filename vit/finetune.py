@@ -49,8 +49,9 @@ class LinearProbe(nn.Module):
         return self.vit.head(features)
 
 
-# What a fine-tune may change about the pretrained model: regularisation and pooling.
-_FINETUNE_OVERRIDES = {"attn_drop_rate", "head_drop_rate", "global_pool"}
+# What a fine-tune may change about the pretrained model: regularisation and pooling (MAE's
+# recipe fine-tunes a self-supervised encoder with mean pooling and a norm after it, fc_norm).
+_FINETUNE_OVERRIDES = {"attn_drop_rate", "head_drop_rate", "global_pool", "fc_norm"}
 
 
 _WEIGHT_FILES = (".safetensors", ".pt", ".pth")  # what vit.models.weights.load_pretrained reads
@@ -122,9 +123,19 @@ def load_init(cfg: FinetuneConfig, *, num_classes: int) -> nn.Module:
     if any(getattr(model.cfg, k) != v for k, v in wanted.items()):
         # Drop rates are fixed at construction (per-block schedule); rebuild and copy the weights.
         rebuilt = VisionTransformer(dataclasses.replace(model.cfg, **wanted))
-        rebuilt.load_state_dict(model.state_dict())
+        rebuilt.load_state_dict(_move_final_norm(model.state_dict(), to_fc_norm=rebuilt.cfg.fc_norm))
         model = rebuilt
     return model
+
+
+def _move_final_norm(state: dict[str, torch.Tensor], *, to_fc_norm: bool) -> dict[str, torch.Tensor]:
+    """The final LayerNorm's weights where a model with (or without) fc_norm keeps them: `fc_norm.*`
+    normalises the pooled features, `norm.*` every token before pooling. Starting fc_norm from the
+    pretrained norm keeps the scale the encoder's features were trained at."""
+    src, dst = ("norm.", "fc_norm.") if to_fc_norm else ("fc_norm.", "norm.")
+    if not any(k.startswith(src) for k in state):
+        return state
+    return {(dst + k[len(src):] if k.startswith(src) else k): v for k, v in state.items()}
 
 
 def _timm_config(path: Path, preset: str | None, image_size: int | None):

@@ -1,8 +1,9 @@
-"""`vitpipe pretrain`: supervised pretraining of a ViT on a sharded, labelled collection.
+"""`vitpipe pretrain`: pretrain a ViT on a sharded collection, with or without labels.
 
     vitpipe pretrain run.yaml                         # one process (CPU or one GPU)
     vitpipe pretrain run.yaml --nproc 8               # all GPUs of this node
     vitpipe pretrain run.yaml --deepspeed.zero-stage 2 --optim.lr 5e-4 --train.steps 20000
+    vitpipe pretrain run.yaml --train.objective mae   # unlabelled images: masked autoencoder
 
 Relaunching the same command resumes from the latest complete checkpoint; --no-resume starts over.
 From Python (one process, e.g. a Prefect task): `pretrain(PretrainConfig(...))`.
@@ -34,17 +35,64 @@ def model_overrides(cfg, num_classes: int) -> dict[str, Any]:
     return overrides
 
 
+def encoder_overrides(cfg: PretrainConfig, num_classes: int, *, needs_labels: bool) -> dict[str, Any]:
+    """model_overrides for the objective: a self-supervised run trains a head-less encoder, whose
+    features are the mean of its patch tokens unless model.overrides says otherwise, with MAE's
+    final LayerNorm on every token (what the decoder reads), not fc_norm after pooling."""
+    overrides = model_overrides(cfg, num_classes if needs_labels else 0)
+    if not needs_labels:
+        overrides.setdefault("global_pool", "avg")
+        overrides.setdefault("fc_norm", False)
+    return overrides
+
+
+def check_objective(cfg: PretrainConfig, objective, classes: list | None = None) -> None:
+    """What can be refused before any process group, data or model exists: the architecture at this
+    image size, the objective's options against it (mask ratio, decoder size), and labels."""
+    from vit.models.vit import preset_config
+
+    vit_cfg = preset_config(cfg.model.preset, **encoder_overrides(cfg, 0, needs_labels=False))
+    if hasattr(objective, "check"):
+        objective.check(vit_cfg, batch_size=cfg.data.batch_size, memory_bytes=_device_memory())
+    if classes is not None and not classes and objective.needs_labels:
+        raise UserError(f"data.shards={cfg.data.shards!r} has no class labels (an unlabelled collection); "
+                        f"train.objective={cfg.train.objective} needs them. Pretrain on unlabelled images with "
+                        f"--train.objective mae (or mpp)")
+
+
+def _device_memory() -> int | None:
+    """Bytes of memory one rank can use at most: its GPU's, else the machine's."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    try:
+        import psutil
+
+        return psutil.virtual_memory().total
+    except ImportError:
+        return None
+
+
 def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     """Pretrain as configured and export; returns final metrics, export dir, MLflow run id, checkpoint dir."""
-    from vit.models.vit import create_model, preset_config
+    from pipeline.index import load_index
+    from vit.models.vit import create_model
+    from vit.objectives import build_objective
 
-    preset_config(cfg.model.preset)  # an unknown preset fails before any process group or data
+    objective = build_objective(cfg)
+    # An unknown preset, a bad option or data without the labels it needs fail before any process group.
+    check_objective(cfg, objective, load_index(cfg.data.shards)["classes"] if cfg.data.shards else None)
 
     def build(train_loader) -> Model:
-        model = create_model(cfg.model.preset, **model_overrides(cfg, train_loader.num_classes))
-        return Model(module=model, param_groups=param_groups(model, cfg.optim),
-                     model_config=model.cfg.to_dict(), flops_per_image=model.flops_per_image(training=True),
-                     params={"model.num_params": model.num_params()})
+        overrides = encoder_overrides(cfg, train_loader.num_classes, needs_labels=objective.needs_labels)
+        model = create_model(cfg.model.preset, **overrides)
+        module = objective.wrap(model)
+        return Model(module=module, param_groups=param_groups(module, cfg.optim),
+                     model_config=model.cfg.to_dict(), flops_per_image=module.flops_per_image(training=True),
+                     export_prefix=objective.export_prefix,
+                     params={"model.num_params": model.num_params(),
+                             "model.trained_params": sum(p.numel() for p in module.parameters())})
 
     return run_training(cfg, stage="pretrain", build=build)
 
@@ -60,8 +108,9 @@ def cli_config(args: argparse.Namespace) -> PretrainConfig:
 def preflight(cfg: PretrainConfig) -> None:
     """What a launch of N processes checks once first (else every rank prints the same error)."""
     from pipeline.index import load_index
+    from vit.objectives import build_objective
 
-    load_index(cfg.data.shards)
+    check_objective(cfg, build_objective(cfg), load_index(cfg.data.shards)["classes"])
 
 
 def run_cli(args: argparse.Namespace) -> int:

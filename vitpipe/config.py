@@ -124,7 +124,11 @@ def format_validation_error(cls: type[BaseModel], err: ValidationError) -> str:
         else:
             got = e.get("input")
             got_s = "" if isinstance(got, dict) else f" (got {got!r})"
-            lines.append(f"  {key}: {e['msg']}{got_s}")
+            msg = e["msg"].removeprefix("Value error, ")
+            if msg.startswith(f"{key}="):  # the validator's message names the key and value itself
+                lines.append(f"  {msg}")
+            else:
+                lines.append(f"  {key}: {msg}{got_s}")
     return "\n".join(lines)
 
 

@@ -104,3 +104,31 @@ def plot_run_curves(run_id: str, path: str | Path, *, keys: Sequence[str] | None
     if not series:
         raise ValueError(f"run {run_id} has no metric logged at more than one step; nothing to plot")
     return plot_curves(series, path, title=run.info.run_name or run_id)
+
+
+def plot_reconstructions(columns: Mapping[str, np.ndarray], path: str | Path, *,
+                         title: str = "Reconstructions") -> Path:
+    """Write image columns side by side as a PNG, one row per image: e.g. original / masked /
+    reconstruction of an MAE. Each array is (B, C, H, W) in [0, 1] with C = 1 or 3."""
+    names = list(columns)
+    if not names:
+        raise ValueError("no columns to plot; pass e.g. {'original': images, ...}")
+    rows = int(np.asarray(columns[names[0]]).shape[0])
+    fig = _figure(1.6 * len(names) + 0.4, 1.6 * rows + 0.6)
+    for c, name in enumerate(names):
+        batch = np.asarray(columns[name], dtype=np.float32)
+        for r in range(rows):
+            ax = fig.add_subplot(rows, len(names), r * len(names) + c + 1)
+            img = batch[r].transpose(1, 2, 0)
+            ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray" if img.shape[-1] == 1 else None,
+                      vmin=0.0, vmax=1.0, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(name, fontsize=9)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    return path

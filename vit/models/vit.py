@@ -325,13 +325,34 @@ class VisionTransformer(nn.Module):
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         x = self.pos_drop(x + self.pos_embed)
+        return self.norm(self._run_blocks(x))
+
+    def forward_tokens(self, tokens: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """The encoder on patch embeddings instead of an image, for self-supervised pretraining.
+
+        `tokens` (B, N, D) come from `patch_embed`, possibly edited (masked patch prediction swaps
+        some for a mask embedding). With `keep` (B, K) patch indices only those K patches are
+        encoded, each with its own position (MAE: the encoder never sees the masked ones, so a
+        step costs about K/N of a full one). Returns (B, 1 + K, D) after the final norm, class token
+        first ((B, K, D) with class_token=False); with keep=None the same as forward_features on the
+        image the tokens came from.
+        """
+        x = tokens + self.pos_embed[:, self.num_prefix_tokens:]
+        if keep is not None:
+            x = torch.gather(x, 1, keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        if self.cls_token is not None:
+            prefix = self.cls_token + self.pos_embed[:, :self.num_prefix_tokens]
+            x = torch.cat([prefix.expand(x.shape[0], -1, -1), x], dim=1)
+        return self.norm(self._run_blocks(self.pos_drop(x)))
+
+    def _run_blocks(self, x: torch.Tensor) -> torch.Tensor:
         for block in self.blocks:
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
                 # Recompute each block in backward: activation memory O(1) in depth for ~30% more compute.
                 x = checkpoint(block, x, use_reentrant=False)
             else:
                 x = block(x)
-        return self.norm(x)
+        return x
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Tokens from forward_features -> logits, or the pooled features the head sees if pre_logits."""
@@ -405,19 +426,19 @@ class VisionTransformer(nn.Module):
         skip = {"pos_embed", "cls_token"} if exclude_embeddings else set()
         return sum(p.numel() for name, p in self.named_parameters() if name not in skip)
 
-    def flops_per_image(self, training: bool = False) -> int:
+    def flops_per_image(self, training: bool = False, *, encoded_patches: int | None = None) -> int:
         """Matmul FLOPs (2 per multiply-add) of one image's forward, or forward+backward (3x) if training.
 
         Counts every matmul/conv and attention's QK^T and AV; norms, softmax and GELU are left out,
         the usual convention for MFU. ViT-B/16 at 224: 35.1 GFLOP forward, 105 GFLOP training.
+        `encoded_patches`: how many patches the blocks see (MAE's visible ones); default all.
         """
         cfg = self.cfg
         n_patches = self.patch_embed.num_patches
-        n = n_patches + self.num_prefix_tokens
+        n = (n_patches if encoded_patches is None else encoded_patches) + self.num_prefix_tokens
         d = cfg.embed_dim
-        hidden = int(d * cfg.mlp_ratio)
         patch = n_patches * (cfg.in_chans * cfg.patch_size ** 2) * d
-        block = n * d * 3 * d + 2 * n * n * d + n * d * d + 2 * n * d * hidden
+        block = block_macs(n, d, int(d * cfg.mlp_ratio))
         head_in = d
         head = 0
         if cfg.representation_size:
@@ -426,6 +447,12 @@ class VisionTransformer(nn.Module):
         head += head_in * cfg.num_classes
         forward = 2 * (patch + cfg.depth * block + head)
         return 3 * forward if training else forward
+
+
+def block_macs(tokens: int, dim: int, hidden: int) -> int:
+    """Multiply-adds of one transformer block over `tokens` tokens: qkv, QK^T, AV, proj, MLP."""
+    n, d = tokens, dim
+    return n * d * 3 * d + 2 * n * n * d + n * d * d + 2 * n * d * hidden
 
 
 def resample_pos_embed(pos_embed: torch.Tensor, new_grid: tuple[int, int], num_prefix_tokens: int = 1, *,

@@ -34,6 +34,7 @@ __all__ = [
     "resample_pos_embed", "save_pretrained", "load_pretrained", "load_state_dict",
     "timm_to_vitpipe", "vitpipe_to_timm", "load_timm_checkpoint", "config_from_timm", "config_from_timm_hub",
     "timm_model_kwargs", "timm_hub_config", "save_timm_hub", "has_config", "named_config", "architecture_differences",
+    "mae_encoder",
 ]
 
 log = logging.getLogger(__name__)
@@ -232,7 +233,7 @@ def load_pretrained(path: str | Path, *, num_classes: int | None = None, image_s
         config = named_config(named)
     values = _read_values(weights) if config is None and weights.is_file() else None
     cfg = config or _read_config(weights, values)
-    state_dict = _unwrap(_read_tensors(weights))
+    state_dict = mae_encoder(_unwrap(_read_tensors(weights)))  # an MAE pretraining file: its encoder
     if cfg is None:
         raise UserError(f"{weights} carries no vitpipe config; pass config= a preset name "
                         f"({', '.join(list(PRESETS)[:3])}, ...), a timm model name or a ViTConfig")
@@ -415,7 +416,7 @@ def timm_to_vitpipe(sd: Mapping[str, Any], cfg: ViTConfig) -> StateDict:
     resamples the position embedding to cfg's grid, drops the head when cfg.num_classes == 0, and
     refuses timm features this model does not implement, naming the keys.
     """
-    sd = _unwrap(sd)
+    sd = mae_encoder(_unwrap(sd))
     _refuse_unsupported(sd)
     old_grid = _file_grid(sd, cfg)
     prefix = 1 if cfg.class_token else 0
@@ -473,6 +474,21 @@ def _file_grid(sd: Mapping[str, Any], cfg: ViTConfig, source: str = "checkpoint"
                         f"to the class token: use a plain ViT checkpoint")
     raise UserError(f"{source}: pos_embed has {n} patch positions after {tokens - n} class token(s), not a "
                     f"square patch grid; vitpipe's ViT reads square grids (img_size h = w)")
+
+
+_MAE_PRETRAINING = re.compile(r"^(decoder_|mask_token$)")
+
+
+def mae_encoder(sd: Mapping[str, Any]) -> dict[str, Any]:
+    """The encoder of an MAE pretraining checkpoint (facebookresearch/mae's layout, after unwrapping
+    its {"model": ...}: the encoder under timm's names, plus `decoder_*` and `mask_token`); any
+    other state dict is returned as it is. The decoder only served pretraining: dropped, said once."""
+    if not any(k.startswith("decoder_") for k in sd):
+        return dict(sd)
+    dropped = sorted(k for k in sd if _MAE_PRETRAINING.match(k))
+    log.warning("MAE pretraining checkpoint: taking its encoder, ignoring its decoder (%d tensors: "
+                "decoder_*, mask_token)", len(dropped))
+    return {k: v for k, v in sd.items() if not _MAE_PRETRAINING.match(k)}
 
 
 def vitpipe_to_timm(sd: Mapping[str, torch.Tensor], cfg: ViTConfig) -> StateDict:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 
 class SupervisedClassification:
@@ -14,11 +15,20 @@ class SupervisedClassification:
     """
 
     name = "supervised"
+    needs_labels = True
+    export_prefix = ""
 
     def __init__(self, *, label_smoothing: float = 0.0) -> None:
         self.label_smoothing = label_smoothing
 
-    def __call__(self, model, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    @classmethod
+    def from_config(cls, cfg) -> SupervisedClassification:
+        return cls(label_smoothing=cfg.data.augment.label_smoothing)
+
+    def wrap(self, vit: nn.Module) -> nn.Module:
+        return vit
+
+    def __call__(self, model, images: torch.Tensor, targets: torch.Tensor, *, seed: int = 0) -> dict[str, torch.Tensor]:
         logits = model(images)
         # Loss in fp32 even when the model runs in bf16: log-softmax over classes loses digits otherwise.
         logits32 = logits.float()
@@ -26,4 +36,4 @@ class SupervisedClassification:
             loss = torch.sum(-targets * F.log_softmax(logits32, dim=-1), dim=-1).mean()
         else:
             loss = F.cross_entropy(logits32, targets, label_smoothing=self.label_smoothing)
-        return loss, logits
+        return {"loss": loss, "logits": logits}

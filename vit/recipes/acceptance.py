@@ -3,6 +3,7 @@
     python -m vit.recipes.acceptance --out runs/acceptance                   # both parts
     python -m vit.recipes.acceptance --out runs/acceptance --part full       # only the 97% run
     python -m vit.recipes.acceptance --out runs/acceptance --part fraction --fraction 0.1
+    python -m vit.recipes.acceptance --out runs/acceptance --part self-supervised      # MAE / MPP, no labels
 
 Every run goes through the real stages with the recipes next to this file: `vitpipe shard`, then
 `pretrain` on generated shapes (the "other collection"), `finetune` on digits and `evaluate` on
@@ -11,6 +12,12 @@ the same labelled fraction with the same data, optimizer, schedule and number of
 from the shapes backbone (`digits_finetune.yaml`) and once from random weights
 (`digits_scratch.yaml`). The held-out split is the same 10% of every class in both, and in the
 full run. Results land in OUT/acceptance.json and are copied into docs/results.md by hand.
+
+The self-supervised part pretrains on the digits' training images with their labels dropped
+(`digits_mae_pretrain.yaml`, `digits_mpp_pretrain.yaml`), then fine-tunes on the same labelled
+fraction, once with the supervised comparison's recipe (`digits_finetune.yaml`) and once with
+MAE's (`mae_finetune.yaml`), each also from a randomly initialised encoder; and measures the
+frozen encoders by k-NN against a random one.
 """
 
 from __future__ import annotations
@@ -111,7 +118,8 @@ def pretrain_shapes(root: Path, shards: Path, *, tracking_uri: str | None = None
 
 
 def train_digits(root: Path, shards: Path, *, name: str, init: Path | None, tracking_uri: str | None = None,
-                 register_as: str | None = None, **overrides: Any) -> dict[str, Any]:
+                 register_as: str | None = None, recipe: str = "digits_finetune.yaml",
+                 **overrides: Any) -> dict[str, Any]:
     """Fine-tune from `init` (digits_finetune.yaml), or train from scratch when `init` is None
     (digits_scratch.yaml, same settings); then evaluate on the held-out split. Returns the results.
 
@@ -131,7 +139,7 @@ def train_digits(root: Path, shards: Path, *, name: str, init: Path | None, trac
         cfg = build_config(PretrainConfig, RECIPES / "digits_scratch.yaml", common)
         trained = pretrain(cfg)
     else:
-        cfg = build_config(FinetuneConfig, RECIPES / "digits_finetune.yaml", {**common, "init": str(init)})
+        cfg = build_config(FinetuneConfig, RECIPES / recipe, {**common, "init": str(init)})
         trained = finetune(cfg)
     seconds = time.perf_counter() - start
     ev = EvaluateConfig(model=trained["export"], data=cfg.data, out=str(out / "evaluation"),
@@ -160,6 +168,80 @@ def _log_and_register(tracking_uri: str, run_id: str, export: str, results: dict
     print(promote_if_better(name).reason)
 
 
+def prepare_unlabelled(root: Path) -> Path:
+    """The digits' training images without labels (the held-out 10% left out), sharded with a
+    val split of their own for the reconstruction loss."""
+    from pipeline.packaged_data import write_unlabelled
+
+    root = Path(root)
+    out = root / "shards" / "digits_unlabelled"
+    if not (out / "index.json").is_file():
+        src = write_unlabelled(root / "data" / "digits_unlabelled", root / "data" / "digits" / "train")
+        shard_folder(src, out, val_ratio=0.1)
+    return out
+
+
+def pretrain_unlabelled(root: Path, shards: Path, objective: str, *, probe: Path,
+                        tracking_uri: str | None = None) -> Path:
+    """The MAE or MPP backbone (digits_{objective}_pretrain.yaml) of unlabelled digits, probed by
+    online k-NN on the labelled ones; returns its export (reused if present)."""
+    from vit.pretrain import pretrain
+    from vit.train.config import PretrainConfig
+    from vitpipe.config import build_config
+
+    out = Path(root) / "runs" / f"digits_{objective}"
+    if (out / "export" / "model.safetensors").is_file():
+        return out / "export"
+    cfg = build_config(PretrainConfig, RECIPES / f"digits_{objective}_pretrain.yaml", _quiet_tracking(
+        {"data.shards": str(shards), "out": str(out), "probe.shards": str(probe)}, tracking_uri))
+    return Path(pretrain(cfg)["export"])
+
+
+def random_encoder(root: Path) -> Path:
+    """A freshly initialised head-less micro/4 (seed 0), exported like a pretraining run's encoder."""
+    import torch
+
+    from vit.models.vit import create_model
+    from vit.models.weights import save_pretrained
+
+    out = Path(root) / "runs" / "random_encoder"
+    torch.manual_seed(0)
+    return save_pretrained(create_model("micro/4", num_classes=0, image_size=16, in_chans=1, global_pool="avg"), out)
+
+
+def knn_of(root: Path, export: Path, shards: Path, name: str) -> dict[str, float]:
+    """k-NN top-1 (k = 1, 20) of a frozen encoder: memory the digits' train split, queries the held-out 180."""
+    from vit.evaluate import EvaluateConfig, evaluate
+
+    r = evaluate(EvaluateConfig(model=str(export), data={"shards": str(shards)}, knn={"enabled": True, "k": [1, 20]},
+                                out=str(Path(root) / "runs" / f"knn_{name}"), tracking={"enabled": False}))
+    return {k: r[k] for k in ("knn_top1_k1", "knn_top1_k20")}
+
+
+def run_self_supervised(root: Path, shards: dict[str, Path], *, fraction_steps: int = 300,
+                        tracking_uri: str | None = None) -> dict[str, Any]:
+    """MAE and MPP on unlabelled digits, then fine-tuned on the labelled fraction and probed by k-NN."""
+    unlabelled = prepare_unlabelled(root)
+    random = random_encoder(root)
+    budget = {"train.steps": fraction_steps, "data.batch_size": 32}
+    report: dict[str, Any] = {"knn": {"random": knn_of(root, random, shards["digits"], "random")}}
+    starts = {"random": random}
+    for objective in ("mae", "mpp"):
+        start = time.perf_counter()
+        starts[objective] = pretrain_unlabelled(root, unlabelled, objective, probe=shards["digits"],
+                                                tracking_uri=tracking_uri)
+        report[f"{objective}_pretrain_seconds"] = round(time.perf_counter() - start, 1)
+        report["knn"][objective] = knn_of(root, starts[objective], shards["digits"], objective)
+    for recipe in ("digits_finetune.yaml", "mae_finetune.yaml"):
+        for name, init in starts.items():
+            report[f"{name}+{recipe.removesuffix('.yaml')}"] = train_digits(
+                root, shards["digits_fraction"], name=f"fraction_{name}_{recipe.removesuffix('.yaml')}", init=init,
+                recipe=recipe, tracking_uri=tracking_uri, **budget)
+    report["scratch"] = train_digits(root, shards["digits_fraction"], name="fraction_scratch", init=None,
+                                     tracking_uri=tracking_uri, **budget)
+    return report
+
+
 def _num_samples(shards: Path, split: str) -> int:
     return json.loads((Path(shards) / "index.json").read_text())["splits"][split]["num_samples"]
 
@@ -170,9 +252,15 @@ def run(root: Path, *, part: str = "all", fraction: float = 0.1, fraction_steps:
 
     `with_scratch=False` skips the from-scratch baseline on the full digits (the 97% check alone)."""
     root = Path(root)
-    shards = prepare_data(root, fraction=fraction if part in ("all", "fraction") else None)
+    shards = prepare_data(root, fraction=fraction if part in ("all", "fraction", "self-supervised") else None)
+    report: dict[str, Any] = {}
+    if part == "self-supervised":
+        report["self_supervised"] = run_self_supervised(root, shards, fraction_steps=fraction_steps,
+                                                        tracking_uri=tracking_uri)
+        (root / "acceptance.json").write_text(json.dumps(report, indent=2) + "\n")
+        return report
     backbone = pretrain_shapes(root, shards["shapes"], tracking_uri=tracking_uri)
-    report: dict[str, Any] = {"backbone": str(backbone)}
+    report["backbone"] = str(backbone)
     if part in ("all", "full"):
         report["full"] = train_digits(root, shards["digits"], name="digits", init=backbone, tracking_uri=tracking_uri)
         report["full_scratch"] = train_digits(root, shards["digits"], name="digits_scratch", init=None,
@@ -194,7 +282,8 @@ def run(root: Path, *, part: str = "all", fraction: float = 0.1, fraction_steps:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m vit.recipes.acceptance", description=__doc__.split("\n")[0])
     p.add_argument("--out", default="runs/acceptance", help="working folder (data, shards, runs, acceptance.json)")
-    p.add_argument("--part", choices=["all", "full", "fraction"], default="all")
+    p.add_argument("--part", choices=["all", "full", "fraction", "self-supervised"], default="all",
+                   help="all = full + fraction (supervised backbone); self-supervised = MAE/MPP without labels")
     p.add_argument("--fraction", type=float, default=0.1, help="labelled fraction of the digits train split")
     p.add_argument("--fraction-steps", type=int, default=300, help="optimizer steps of both fraction runs")
     p.add_argument("--tracking-uri", default=None, help="log every run to this MLflow store (default: off)")
@@ -209,6 +298,14 @@ def main(argv: list[str] | None = None) -> int:
         r = report["full_scratch"]
         print(f"full digits, from scratch (same budget): top-1 {100 * r['top1']:.2f}% ({r['steps']} steps, "
               f"{r['train_seconds']:.0f}s)")
+    for key, r in (report.get("self_supervised") or {}).items():
+        if key == "knn":
+            for name, k in r.items():
+                print(f"k-NN of the frozen {name} encoder: top-1 {100 * k['knn_top1_k1']:.2f}% (k=1), "
+                      f"{100 * k['knn_top1_k20']:.2f}% (k=20)")
+        elif isinstance(r, dict):
+            print(f"{100 * args.fraction:.0f}% of labels, {key:36s}: top-1 {100 * r['top1']:.2f}% ({r['steps']} steps, "
+                  f"{r['train_seconds']:.0f}s)")
     if "fraction" in report:
         f = report["fraction"]
         for kind in ("pretrained", "scratch"):

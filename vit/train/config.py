@@ -11,9 +11,12 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from pipeline.loader import DataConfig
+from vit.objectives.mae import MAESection
+from vit.objectives.mpp import MPPSection
+from vit.train.monitor import ProbeSection
 from vitpipe.config import StageConfig
 
 
@@ -113,8 +116,10 @@ class TrainSection(StageConfig):
         "debugging runs")
     activation_checkpointing: bool = Field(False, description="recompute block activations: less memory, ~30% slower")
     deterministic: bool = Field(False, description="deterministic kernels (for exact resume comparisons); slower")
-    objective: Literal["supervised"] = Field("supervised", description="training objective (vit.objectives)")
-
+    objective: Literal["supervised", "mae", "mpp"] = Field(
+        "supervised", description="what the run learns from (vit.objectives): supervised = class labels; "
+                                  "mae = masked autoencoder, mpp = the ViT paper's masked patch prediction "
+                                  "(both self-supervised: unlabelled images are enough, labels are ignored)")
 
 
 class TrainingConfig(StageConfig):
@@ -135,9 +140,23 @@ class TrainingConfig(StageConfig):
 
 
 class PretrainConfig(TrainingConfig):
-    """`vitpipe pretrain`: supervised pretraining on a sharded, labelled collection."""
+    """`vitpipe pretrain`: pretraining on a sharded collection, supervised (labelled) or self-supervised."""
 
     out: str = Field("runs/pretrain", description="output directory: export, resolved config, checkpoints")
+    mae: MAESection = Field(default_factory=MAESection, description="options of --train.objective mae")
+    mpp: MPPSection = Field(default_factory=MPPSection, description="options of --train.objective mpp")
+    probe: ProbeSection = Field(default_factory=ProbeSection,
+                                description="online k-NN of a self-supervised run's encoder")
+
+    @model_validator(mode="after")
+    def _options_fit_the_objective(self) -> "PretrainConfig":
+        from vit.objectives import objective_options_problem
+
+        problem = objective_options_problem(self.train.objective, {"mae": self.mae, "mpp": self.mpp,
+                                                                   "probe": self.probe}, self.data.augment)
+        if problem:
+            raise ValueError(problem)
+        return self
 
 
 class FinetuneConfig(TrainingConfig):
@@ -151,6 +170,14 @@ class FinetuneConfig(TrainingConfig):
                                description="lr multiplier per block going down from the head (1 = off)")
     model: FinetuneModelSection = Field(default_factory=FinetuneModelSection)
     out: str = Field("runs/finetune", description="output directory: export, resolved config, checkpoints")
+
+    @model_validator(mode="after")
+    def _supervised(self) -> "FinetuneConfig":
+        if self.train.objective != "supervised":
+            raise ValueError(f"train.objective={self.train.objective}: fine-tuning trains a classifier on labels "
+                             f"(supervised); pretrain with --train.objective {self.train.objective} instead, then "
+                             f"fine-tune its export")
+        return self
 
 
 # ---------------------------------------------------------------------------------------------

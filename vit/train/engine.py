@@ -265,3 +265,16 @@ def set_lr(engine, lr: float) -> None:
     """Apply a scheduled lr to every param group, times the group's layer-decay scale."""
     for group in engine.optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+def whole_parameters(module: nn.Module, zero_stage: int):
+    """A context in which `module`'s parameters are whole on every rank, for evaluation code that
+    calls the model's methods outside the engine's forward (k-NN features). ZeRO-3 partitions them
+    (entering gathers them, collectively); the other stages keep them whole, so it does nothing."""
+    import contextlib
+
+    if zero_stage < 3:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)

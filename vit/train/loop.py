@@ -26,11 +26,12 @@ from vit.train.checkpoint import RUN_RECORD, CheckpointManager, export_checkpoin
 from vit.train.config import TrainingConfig
 from vit.train.engine import (Stepper, build_optimizer, create_engine, ds_config, input_dtype, lr_at, resolve_compile,
                         resolve_precision, set_lr)
-from vit.objectives import build_objective
+from vit.objectives import build_objective, micro_batch_seed
 from vit.tracking.lineage import log_training_inputs
 from vit.tracking.tracker import (RunRecord, Stopped, Tracker, check_tracking, close_abandoned_run, describe_unlogged,
                                   flatten, git_commit, resolve_uri, tracked)
 from vit.train.stopping import StopOnSignal
+from vit.train.monitor import SelfSupervisedEval
 from vitpipe.config import save_config
 from vitpipe.errors import UserError
 
@@ -165,13 +166,16 @@ def _run_training(cfg: TrainingConfig, *, stage: str, build: Callable[[Any], Mod
         torch.use_deterministic_algorithms(True, warn_only=True)
     torch.manual_seed(cfg.train.seed)  # same init on every rank
 
+    objective = build_objective(cfg)
     dist.init_process_group(world, device)
     # data.decode gpu/auto: batches are decoded on `device` and arrive there in the step's input dtype
     train_loader = make_train_loader(cfg.data, rank=world.rank, world_size=world.world_size, seed=cfg.train.seed,
                                      device=device, dtype=input_dtype(precision))
-    if not train_loader.num_classes:
+    if objective.needs_labels and not train_loader.num_classes:
         raise UserError(f"data.shards={cfg.data.shards!r} has no class labels; {stage} trains a classifier and "
-                        f"needs a labelled collection (shard a folder tree with one sub-folder per class)")
+                        f"needs a labelled collection (shard a folder tree with one sub-folder per class)"
+                        + ("; to pretrain on unlabelled images pass --train.objective mae" if stage == "pretrain"
+                           else ""))
     eval_loader = make_eval_loader(cfg.data, cfg.data.val_split, rank=world.rank, world_size=world.world_size,
                                    device=device, dtype=input_dtype(precision))
     built = build(train_loader)
@@ -204,7 +208,9 @@ def _run_training(cfg: TrainingConfig, *, stage: str, build: Callable[[Any], Mod
 
     optimizer = build_optimizer(built.param_groups, cfg.optim, device)
     engine = create_engine(module, optimizer, ds, compile=resolve_compile(cfg.train.compile, device))
-    objective = build_objective(cfg.train.objective, label_smoothing=cfg.data.augment.label_smoothing)
+    ssl_eval = None if objective.needs_labels else SelfSupervisedEval(
+        cfg, objective, eval_loader, labelled=train_loader.num_classes > 0, world=world, device=device,
+        dtype=input_dtype(precision), out=out)
 
     if tag is not None:
         meta, rank_state = ckpt.load(engine, tag)
@@ -242,7 +248,7 @@ def _run_training(cfg: TrainingConfig, *, stage: str, build: Callable[[Any], Mod
                             eval_loader=eval_loader, world=world, device=device, ckpt=ckpt, tracker=tracker,
                             built=built, step=step, epoch=epoch, history=history, total_steps=total_steps,
                             steps_per_epoch=steps_per_epoch, global_batch=global_batch, peak=peak, stage=stage,
-                            resumed_from=tag, stop=stop, window=window)
+                            resumed_from=tag, stop=stop, window=window, ssl_eval=ssl_eval)
         check_data(world, cfg, train_loader, eval_loader)
         export_dir = out / "export"
         final_tag = tag_for(results["step"])
@@ -258,7 +264,7 @@ def _run_training(cfg: TrainingConfig, *, stage: str, build: Callable[[Any], Mod
             tracker.log_artifact(out / "config.yaml")
             tracker.log_artifact(out / "ds_config.json")
         evaluation = _final_evaluation(cfg, module, eval_loader, train_loader.class_names, world, device, out,
-                                       tracker, results["step"])
+                                       tracker, results["step"]) if objective.needs_labels else {}
         damage = check_data(world, cfg, train_loader, eval_loader)
         if world.is_main and (damage["data/damaged_shards"] or damage["data/skipped_samples"]):
             tracker.log_metrics({k: v for k, v in damage.items() if k.startswith("data/")}, results["step"])
@@ -327,6 +333,8 @@ def _check_same_model(saved: dict, model_config: dict, cfg: TrainingConfig, *, w
            "mode": getattr(cfg, "mode", None)}
     before = {**(saved.get("model_config") or {}), "zero_stage": saved.get("zero_stage"),
               "mode": (saved.get("config") or {}).get("mode")}
+    now.update(_objective_shape(cfg.model_dump(mode="json")))
+    before.update(_objective_shape(saved.get("config") or {}))
     regularizers = {"drop_rate", "attn_drop_rate", "drop_path_rate", "head_drop_rate"}  # same weights: may change
     diff = [f"{k} {before.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(before) | set(now) - regularizers)
             if before.get(k) != now.get(k) and before.get(k) is not None]
@@ -334,6 +342,20 @@ def _check_same_model(saved: dict, model_config: dict, cfg: TrainingConfig, *, w
         raise UserError(f"checkpoint {where} is of another run ({'; '.join(diff[:4])}"
                         f"{'; ...' if len(diff) > 4 else ''}); to resume, use the settings it was saved with; "
                         f"otherwise start over with --no-resume or pick another --out")
+
+
+def _objective_shape(config: dict) -> dict:
+    """What of a run's objective fixes the trained weights beyond the ViT: its name, MAE's decoder."""
+    objective = (config.get("train") or {}).get("objective")
+    out = {"objective": objective}
+    if objective == "mae":
+        from vit.models.mae import decoder_for
+
+        m = config.get("mae") or {}
+        dec = decoder_for((config.get("model") or {}).get("preset", ""), embed_dim=m.get("decoder_dim"),
+                          depth=m.get("decoder_depth"), num_heads=m.get("decoder_heads"))
+        out["mae decoder (dim x depth, heads)"] = f"{dec.embed_dim} x {dec.depth}, {dec.num_heads}"
+    return out
 
 
 def _warn_batch_change(world: dist.World, saved: dict | None, saved_ranks: int, now: int, cfg: TrainingConfig,
@@ -353,7 +375,8 @@ def _warn_batch_change(world: dist.World, saved: dict | None, saved_ranks: int, 
 def _loop(cfg: TrainingConfig, *, engine, objective, train_loader, eval_loader, world: dist.World,
           device: torch.device, ckpt: CheckpointManager, tracker: Tracker, built: Model, step: int, epoch: int,
           history: list, total_steps: int, steps_per_epoch: int, global_batch: int, peak: float | None,
-          stage: str, resumed_from: str | None, stop: StopOnSignal, window: dict | None = None) -> dict[str, Any]:
+          stage: str, resumed_from: str | None, stop: StopOnSignal, window: dict | None = None,
+          ssl_eval=None) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     t_cfg = cfg.train
@@ -373,7 +396,7 @@ def _loop(cfg: TrainingConfig, *, engine, objective, train_loader, eval_loader, 
     while step < total_steps:
         set_lr(engine, lr_at(step, total_steps=total_steps, peak=cfg.optim.lr, schedule=cfg.schedule))
         logged = (step + 1) % t_cfg.log_every == 0 or step + 1 == total_steps  # measure the grad norm
-        for _ in range(accum):
+        for micro in range(accum):
             t_data = time.perf_counter()
             try:
                 images, targets = next(batches)
@@ -385,7 +408,8 @@ def _loop(cfg: TrainingConfig, *, engine, objective, train_loader, eval_loader, 
             log.data_s += time.perf_counter() - t_data
             images = images.to(device, dtype=in_dtype, non_blocking=True)
             targets = targets.to(device, non_blocking=True)
-            loss, _ = objective(engine, images, targets)
+            seed = micro_batch_seed(t_cfg.seed, world.rank, step * accum + micro)  # same masks after a resume
+            loss = objective(engine, images, targets, seed=seed)["loss"]
             stepper.backward_step(loss, measure=logged)  # the optimizer runs at the accumulation boundary
             log.loss_sum += loss.detach().float()  # stays on the device: no host sync per step
             log.count += 1
@@ -418,8 +442,7 @@ def _loop(cfg: TrainingConfig, *, engine, objective, train_loader, eval_loader, 
             log = _Log()
 
         if t_cfg.eval_every and step % t_cfg.eval_every == 0 and step < total_steps:
-            val = evaluate(engine, eval_loader, device, dtype=in_dtype)
-            tracker.log_metrics(val, step)
+            val = _evaluate(engine, eval_loader, device, in_dtype, ssl_eval, step, tracker)
             engine.train()
         save_now = step == total_steps or (cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0)
         signum = stop.poll()  # collective: every rank stops at the same step, or none
@@ -437,8 +460,7 @@ def _loop(cfg: TrainingConfig, *, engine, objective, train_loader, eval_loader, 
                         f"{ckpt.root / tag_for(step)} saved; run the same command again to resume")
             raise Stopped(signum, f"stopped by {name} at step {step}")
     bar.close()
-    val = evaluate(engine, eval_loader, device, dtype=in_dtype)
-    tracker.log_metrics(val, step)
+    val = _evaluate(engine, eval_loader, device, in_dtype, ssl_eval, step, tracker)
     trained = step - start_step
     seconds = time.perf_counter() - t_start
     return {"step": step, "steps_this_launch": trained, "seconds": round(seconds, 3),
@@ -472,6 +494,20 @@ def _final_evaluation(cfg: TrainingConfig, module: nn.Module, eval_loader, class
             tracker.log_artifact(path, f"evaluation/{split}")
     return {f"{split}/{k}": v for k, v in scalar_metrics(full).items()
             if k in ("top5", "macro_f1")}
+
+
+def _evaluate(engine, eval_loader, device: torch.device, dtype: torch.dtype | None, ssl_eval, step: int,
+              tracker: Tracker) -> dict[str, float]:
+    """The periodic evaluation: top-1 and loss, or a self-supervised run's own (vit.train.monitor)."""
+    files = []
+    if ssl_eval is None:
+        val = evaluate(engine, eval_loader, device, dtype=dtype)
+    else:
+        val, files = ssl_eval.run(engine, step)
+    tracker.log_metrics(val, step)
+    for path in files:
+        tracker.log_artifact(path, "reconstructions")
+    return val
 
 
 @torch.no_grad()
@@ -509,6 +545,8 @@ def _summary(r: dict[str, Any]) -> str:
         parts.append(f"loss {r['final_loss']:.3f}" if same else f"loss {r['first_loss']:.3f} -> {r['final_loss']:.3f}")
     if "val/top1" in r:
         parts.append(f"val top-1 {100 * r['val/top1']:.1f}%")
+    if "val/knn_top1" in r:
+        parts.append(f"val k-NN top-1 {100 * r['val/knn_top1']:.1f}%")
     if r.get("images_per_s"):
         parts.append(f"{r['images_per_s']:.0f} img/s")
     if r.get("mfu"):
