@@ -11,7 +11,7 @@ import textwrap
 import pytest
 import torch
 
-from vit.train.checkpoint import LATEST, MARKER, CheckpointManager, consolidated_state_dict, export_checkpoint
+from vit.train.checkpoint import LATEST, MARKER, CheckpointManager, export_checkpoint
 from vit.train.config import PretrainConfig
 from vit.train.distributed import World, init_process_group
 from vit.train.engine import build_optimizer, create_engine, ds_config, param_groups

@@ -20,7 +20,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 import urllib.request
 from pathlib import Path
@@ -28,7 +27,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flows.deploy import FINETUNE_DEPLOYMENT, build_deployments, deploy
+from flows.deploy import FINETUNE_DEPLOYMENT, build_deployments
 from slurm_cluster import slurm_cluster  # noqa: F401  (fixture)
 from vit.train.distributed import free_port
 from vitpipe.cli import main as vitpipe_main

@@ -451,7 +451,7 @@ def test_vitpipe_shard_announces_the_dataset_when_a_prefect_api_is_configured(sm
     cmd = [sys.executable, "-m", "vitpipe.cli", "shard", str(small_digits), str(out), "--max-samples-per-shard", "50"]
     first = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
     assert first.returncode == 0, first.stderr[-2000:]
-    assert f"announced dataset 'cli-shards' (vitpipe.dataset.ready" in first.stdout
+    assert "announced dataset 'cli-shards' (vitpipe.dataset.ready" in first.stdout
     events = _events(wait_for=before + 1)
     (event,) = [e for e in events if e["resource"]["vitpipe.dataset.path"] == str(out)]
     assert event["resource"]["prefect.resource.id"] == "vitpipe.dataset.cli-shards"

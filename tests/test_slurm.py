@@ -7,7 +7,6 @@ torchrun, so the multi-node rendezvous of the batch script really happens (over 
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import subprocess
