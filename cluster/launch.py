@@ -325,7 +325,7 @@ def _preflight(command: list[str]) -> None:
         stage.preflight(cfg)
 
 
-def _close_job_run(command: list[str], rc: int) -> None:
+def _close_job_run(command: list[str], rc: int, *, stopped: bool | None = None) -> None:
     """After the ranks of a training job are gone: its MLflow run closed if rank 0 could not (it was
     SIGKILLed, or died with its node), so no run stays RUNNING. Best effort: for Slurm, the run
     record lies on the cluster's filesystem, which this host may not see."""
@@ -339,7 +339,7 @@ def _close_job_run(command: list[str], rc: int) -> None:
         return
     from vit.train.loop import close_job_run
 
-    close_job_run(found[1], rc)
+    close_job_run(found[1], rc, stopped=stopped)
 
 
 class Stopped(Exception):
@@ -432,3 +432,26 @@ def run_cli(args: argparse.Namespace) -> int:
     if command[:1] == ["--"]:
         command = command[1:]
     return launch(cfg, command, dry_run=args.dry_run)
+
+
+def after_job(argv: list[str]) -> int:
+    """`python -m cluster.launch after-job RC COMMAND...`: run by cluster/vitpipe.sbatch on the job's
+    first node once its ranks are gone, so that a job submitted with a bare `sbatch` closes its
+    MLflow run too when rank 0 could not (SIGKILLed, out of memory, its node lost). Exits RC."""
+    if len(argv) < 2 or argv[0] != "after-job" or not argv[1].lstrip("-").isdigit():
+        print("usage: python -m cluster.launch after-job EXIT_CODE VITPIPE_COMMAND ...", file=sys.stderr)
+        return 2
+    rc = int(argv[1])
+    try:
+        # FAILED, whatever the code: srun itself ends the other nodes' tasks with SIGTERM once one
+        # fails (--kill-on-bad-exit), so its 143 does not mean the job was stopped; a stopped job
+        # (scancel, preemption, time limit) has rank 0 close its run as KILLED, and this script
+        # is signalled too, before it gets here.
+        _close_job_run(argv[2:], rc, stopped=False)
+    except Exception as e:  # noqa: BLE001  the job's own status matters more than this best-effort close
+        print(f"vitpipe: could not check the job's MLflow run after exit {rc}: {e}", file=sys.stderr)
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(after_job(sys.argv[1:]))

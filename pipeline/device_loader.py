@@ -433,11 +433,18 @@ class DeviceTrainLoader(TrainLoader):
             from torchvision.transforms import v2
 
             self._rand_augment = v2.RandAugment(num_ops=aug.rand_augment_n, magnitude=aug.rand_augment_m)
-        if decode_ahead:
-            self._loader = _DecodeAhead(self._loader, self._decode, self.device, decode_ahead)
+        self._decode_ahead = decode_ahead
 
     def describe(self) -> str:
         return f"{super().describe()}; decoded on {self.device} (data.decode=gpu)"
+
+    def _batches(self):
+        # Wrapped per epoch, not kept: a _DecodeAhead held by the loader would hold the loader
+        # (through self._decode) in a reference cycle, freed only by the garbage collector, which
+        # leaves torch's worker shutdown to time out (see pipeline.loader._stop_workers).
+        if not self._decode_ahead:
+            return self._loader
+        return _DecodeAhead(self._loader, self._decode, self.device, self._decode_ahead)
 
     @property
     def stats(self) -> dict:

@@ -3,7 +3,8 @@
 Call `make_train_loader(cfg, rank=..., world_size=..., seed=...)` once per training process; per
 epoch call `loader.set_epoch(e)` and iterate it. Save `loader.state_dict()` in checkpoints (it is
 the same on every rank, so rank 0's copy is enough) and pass it to `load_state_dict` on resume.
-Call `make_eval_loader(cfg, split)` for evaluation.
+Call `make_eval_loader(cfg, split)` for evaluation. Both keep their worker processes across epochs;
+`loader.close()` (or `with make_train_loader(...) as loader:`) stops them, else freeing the loader does.
 
 How a training epoch is laid out, and why every rank runs the same number of steps:
 
@@ -40,8 +41,9 @@ import logging
 import math
 import re
 import tarfile
+import weakref
 from dataclasses import dataclass
-from typing import Any, Iterator, Literal
+from typing import Any, Iterable, Iterator, Literal
 
 import fsspec
 import numpy as np
@@ -426,6 +428,22 @@ def _data_loader(dataset: IterableDataset, num_workers: int) -> DataLoader:
                       pin_memory=torch.cuda.is_available(), generator=torch.Generator().manual_seed(0))
 
 
+def _stop_workers(loader: DataLoader) -> None:
+    """Stop a DataLoader's persistent workers now; its next iterator starts new ones. torch keeps
+    them until the DataLoader is freed, and a DataLoader freed by the garbage collector (it was in
+    a reference cycle) loses that race: the collector closes the index queues first, the workers
+    never hear the stop and are killed after 5 s each. (DataLoader has no public call for this.)"""
+    iterator, loader._iterator = getattr(loader, "_iterator", None), None
+    if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+        iterator._shutdown_workers()
+
+
+def _stop_workers_when_freed(owner: object, loader: DataLoader) -> None:
+    # The finalizer holds the DataLoader, so that it is never part of a collected cycle: when the
+    # owner is, the workers are stopped before any of it is torn down. At exit torch stops them.
+    weakref.finalize(owner, _stop_workers, loader).atexit = False
+
+
 def _split_info(index: dict, split: str) -> list[_Shard]:
     urls = shard_urls(index, split)
     listed = index["splits"][split]["shards"]
@@ -474,6 +492,7 @@ class TrainLoader:
                                     world_size=world_size, seed=seed, labelled=self.num_classes > 0,
                                     num_classes=self.num_classes, return_keys=return_keys, control=self._control)
         self._loader = _data_loader(self._stream, cfg.num_workers)
+        _stop_workers_when_freed(self, self._loader)
         self.report = _DataReport(f"train split {split!r}", rank)
         if rank == 0:
             log.info(self.describe())
@@ -513,7 +532,7 @@ class TrainLoader:
         if self._step >= self.steps_per_epoch:
             return
         self._control[0], self._control[1] = self.epoch, self._step
-        for batch in self._loader:
+        for batch in self._batches():
             batch = self._prepare(batch)
             self.report.add(batch["events"], batch["filled"])
             self._step += 1
@@ -529,9 +548,24 @@ class TrainLoader:
         raise RuntimeError(f"train loader rank {self.rank} produced {self._step} of {self.steps_per_epoch} "
                            f"batches of epoch {self.epoch}; this is a bug, please report it")
 
+    def _batches(self) -> Iterable[dict]:
+        """The workers' batches for this epoch (the device loader decodes them ahead here)."""
+        return self._loader
+
     def _prepare(self, batch: dict) -> dict:
         """A worker's batch as the step gets it (the device loader decodes and augments here)."""
         return batch
+
+    def close(self) -> None:
+        """Stop the worker processes now rather than when the loader is freed; iterating again
+        starts new ones. Also `with make_train_loader(...) as loader:`."""
+        _stop_workers(self._loader)
+
+    def __enter__(self) -> TrainLoader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def state_dict(self) -> dict:
         """Where this epoch stands; identical on every rank, so save it from rank 0."""
@@ -676,6 +710,7 @@ class EvalLoader:
                                    labelled=self.num_classes > 0)
         # More workers than batches would only start idle processes.
         self._loader = _data_loader(self._stream, min(cfg.num_workers, self.num_batches))
+        _stop_workers_when_freed(self, self._loader)
         self.report = _DataReport(f"eval split {split!r}", rank)
 
     def __len__(self) -> int:
@@ -695,6 +730,16 @@ class EvalLoader:
     def _prepare(self, batch: dict) -> dict:
         """A worker's batch as evaluation gets it (the device loader decodes here)."""
         return batch
+
+    def close(self) -> None:
+        """Stop the worker processes now (see TrainLoader.close)."""
+        _stop_workers(self._loader)
+
+    def __enter__(self) -> EvalLoader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def make_eval_loader(cfg: DataConfig, split: str | None = None, *, rank: int = 0, world_size: int = 1,

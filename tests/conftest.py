@@ -5,7 +5,9 @@ Fixtures used by one test file live in that file.
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,24 @@ import pytest
 os.environ.setdefault("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
 os.environ.setdefault("TQDM_MININTERVAL", "5")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(autouse=True)
+def _prefect_logs_to_a_live_stream():
+    """Prefect (re)builds its console log handlers on the sys.stderr of that moment: inside a test
+    that captures output (capsys, capfd), that test's stream, closed once it ends; every later
+    flow's log line would then fail (a RecursionError through log_prints). Such handlers are
+    pointed back at the process's stderr after each test."""
+    yield
+    if "prefect.logging.handlers" not in sys.modules:
+        return
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    loggers = [logging.getLogger(), *(x for x in logging.Logger.manager.loggerDict.values()
+                                      if isinstance(x, logging.Logger))]
+    for handler in {h for x in loggers for h in x.handlers if isinstance(h, PrefectConsoleHandler)}:
+        if getattr(handler.stream, "closed", False):
+            handler.stream = handler.console.file = sys.__stderr__  # not setStream: it flushes the old one
 
 
 @pytest.fixture(scope="session")

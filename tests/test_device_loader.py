@@ -363,3 +363,44 @@ def test_cmyk_and_exif_rotated_jpegs_take_the_cpu_decoders_upright_pixels(tmp_pa
     for key in cpu:
         assert ((cpu[key] - dev[key]).abs() * 255).mean() < 2.0, key
     assert loader.stats["decoded_on_cpu"] == 4  # the rotated and the CMYK ones; the plain two on the "device"
+
+
+def _workers(loader) -> list:
+    return list(loader._loader._iterator._workers)  # torch's DataLoader keeps them there (private)
+
+
+@pytest.mark.parametrize("kind", ["cpu train", "device train", "device eval"])
+def test_a_dropped_or_closed_loader_stops_its_workers_instead_of_killing_them(photo_shards, kind):
+    """torch SIGTERMs, after 5 s each, the workers of a DataLoader that the garbage collector frees
+    (it closes their queues first), which it is whenever its loader sits in a reference cycle: the
+    workers of a loader dropped in one exit by themselves (code 0). close() stops them the same way,
+    and the next epoch starts new ones where the loader stood."""
+    import gc
+    import weakref
+
+    index = load_index(photo_shards)
+    train_kw = {"rank": 0, "world_size": 1, "seed": 3, "return_keys": True}
+    cfg = _cfg(photo_shards, decode="cpu" if kind == "cpu train" else "gpu")
+    make = {"cpu train": lambda: TrainLoader(cfg, index, **train_kw),
+            "device train": lambda: DeviceTrainLoader(cfg, index, device="cpu", **train_kw),
+            "device eval": lambda: DeviceEvalLoader(cfg, index, "val", rank=0, world_size=1, device="cpu")}[kind]
+    dropped = make()
+    dropped.cycle = dropped
+    _epoch(dropped)
+    workers, freed = _workers(dropped), weakref.ref(dropped)
+    del dropped
+    gc.collect()
+    assert freed() is None
+    assert [w.exitcode for w in workers] == [0] * len(workers) != []
+
+    closed, kept = make(), make()
+    first = _epoch(closed)
+    workers = _workers(closed)
+    closed.close()
+    assert [w.exitcode for w in workers] == [0] * len(workers)
+    assert closed._loader._iterator is None
+    for a, b in zip(first + _epoch(closed), _epoch(kept) + _epoch(kept), strict=True):
+        assert a[2] == b[2] and torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    with closed:
+        pass
+    assert closed._loader._iterator is None

@@ -69,7 +69,11 @@ def test_bad_inputs_rejected_before_training(digits_shards, tmp_path):
 
 @pytest.mark.slow
 def test_pretrain_in_process_then_extend(digits_shards, tmp_path, mlflow_uri):
-    """The plain Python call (what Prefect flows use); relaunching with more steps resumes the same job."""
+    """The plain Python call (what Prefect flows use); relaunching with more steps resumes the same job.
+    The loaders' worker processes end with the stage: a Prefect worker running stage after stage
+    keeps none."""
+    import multiprocessing
+
     from mlflow import MlflowClient
 
     from vit.models.weights import load_pretrained
@@ -77,8 +81,10 @@ def test_pretrain_in_process_then_extend(digits_shards, tmp_path, mlflow_uri):
     out = tmp_path / "run"
     cfg = PretrainConfig(**_config(digits_shards, out, mlflow_uri,
                                    train={"steps": 12, "eval_every": 0, "activation_checkpointing": True},
-                                   checkpoint={"every_steps": 5}, deepspeed={"zero_stage": 0}))
+                                   checkpoint={"every_steps": 5}, deepspeed={"zero_stage": 0},
+                                   data={"num_workers": 1}))
     r = pretrain(cfg)
+    assert not multiprocessing.active_children()
     assert r["step"] == 12 and r["world_size"] == 1 and r["resumed_from"] is None
     assert 0.0 <= r["val/top1"] <= 1.0 and r["val/samples"] == 170  # every val sample once
     model = load_pretrained(r["export"])

@@ -7,6 +7,7 @@ torchrun, so the multi-node rendezvous of the batch script really happens (over 
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import subprocess
@@ -151,6 +152,58 @@ def test_pretrain_on_two_nodes_through_launch(slurm_cluster, digits_shards, tmp_
     assert runs[0].info.status == "FINISHED"
     assert runs[0].data.params["derived.world_size"] == "2"
     assert len(client.get_metric_history(runs[0].info.run_id, "train/loss")) >= 2
+
+
+def _rank_pids(cfg: Path) -> dict[int, int]:
+    """rank -> pid of the training processes of the job whose config is `cfg` (on this one-host cluster)."""
+    import psutil
+
+    found = {}
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            cmd = " ".join(p.info["cmdline"] or [])
+            if str(cfg) in cmd and "vitpipe.cli" in cmd and "torch.distributed.run" not in cmd:
+                found[int(p.environ()["RANK"])] = p.pid
+        except (psutil.NoSuchProcess, psutil.AccessDenied, KeyError):
+            pass
+    return found
+
+
+@pytest.mark.slow
+def test_a_bare_sbatch_job_closes_its_run_when_rank0_is_sigkilled(slurm_cluster, digits_shards, tmp_path):
+    """`sbatch cluster/vitpipe.sbatch pretrain CFG` with nothing of vitpipe on the submitting side:
+    rank 0 SIGKILLed mid-run (the OOM killer) cannot close its MLflow run; the batch script does
+    once srun returns (FAILED), and the job still fails with the ranks' exit code."""
+    import yaml
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = _micro_pretrain_yaml(tmp_path / "micro.yaml", digits_shards, tmp_path / "run", uri, "slurm-sigkill")
+    spec = yaml.safe_load(cfg.read_text())
+    spec["train"]["steps"] = 100_000  # runs until killed
+    cfg.write_text(yaml.safe_dump(spec))
+    job = slurm.submit(SBATCH_SCRIPT, ["pretrain", str(cfg)], cwd=tmp_path, env=RANK_ENV,
+                       sbatch_args=["--nodes=2", *CPU_NODE, f"--output={tmp_path}/job-%j.out"])
+    client = MlflowClient(uri)
+
+    def losses() -> int:
+        exp = client.get_experiment_by_name("slurm-sigkill")
+        runs = client.search_runs([exp.experiment_id]) if exp else []
+        return len(client.get_metric_history(runs[0].info.run_id, "train/loss")) if runs else 0
+
+    deadline = time.monotonic() + 240
+    while losses() < 2:
+        assert time.monotonic() < deadline and not slurm.status(job).done, slurm.status(job).summary()
+        time.sleep(0.5)
+    ranks = _rank_pids(tmp_path / "micro.yaml")
+    assert sorted(ranks) == [0, 1], ranks
+    os.kill(ranks[0], signal.SIGKILL)
+    final = slurm.wait(job, poll=0.5, timeout=180)
+    text = Path(final.log).read_text()
+    assert final.state == "FAILED" and final.exit_code != 0, f"{final.summary()}\n{text[-3000:]}"
+    (run,) = client.search_runs([client.get_experiment_by_name("slurm-sigkill").experiment_id])
+    assert run.info.status == "FAILED", text[-3000:]
+    assert f"MLflow run {run.info.run_id} closed as FAILED" in text
 
 
 @pytest.mark.slow

@@ -16,6 +16,7 @@ itself (or resumes `MLFLOW_RUN_ID` when a flow created it), on rank 0.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import logging
@@ -345,6 +346,11 @@ def fit_data_to_model(cfg: EvaluateConfig, model: torch.nn.Module, say=print) ->
 
 def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     """Run the evaluate stage on every rank: load, evaluate the split (and k-NN), write and log results."""
+    with contextlib.ExitStack() as loaders:  # their workers stop when the stage ends
+        return _evaluate(cfg, loaders)
+
+
+def _evaluate(cfg: EvaluateConfig, loaders: contextlib.ExitStack) -> dict[str, Any]:
     from pipeline.loader import make_eval_loader
     from vit.train import distributed as dist
 
@@ -364,7 +370,7 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     model = load_model(cfg.model, preset=cfg.model_preset, image_size=asked)
     cfg = fit_data_to_model(cfg, model, say=print if world.is_main else (lambda _: None))
     model = model.to(device)
-    loader = make_eval_loader(cfg.data, split, rank=world.rank, world_size=world.world_size)
+    loader = loaders.enter_context(make_eval_loader(cfg.data, split, rank=world.rank, world_size=world.world_size))
     class_names = list(loader.class_names)
     if not class_names:
         raise UserError(f"data.shards={cfg.data.shards!r} is unlabelled (no classes in index.json); evaluation "
@@ -399,7 +405,8 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     if cfg.knn.enabled:
         from vit.evaluation.knn import knn_evaluate
 
-        memory = make_eval_loader(cfg.data, memory_split, rank=world.rank, world_size=world.world_size)
+        memory = loaders.enter_context(make_eval_loader(cfg.data, memory_split, rank=world.rank,
+                                                        world_size=world.world_size))
         results.update(knn_evaluate(model, memory, loader, num_classes=len(class_names), ks=cfg.knn.k,
                                     temperature=cfg.knn.temperature, device=device, progress=world.is_main))
         results["knn_memory_split"] = memory_split

@@ -9,6 +9,7 @@ with a new head). Side effects happen on rank 0 only, here.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import signal
@@ -103,13 +104,16 @@ def _say(world: dist.World, msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
 
-def close_job_run(cfg: TrainingConfig, status: int, signum: int | None = None) -> None:
+def close_job_run(cfg: TrainingConfig, status: int, signum: int | None = None, *,
+                  stopped: bool | None = None) -> None:
     """For the process that launched a job's ranks, once they are gone: close the job's MLflow run if
     it is still RUNNING (rank 0 was SIGKILLed, or died with its node): KILLED when the launch was
-    stopped by a signal (or its ranks were: exit 128 + SIGTERM/SIGINT/SIGHUP), else FAILED."""
+    stopped by a signal (or its ranks were: exit 128 + SIGTERM/SIGINT/SIGHUP; `stopped` says so
+    where the caller knows better), else FAILED."""
     if status == 0 and not signum:
         return
-    stopped = signum or status - 128 in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    if stopped is None:
+        stopped = bool(signum) or status - 128 in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
     how = "KILLED" if stopped else "FAILED"
     closed = close_abandoned_run(Path(cfg.checkpoint.dir or Path(cfg.out) / "checkpoints") / RUN_RECORD, how)
     if closed:
@@ -155,6 +159,14 @@ def run_training(cfg: TrainingConfig, *, stage: str, build: Callable[[Any], Mode
 
 def _run_training(cfg: TrainingConfig, *, stage: str, build: Callable[[Any], Model], world: dist.World,
                   stop: StopOnSignal) -> dict[str, Any]:
+    # The loaders' worker processes stop when the stage ends, however it ends, not when the
+    # loaders are freed: a process that runs stage after stage (a Prefect worker) keeps none.
+    with contextlib.ExitStack() as loaders:
+        return _train(cfg, stage=stage, build=build, world=world, stop=stop, loaders=loaders)
+
+
+def _train(cfg: TrainingConfig, *, stage: str, build: Callable[[Any], Model], world: dist.World,
+           stop: StopOnSignal, loaders: contextlib.ExitStack) -> dict[str, Any]:
     from pipeline.loader import make_eval_loader, make_train_loader
 
     device = dist.device_for(world)
@@ -169,15 +181,17 @@ def _run_training(cfg: TrainingConfig, *, stage: str, build: Callable[[Any], Mod
     objective = build_objective(cfg)
     dist.init_process_group(world, device)
     # data.decode gpu/auto: batches are decoded on `device` and arrive there in the step's input dtype
-    train_loader = make_train_loader(cfg.data, rank=world.rank, world_size=world.world_size, seed=cfg.train.seed,
-                                     device=device, dtype=input_dtype(precision))
+    train_loader = loaders.enter_context(make_train_loader(
+        cfg.data, rank=world.rank, world_size=world.world_size, seed=cfg.train.seed, device=device,
+        dtype=input_dtype(precision)))
     if objective.needs_labels and not train_loader.num_classes:
         raise UserError(f"data.shards={cfg.data.shards!r} has no class labels; {stage} trains a classifier and "
                         f"needs a labelled collection (shard a folder tree with one sub-folder per class)"
                         + ("; to pretrain on unlabelled images pass --train.objective mae" if stage == "pretrain"
                            else ""))
-    eval_loader = make_eval_loader(cfg.data, cfg.data.val_split, rank=world.rank, world_size=world.world_size,
-                                   device=device, dtype=input_dtype(precision))
+    eval_loader = loaders.enter_context(make_eval_loader(
+        cfg.data, cfg.data.val_split, rank=world.rank, world_size=world.world_size, device=device,
+        dtype=input_dtype(precision)))
     built = build(train_loader)
     module = built.module
     if cfg.train.activation_checkpointing:
@@ -211,6 +225,8 @@ def _run_training(cfg: TrainingConfig, *, stage: str, build: Callable[[Any], Mod
     ssl_eval = None if objective.needs_labels else SelfSupervisedEval(
         cfg, objective, eval_loader, labelled=train_loader.num_classes > 0, world=world, device=device,
         dtype=input_dtype(precision), out=out)
+    if ssl_eval is not None:
+        loaders.callback(ssl_eval.close)
 
     if tag is not None:
         meta, rank_state = ckpt.load(engine, tag)

@@ -47,6 +47,12 @@ class SelfSupervisedEval:
         self.world, self.device, self.dtype, self.out = world, device, dtype, Path(out)
         self.probe = self._probe_loaders(labelled)
 
+    def close(self) -> None:
+        """Stop the probe loaders' worker processes (the eval loader is the caller's)."""
+        if self.probe is not None:
+            for loader in self.probe[1:]:
+                loader.close()
+
     def _probe_loaders(self, labelled: bool):
         from pipeline.loader import make_eval_loader
 
