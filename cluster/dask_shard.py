@@ -20,6 +20,8 @@ which, and re-running it resumes.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import sys
 
 from pipeline.shard import ShardConfig, shard
@@ -41,7 +43,7 @@ def shard_on_dask(cfg: ShardConfig, scheduler: str, *, wait_for_workers: float =
     except (OSError, TimeoutError) as e:
         raise UserError(f"--scheduler {scheduler!r}: no Dask scheduler answers there ({e}); start one "
                         "('dask scheduler') and pass its address, e.g. tcp://HOST:8786") from None
-    with client:
+    with _quiet_cancellations(), client:  # the client closes before the filter goes
         try:
             client.wait_for_workers(1, timeout=wait_for_workers)
         except TimeoutError:
@@ -50,6 +52,32 @@ def shard_on_dask(cfg: ShardConfig, scheduler: str, *, wait_for_workers: float =
         n = len(client.scheduler_info()["workers"])
         print(f"dask: sharding on {n} worker(s) of {scheduler}", file=sys.stderr, flush=True)
         return shard(cfg, executor=client.get_executor())
+
+
+def _from_the_futures_adapter(record: logging.LogRecord) -> bool:
+    tb = record.exc_info[2] if record.exc_info else None
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        if code.co_name == "_cascade_future" and code.co_filename.endswith("cfexecutor.py"):
+            return True
+        tb = tb.tb_next
+    return False
+
+
+@contextlib.contextmanager
+def _quiet_cancellations():
+    """Once a task fails, the stage cancels the ones still queued and the client closes; Dask's
+    concurrent.futures adapter (distributed.cfexecutor) may then log, through tornado, a traceback
+    for each of those futures (FutureCancelledError, CommClosedError) next to the one-line error
+    that says what happened. Its records are dropped: the outcome of every future it hands over
+    is the stage's to report, and is. Nothing else is dropped."""
+    logger = logging.getLogger("tornado.application")
+    keep = lambda record: not _from_the_futures_adapter(record)  # noqa: E731
+    logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        logger.removeFilter(keep)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -225,11 +225,13 @@ def test_when_dask_gives_up_on_a_shard_it_is_named_and_the_rerun_finishes(tmp_pa
         _, stderr = proc.communicate(timeout=300)
         last = stderr.strip().splitlines()[-1]
         assert proc.returncode == 2 and "Traceback" not in stderr, stderr[-3000:]
-        # Dask gives up on every task the dead worker held (the shard it was writing and one queued
-        # behind it), so the first reported may be either: a shard of the plan that was not written
+        # Dask gives up on every task the dead worker held (the shard it was writing, one queued
+        # behind it, or one it had just finished before the scheduler heard), so the first reported
+        # may be any of them: a shard of the plan, not written, or written whole.
         named = re.match(r"python -m cluster.dask_shard: error: Dask gave up on shard ((train|val)-\d{6}\.tar): "
                          r"the workers running it died", last)
-        assert named and (local / named[1]).exists() and not (out / named[1]).exists(), last
+        assert named and (local / named[1]).exists(), last
+        assert not (out / named[1]).exists() or (out / named[1]).read_bytes() == (local / named[1]).read_bytes()
         assert not (out / "index.json").exists()
         cluster.wait_for_workers(2, timeout=60)  # the nanny has started a new worker
         subprocess.run(argv, check=True, capture_output=True, cwd=REPO, env=env, timeout=300)
