@@ -438,7 +438,7 @@ def after_job(argv: list[str]) -> int:
     """`python -m cluster.launch after-job RC COMMAND...`: run by cluster/vitpipe.sbatch on the job's
     first node once its ranks are gone, so that a job submitted with a bare `sbatch` closes its
     MLflow run too when rank 0 could not (SIGKILLed, out of memory, its node lost). Exits RC."""
-    if len(argv) < 2 or argv[0] != "after-job" or not argv[1].lstrip("-").isdigit():
+    if len(argv) < 2 or argv[0] != "after-job" or not argv[1].isdigit():
         print("usage: python -m cluster.launch after-job EXIT_CODE VITPIPE_COMMAND ...", file=sys.stderr)
         return 2
     rc = int(argv[1])

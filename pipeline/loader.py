@@ -428,6 +428,30 @@ def _data_loader(dataset: IterableDataset, num_workers: int) -> DataLoader:
                       pin_memory=torch.cuda.is_available(), generator=torch.Generator().manual_seed(0))
 
 
+class _WorkerProcesses:
+    """What both loaders share: `self._loader`, a DataLoader whose worker processes persist across
+    epochs, stopped by `close()` (or leaving a `with` block), else when the loader is freed."""
+
+    _loader: DataLoader
+
+    def _keep_workers(self, loader: DataLoader) -> None:
+        self._loader = loader
+        # The finalizer holds the DataLoader, so that it is never part of a collected cycle: when
+        # the loader is, the workers are stopped before any of it is torn down. At exit torch does.
+        weakref.finalize(self, _stop_workers, loader).atexit = False
+
+    def close(self) -> None:
+        """Stop the worker processes now rather than when the loader is freed; iterating again
+        starts new ones, where the loader stood."""
+        _stop_workers(self._loader)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 def _stop_workers(loader: DataLoader) -> None:
     """Stop a DataLoader's persistent workers now; its next iterator starts new ones. torch keeps
     them until the DataLoader is freed, and a DataLoader freed by the garbage collector (it was in
@@ -438,19 +462,13 @@ def _stop_workers(loader: DataLoader) -> None:
         iterator._shutdown_workers()
 
 
-def _stop_workers_when_freed(owner: object, loader: DataLoader) -> None:
-    # The finalizer holds the DataLoader, so that it is never part of a collected cycle: when the
-    # owner is, the workers are stopped before any of it is torn down. At exit torch stops them.
-    weakref.finalize(owner, _stop_workers, loader).atexit = False
-
-
 def _split_info(index: dict, split: str) -> list[_Shard]:
     urls = shard_urls(index, split)
     listed = index["splits"][split]["shards"]
     return [_Shard(url, s["name"], int(s["num_samples"])) for url, s in zip(urls, listed)]
 
 
-class TrainLoader:
+class TrainLoader(_WorkerProcesses):
     """Iterate for the rest of the current epoch's batches: (images float [B, C, H, W], targets), and
     keys when built with `return_keys=True`. Targets are long [B] (-1 when unlabelled), or float
     [B, K] soft targets when mixup, cutmix or label smoothing is on. Every rank yields exactly
@@ -491,8 +509,7 @@ class TrainLoader:
         self._stream = self._stream_class(shards=shards, cfg=cfg, steps=self.steps_per_epoch, rank=rank,
                                     world_size=world_size, seed=seed, labelled=self.num_classes > 0,
                                     num_classes=self.num_classes, return_keys=return_keys, control=self._control)
-        self._loader = _data_loader(self._stream, cfg.num_workers)
-        _stop_workers_when_freed(self, self._loader)
+        self._keep_workers(_data_loader(self._stream, cfg.num_workers))
         self.report = _DataReport(f"train split {split!r}", rank)
         if rank == 0:
             log.info(self.describe())
@@ -555,17 +572,6 @@ class TrainLoader:
     def _prepare(self, batch: dict) -> dict:
         """A worker's batch as the step gets it (the device loader decodes and augments here)."""
         return batch
-
-    def close(self) -> None:
-        """Stop the worker processes now rather than when the loader is freed; iterating again
-        starts new ones. Also `with make_train_loader(...) as loader:`."""
-        _stop_workers(self._loader)
-
-    def __enter__(self) -> TrainLoader:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     def state_dict(self) -> dict:
         """Where this epoch stands; identical on every rank, so save it from rank 0."""
@@ -684,7 +690,7 @@ class _EvalStream(IterableDataset):
                 "keys": [key for _, _, key in items], "events": _drain(events)}
 
 
-class EvalLoader:
+class EvalLoader(_WorkerProcesses):
     """Iterate for (images float [B, C, H, W], targets long [B] (-1 when unlabelled), keys).
 
     The split is cut into contiguous ranges, one per rank, read in index order: across ranks
@@ -709,8 +715,7 @@ class EvalLoader:
         self._stream = self._stream_class(shards=shards, cfg=cfg, lo=lo, hi=hi, num_batches=self.num_batches,
                                    labelled=self.num_classes > 0)
         # More workers than batches would only start idle processes.
-        self._loader = _data_loader(self._stream, min(cfg.num_workers, self.num_batches))
-        _stop_workers_when_freed(self, self._loader)
+        self._keep_workers(_data_loader(self._stream, min(cfg.num_workers, self.num_batches)))
         self.report = _DataReport(f"eval split {split!r}", rank)
 
     def __len__(self) -> int:
@@ -730,16 +735,6 @@ class EvalLoader:
     def _prepare(self, batch: dict) -> dict:
         """A worker's batch as evaluation gets it (the device loader decodes here)."""
         return batch
-
-    def close(self) -> None:
-        """Stop the worker processes now (see TrainLoader.close)."""
-        _stop_workers(self._loader)
-
-    def __enter__(self) -> EvalLoader:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 def make_eval_loader(cfg: DataConfig, split: str | None = None, *, rank: int = 0, world_size: int = 1,
