@@ -127,6 +127,26 @@ def test_sbatch_script_is_valid_bash():
     assert '-m "${VITPIPE_MODULE:-vitpipe.cli}" "$@"' in text  # forwards everything to the entry point
 
 
+
+def test_the_sbatch_scripts_after_job_step_keeps_the_jobs_exit_code(tmp_path):
+    """`python -m cluster.launch after-job RC COMMAND...` (what cluster/vitpipe.sbatch runs after a
+    failed srun): bad arguments are a usage line and exit 2; a command whose run it cannot find (no
+    checkpoints, a config only other hosts see) changes nothing and exits RC. Closing a real run:
+    tests/test_slurm.py::test_a_bare_sbatch_job_closes_its_run_when_rank0_is_sigkilled."""
+    def after_job(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "cluster.launch", *args], capture_output=True, text=True,
+                              timeout=120, cwd=tmp_path)
+
+    for bad in ([], ["after-job"], ["after-job", "-1", "pretrain"], ["after-job", "x", "pretrain"], ["1", "x"]):
+        res = after_job(*bad)
+        assert res.returncode == 2 and "usage: python -m cluster.launch after-job EXIT_CODE" in res.stderr, bad
+    for command in (["pretrain", "--out", str(tmp_path / "never-ran")], ["pretrain", str(tmp_path / "gone.yaml")],
+                    ["evaluate", "--model", "x"]):
+        res = after_job("after-job", "137", *command)
+        assert res.returncode == 137 and "Traceback" not in res.stderr and "closed as" not in res.stderr, res.stderr
+    assert not list(tmp_path.rglob("mlflow*"))
+
+
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("backend", ["local", pytest.param("deepspeed", marks=pytest.mark.slow)])
 def test_two_ranks_meet(backend, tmp_path, monkeypatch):
