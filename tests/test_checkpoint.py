@@ -148,7 +148,8 @@ _RESIZE_SCRIPT = textwrap.dedent("""
         _train(engine, 3, seed=2)
         reference = torch.load(out / "reference.pt")
         worst = max((engine.module.state_dict()[k] - v).abs().max().item() for k, v in reference.items())
-        print("RESUMED", world.world_size, "universal" if universal else "plain", worst)
+        # one write per line (print's separate writes of each rank would interleave in the pipe)
+        print(f"RESUMED {{world.world_size}} {{'universal' if universal else 'plain'}} {{worst}}", flush=True)
 """)
 
 
@@ -169,10 +170,12 @@ def test_resume_on_another_number_of_ranks_continues_exactly(tmp_path, stage, sa
     script.write_text(_RESIZE_SCRIPT.format(tests=os.path.dirname(__file__)))
     _run_ranks(saved_by, script, tmp_path, stage, "save")
     out = _run_ranks(resumed_by, script, tmp_path, stage, "load")
-    line = next(x for x in out.splitlines() if x.startswith("RESUMED"))
-    _, world, how, worst = line.split()
-    assert int(world) == resumed_by and how == ("plain" if stage == 0 else "universal")
-    assert float(worst) < 1e-6, line  # a lost Adam moment or step count moves the weights by ~lr (1e-3)
+    lines = [x for x in out.splitlines() if x.startswith("RESUMED")]
+    assert len(lines) == resumed_by, out  # every rank's own report
+    for line in lines:
+        _, world, how, worst = line.split()
+        assert int(world) == resumed_by and how == ("plain" if stage == 0 else "universal")
+        assert float(worst) < 1e-6, line  # a lost Adam moment or step count moves the weights by ~lr (1e-3)
     if stage:
         assert (tmp_path / "ck" / "step_00000003" / "universal" / "zero").is_dir()
 
